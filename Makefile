@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/python -c "import torchvision" 2>/dev/null || $(BIN)/python -m pip install -q --no-deps torchvision==$(TORCHVISION_VERSION) || true
+	$(BIN)/python -c "import torchvision" 2>/dev/null || $(BIN)/python -m pip install -q --no-deps torchvision==$(TORCHVISION_VERSION)
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
