@@ -1,0 +1,221 @@
+"""Command line: ``dopd-vlm <command> ...`` (or ``python -m dopd_vlm <command> ...``).
+
+Each command is a pair of functions: ``_add_<command>(subparsers)`` declares its arguments and
+``run_<command>(args) -> int`` does the work. Imports live inside these functions rather than at
+the top of this module, so one command's dependencies (DeepSpeed, datasets, ...) never load for
+another. To add a command (train, eval, demo), write the pair and list ``_add_<command>`` in
+``_COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from dopd_vlm import __version__
+
+PROGRAM_DESCRIPTION = """\
+dopd_vlm: Dual On-policy Distillation (DOPD) for vision-language models.
+
+The student samples answers from the plain input (images + question). A frozen teacher and the
+student itself, both shown privileged text the rollout did not see (e.g. labelled bounding
+boxes), score every sampled token; a router decides per token which of the two to distil from and
+with which divergence. Training runs on DeepSpeed (ZeRO-3 included), on GPUs or on a CPU.
+Supported model families: Qwen2-VL, Qwen2.5-VL, Qwen3-VL and text-only Qwen3.
+"""
+
+PROGRAM_EPILOG = """\
+Run 'dopd-vlm COMMAND --help' for the options of one command.
+
+example:
+  dopd-vlm make-tiny --family all --out checkpoints/tiny   # all four families, a few seconds
+"""
+
+MAKE_TINY_DESCRIPTION = """\
+Build a tiny teacher and a smaller student of a real Qwen architecture, fully offline.
+
+Weights are random (from a seed) and the configs are hand-written and small, so the models run
+in milliseconds on a CPU: for tests, CI and demos, not for answers. Both models share one
+byte-level BPE tokenizer (~500 tokens, Qwen special tokens and chat template) trained locally.
+Vision families get their real processor; a 112x112 image becomes 16 image tokens.
+
+Output layout: OUT/<family>/teacher and OUT/<family>/student, each loadable with
+AutoModelForImageTextToText (or AutoModelForCausalLM for qwen3) and AutoProcessor, plus
+OUT/<family>/tiny_spec.json. Re-running with the same options does nothing; different options
+need --overwrite. The same seed always gives byte-identical files.
+"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the hand-wrapped descriptions as written; puts option help in one wide column."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+        # argparse sizes the column without the sub-command indent, which pushes every
+        # sub-command's help onto its own line; start from a width that fits them.
+        self._action_max_length = 22
+
+
+# --------------------------------------------------------------------------------------------
+# make-tiny
+# --------------------------------------------------------------------------------------------
+
+
+def _add_make_tiny(subparsers) -> None:
+    from dopd_vlm.models import FAMILIES, STUDENT_SIZE, TEACHER_SIZE
+
+    parser = subparsers.add_parser(
+        "make-tiny",
+        help="build tiny offline teacher/student checkpoints for tests and demos",
+        description=MAKE_TINY_DESCRIPTION,
+        epilog="example:\n  dopd-vlm make-tiny --family qwen2_vl --out /tmp/tiny --seed 0",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument(
+        "--family",
+        choices=(*FAMILIES, "all"),
+        default="all",
+        help="model family to build, or 'all' (default: %(default)s)",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (one sub-folder per family)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="weight seed (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild even if DIR holds a different tiny pair")
+
+    sizes = parser.add_argument_group(
+        "model sizes", "Overrides of the default sizes; the MLP width follows as 2x the hidden size."
+    )
+    for role, default in (("teacher", TEACHER_SIZE), ("student", STUDENT_SIZE)):
+        sizes.add_argument(
+            f"--{role}-hidden", type=int, metavar="N",
+            help=f"{role} hidden size, divisible by its 4 heads (default: {default.hidden_size})",
+        )
+        sizes.add_argument(
+            f"--{role}-layers", type=int, metavar="N",
+            help=f"{role} decoder layers (default: {default.num_layers})",
+        )
+        sizes.add_argument(
+            f"--{role}-vocab-multiple", type=int, metavar="N",
+            help=f"round the {role}'s vocab (LM-head rows) up to a multiple of N "
+            f"(default: {default.vocab_multiple})",
+        )
+    parser.set_defaults(run=run_make_tiny)
+
+
+def _size_from_args(args: argparse.Namespace, role: str, default):
+    """The role's TinySize with the command-line overrides applied."""
+    from dataclasses import replace
+
+    changes = {}
+    if (hidden := getattr(args, f"{role}_hidden")) is not None:
+        changes.update(hidden_size=hidden, intermediate_size=2 * hidden)
+    if (layers := getattr(args, f"{role}_layers")) is not None:
+        changes["num_layers"] = layers
+    if (multiple := getattr(args, f"{role}_vocab_multiple")) is not None:
+        changes["vocab_multiple"] = multiple
+    return replace(default, **changes)
+
+
+def run_make_tiny(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dopd_vlm.models import FAMILIES, STUDENT_SIZE, TEACHER_SIZE, make_tiny_pair
+
+    try:
+        teacher = _size_from_args(args, "teacher", TEACHER_SIZE)
+        student = _size_from_args(args, "student", STUDENT_SIZE)
+    except ValueError as err:
+        print(f"dopd-vlm make-tiny: error: {err}", file=sys.stderr)
+        return 2
+    families = FAMILIES if args.family == "all" else (args.family,)
+    for family in families:
+        try:
+            paths = make_tiny_pair(
+                family, Path(args.out) / family, seed=args.seed,
+                teacher=teacher, student=student, overwrite=args.overwrite,
+            )
+        except FileExistsError as err:
+            print(f"dopd-vlm make-tiny: error: {err}", file=sys.stderr)
+            return 1
+        print(f"{family}: teacher={paths['teacher']} student={paths['student']}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------
+
+TRAIN_DESCRIPTION = """\
+Post-train a student with DOPD (or a baseline method) on DeepSpeed.
+
+CONFIG is a YAML file (see configs/ and the README's configuration reference); any key can be
+overridden on the command line as dotted.key=value. The config is validated before any model
+loads. One process runs as is; for several use a launcher:
+
+  torchrun --nproc_per_node 2 -m dopd_vlm train --config configs/tiny_dopd.yaml
+  deepspeed --num_gpus 8 --module dopd_vlm train --config configs/qwen3vl_8b_to_2b.yaml
+"""
+
+
+def _add_train(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="distil a teacher into a student (DOPD, vanilla OPD, OPSD, GKD, SFT)",
+        description=TRAIN_DESCRIPTION,
+        epilog="example:\n  dopd-vlm train --config configs/tiny_dopd.yaml method.name=vanilla_opd train.steps=20",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--config", required=True, metavar="YAML", help="run config")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-5")
+    parser.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from dopd_vlm.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"dopd-vlm train: error: {err}", file=sys.stderr)
+        return 2
+    from dopd_vlm.train import train
+
+    train(cfg, resume=args.resume)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Program
+# --------------------------------------------------------------------------------------------
+
+_COMMANDS = (_add_make_tiny, _add_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dopd-vlm",
+        description=PROGRAM_DESCRIPTION,
+        epilog=PROGRAM_EPILOG,
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add_command in _COMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv` (default: sys.argv[1:]), run the chosen command, return its exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help(sys.stderr)
+        return 2
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Dual-view multimodal collation: the rollout view and the three aligned scoring views.
+
+The student samples from the *rollout view* (images + question). Every sampled response is
+then scored under three views that share the response token ids and the images but not the
+prompt: student (x), privileged student (x + p) and teacher (x + p). Prompts differ in length,
+so each view gets its own `logit_index`: `logit_index[b, n]` is the sequence position whose
+output predicts response token n of row b. Gathering hidden states there lines the three views
+up token by token, whatever their padding or prompt lengths.
+
+Only this module knows chat templates, padding and multimodal token bookkeeping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from dopd_vlm.data.schema import Sample
+
+TEXT_TOKEN_TYPE = 0  # mm_token_type_ids: 0 text, 1 image, 2 video
+
+
+@dataclass
+class ModelView:
+    """Model inputs for one scoring pass plus where each response token is predicted."""
+
+    inputs: dict[str, torch.Tensor]
+    logit_index: torch.Tensor  # [B, R] long; valid where ScoringViews.response_mask
+
+
+@dataclass
+class ScoringViews:
+    """The views one batch of responses is scored under; unneeded views are None."""
+
+    response_ids: torch.Tensor  # [B, R] long, padded with pad_token_id
+    response_mask: torch.Tensor  # [B, R] bool: response text tokens up to and including EOS
+    student: ModelView
+    privileged_student: ModelView | None
+    teacher: ModelView | None
+
+    @property
+    def num_sequences(self) -> int:
+        return self.response_ids.shape[0]
+
+
+class DualViewCollator:
+    """Builds rollout and scoring batches from canonical `Sample`s.
+
+    Args:
+        processor: The student's processor (a tokenizer for text-only models).
+        teacher_processor: The teacher's; must share the tokenizer (checked by
+            `check_shared_vocab`). Defaults to the student's.
+        privileged_template: Joins the privileged text and the question in privileged views.
+    """
+
+    def __init__(self, processor: Any, teacher_processor: Any = None, *, privileged_template: str):
+        self.processor = processor
+        self.teacher_processor = teacher_processor or processor
+        self.privileged_template = privileged_template
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError("the student tokenizer has no pad token; set one in its config")
+
+    # -- prompts -------------------------------------------------------------------------
+    def prompt_text(self, sample: Sample, privileged: bool, processor: Any = None) -> str:
+        """The chat-templated prompt, ending with the assistant turn's opening."""
+        processor = processor or self.processor
+        text = sample.question
+        if privileged:
+            text = self.privileged_template.format(privileged=sample.privileged, question=text)
+        if sample.images:
+            content: Any = [{"type": "image"} for _ in sample.images]
+            content.append({"type": "text", "text": text})
+        else:
+            content = text
+        messages = [{"role": "user", "content": content}]
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _encode(self, samples: Sequence[Sample], privileged: bool, processor: Any, padding_side: str):
+        texts = [self.prompt_text(s, privileged, processor) for s in samples]
+        images = [image for s in samples for image in s.images]
+        kwargs: dict[str, Any] = dict(return_tensors="pt", padding=True, padding_side=padding_side)
+        if images:
+            return dict(processor(text=texts, images=images, **kwargs))
+        if hasattr(processor, "image_processor"):
+            return dict(processor(text=texts, **kwargs))
+        return dict(processor(texts, **kwargs))
+
+    def rollout_batch(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        """Left-padded plain prompts for `generate` (all prompts end at the same column)."""
+        return self._encode(samples, privileged=False, processor=self.processor, padding_side="left")
+
+    # -- scoring -------------------------------------------------------------------------
+    def scoring_views(
+        self,
+        samples: Sequence[Sample],
+        response_ids: torch.Tensor,
+        response_mask: torch.Tensor,
+        *,
+        privileged_student: bool = True,
+        teacher: bool = True,
+        teacher_privileged: bool = True,
+        padding_side: str = "right",
+    ) -> ScoringViews:
+        """Score views for `samples[b]` followed by response row b (see module docstring).
+
+        `teacher_privileged=False` gives the teacher the plain view (vanilla OPD without p).
+        `padding_side` only moves the padding; positions come from the attention mask, so the
+        scores do not depend on it.
+        """
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if response_ids.shape[0] != len(samples):
+            raise ValueError(f"{response_ids.shape[0]} responses for {len(samples)} samples")
+        lengths = response_mask.sum(dim=1)
+        if not torch.equal(response_mask, _prefix_mask(lengths, response_mask.shape[1])):
+            raise ValueError("response_mask must be a prefix mask (tokens after EOS are masked)")
+
+        def view(privileged: bool, processor: Any) -> ModelView:
+            prompts = self._encode(samples, privileged, processor, padding_side="right")
+            return _append_responses(prompts, response_ids, lengths, self.tokenizer.pad_token_id, padding_side)
+
+        return ScoringViews(
+            response_ids=response_ids,
+            response_mask=response_mask,
+            student=view(False, self.processor),
+            privileged_student=view(True, self.processor) if privileged_student else None,
+            teacher=view(teacher_privileged, self.teacher_processor) if teacher else None,
+        )
+
+
+def _prefix_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def _append_responses(
+    prompts: dict[str, torch.Tensor],
+    response_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    pad_id: int,
+    padding_side: str,
+) -> ModelView:
+    """Concatenate each right-padded prompt with its response; pad the result on `padding_side`.
+
+    Per-sample tensors (input_ids, attention_mask, mm_token_type_ids) are rebuilt; per-image
+    tensors (pixel_values, image_grid_thw) pass through unchanged. Response tokens are text,
+    so mm_token_type_ids is extended with TEXT_TOKEN_TYPE.
+    """
+    prompt_ids, prompt_attention = prompts["input_ids"], prompts["attention_mask"].bool()
+    prompt_lengths = prompt_attention.sum(dim=1)
+    batch = prompt_ids.shape[0]
+    total = int((prompt_lengths + lengths).max())
+    input_ids = torch.full((batch, total), pad_id, dtype=prompt_ids.dtype)
+    attention = torch.zeros((batch, total), dtype=prompts["attention_mask"].dtype)
+    token_types = prompts.get("mm_token_type_ids")
+    new_types = torch.full((batch, total), TEXT_TOKEN_TYPE, dtype=token_types.dtype) if token_types is not None else None
+    offsets = (total - prompt_lengths - lengths) if padding_side == "left" else torch.zeros_like(lengths)
+    for b in range(batch):
+        o, p, r = int(offsets[b]), int(prompt_lengths[b]), int(lengths[b])
+        input_ids[b, o : o + p] = prompt_ids[b, prompt_attention[b]]
+        input_ids[b, o + p : o + p + r] = response_ids[b, :r]
+        attention[b, o : o + p + r] = 1
+        if new_types is not None:
+            new_types[b, o : o + p] = token_types[b, prompt_attention[b]]
+    inputs = {k: v for k, v in prompts.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    inputs.update(input_ids=input_ids, attention_mask=attention)
+    if new_types is not None:
+        inputs["mm_token_type_ids"] = new_types
+    steps = torch.arange(response_ids.shape[1])[None, :]
+    logit_index = (offsets[:, None] + prompt_lengths[:, None] - 1 + steps).clamp(max=total - 1)
+    return ModelView(inputs=inputs, logit_index=logit_index)
+
+
+def extract_responses(
+    sequences: torch.Tensor, prompt_width: int, eos_token_ids: Sequence[int], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split `generate` output into responses and a mask that ends at (and includes) the first EOS.
+
+    Works when the pad token is also an EOS token: the first EOS is kept, everything after it
+    is masked and replaced by pad. A response with no EOS (cut by max_new_tokens) keeps all
+    its tokens.
+    """
+    responses = sequences[:, prompt_width:].clone()
+    is_eos = torch.isin(responses, torch.as_tensor(list(eos_token_ids), device=responses.device))
+    after_first_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+    mask = ~after_first_eos
+    responses[~mask] = pad_token_id
+    return responses, mask
+
+
+def check_shared_vocab(teacher_tokenizer: Any, student_tokenizer: Any, teacher_vocab: int, student_vocab: int) -> int:
+    """Return the common vocabulary size; raise if the tokenizers really differ.
+
+    LM heads padded to different sizes are fine (sliced to the common size); a different
+    token-to-id mapping is not: the response ids would mean different tokens to the teacher.
+    """
+    teacher_tokenizer = getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer)
+    student_tokenizer = getattr(student_tokenizer, "tokenizer", student_tokenizer)
+    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        t, s = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+        diff = sorted(set(t.items()) ^ set(s.items()), key=lambda kv: kv[1])[:3]
+        raise ValueError(
+            f"teacher and student tokenizers differ ({len(t)} vs {len(s)} tokens; first differences "
+            f"{diff}); DOPD needs one shared tokenizer"
+        )
+    used = len(student_tokenizer)
+    common = min(teacher_vocab, student_vocab)
+    if used > common:
+        raise ValueError(f"tokenizer has {used} tokens but an LM head has only {common} rows")
+    return common

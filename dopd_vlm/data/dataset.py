@@ -1,0 +1,80 @@
+"""`SampleDataset`: validated rows held in a `datasets.Dataset`, handed out as `Sample`s.
+
+Every recipe kind builds the same columns (`sample_features`), so the wrapper is kind-agnostic.
+Images are stored encoded (bytes, or a path to a checked file) and decoded on access, so a large
+split costs little memory; RGB conversion also happens on access.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import datasets
+
+from dopd_vlm.data.images import to_rgb
+from dopd_vlm.data.schema import Sample
+
+
+def sample_features(meta: dict[str, Any]) -> datasets.Features:
+    """The canonical columns; `meta` is the kind's own struct (e.g. scene objects)."""
+    text = datasets.Value("string")
+    return datasets.Features(
+        {
+            "id": text,
+            "question": text,
+            "answer": text,
+            "privileged": text,
+            "images": datasets.List(datasets.Image()),
+            "meta": meta,
+        }
+    )
+
+
+def rows_to_hf(rows: list[dict[str, Any]], features: datasets.Features) -> datasets.Dataset:
+    """Rows as a `datasets.Dataset`; column-wise, because `from_list` rejects zero rows."""
+    return datasets.Dataset.from_dict(
+        {name: [row[name] for row in rows] for name in features}, features=features
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class SampleDataset(Sequence):
+    """An indexable split of a recipe.
+
+    Attributes:
+        hf: The underlying `datasets.Dataset` with `sample_features` columns.
+        recipe: The parsed recipe it came from.
+        split: Split name.
+        family: Model family the privileged text was formatted for.
+        skipped: One line per row skipped by `skip_bad_rows` (file, row, field, problem);
+            `len(skipped)` is the count.
+    """
+
+    hf: datasets.Dataset
+    recipe: Any
+    split: str
+    family: str
+    skipped: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def __getitem__(self, index: int) -> Sample:  # type: ignore[override]
+        index = operator.index(index)  # any integer type (numpy, torch); slices are not supported
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        row = self.hf[index % len(self)]
+        return Sample(
+            id=row["id"],
+            question=row["question"],
+            answer=row["answer"],
+            privileged=row["privileged"],
+            images=tuple(to_rgb(image) for image in row["images"]),
+            meta=row["meta"],
+        )
+
+    def __iter__(self) -> Iterator[Sample]:
+        return (self[i] for i in range(len(self)))

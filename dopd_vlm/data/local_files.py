@@ -1,0 +1,273 @@
+"""Your own data from local JSONL or Parquet files (recipe kind `local_files`).
+
+Every row is validated once, here, so a bad row stops the load with one line naming the file,
+the row and the field instead of failing mid-training; with `skip_bad_rows` it is skipped,
+logged and counted instead. The expected format is documented in data_recipes/README.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from dopd_vlm.data._keys import boolean, int_range, key, mapping, string
+from dopd_vlm.data.dataset import rows_to_hf, sample_features
+from dopd_vlm.data.images import check_image
+from dopd_vlm.data.schema import RecipeError
+
+logger = logging.getLogger(__name__)
+
+FIELDS = ("id", "question", "answer", "privileged", "images")
+FORMATS = {".jsonl": "json", ".parquet": "parquet"}
+FEATURES = sample_features({"source": datasets.Value("string"), "row": datasets.Value("int64")})
+
+
+@dataclass(frozen=True)
+class LocalFilesRecipe:
+    """Keys of a `kind: local_files` recipe (see data_recipes/README.md)."""
+
+    description: str = key("", string())
+    files: dict = key({}, mapping(string()))
+    fields: dict = key({}, mapping(string(), FIELDS))
+    allow_empty_privileged: bool = key(False, boolean())
+    skip_bad_rows: bool = key(False, boolean())
+    images_per_row: tuple = key((0, 8), int_range(0))
+    source: str = "<recipe>"
+    base_dir: Path = Path(".")
+
+    def __post_init__(self) -> None:
+        if not self.files:
+            raise RecipeError(f"recipe {self.source}: missing key 'files'")
+        for split, name in self.files.items():
+            if Path(name).suffix.lower() not in FORMATS:
+                raise RecipeError(
+                    f"recipe {self.source}: key 'files.{split}' must end in "
+                    f"{' or '.join(FORMATS)}, got {name!r}"
+                )
+
+    @property
+    def splits(self) -> dict[str, str]:
+        return self.files
+
+    def path(self, split: str) -> Path:
+        """The split's data file; relative paths are relative to the recipe's directory."""
+        return Path(os.path.abspath(self.base_dir / self.files[split]))
+
+    def column(self, name: str) -> str:
+        """The file's column for canonical field `name` (the same name unless mapped)."""
+        return self.fields.get(name, name)
+
+
+class BadRow(Exception):
+    def __init__(self, field: str, problem: str):
+        super().__init__(problem)
+        self.field, self.problem = field, problem
+
+
+def build_split(
+    recipe: LocalFilesRecipe, split: str, *, limit: int | None = None, skip_bad_rows: bool = False
+) -> tuple[datasets.Dataset, tuple[str, ...]]:
+    """The split's first `limit` valid rows as `FEATURES` rows, and one line per skipped row."""
+    path = recipe.path(split)
+    shown = display_path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {recipe.source}: file of split '{split}' not found: {shown}")
+    table = _read(path, shown)
+    _check_columns(recipe, table.column_names, shown)
+    reader = _RowReader(recipe, path, shown)
+    rows: list[dict] = []
+    skipped: list[str] = []
+    for index, raw in enumerate(table):
+        if limit is not None and len(rows) >= limit:
+            break
+        try:
+            rows.append(reader.read(index, raw))
+        except BadRow as bad:
+            message = f"{shown} row {index} field {_field_name(recipe, bad.field)}: {bad.problem}"
+            if not skip_bad_rows:
+                raise RecipeError(message) from None
+            logger.warning("skipping bad row: %s", message)
+            skipped.append(message)
+    if skipped:
+        logger.warning(
+            "skipped %d bad rows of %d read from %s (skip_bad_rows)",
+            len(skipped), len(rows) + len(skipped), shown,
+        )
+    if not rows and limit != 0:
+        raise RecipeError(f"{shown}: no usable rows (split '{split}' of recipe {recipe.source})")
+    return rows_to_hf(rows, FEATURES), tuple(skipped)
+
+
+def display_path(path: Path) -> str:
+    """Relative to the working directory when inside it (shorter), else absolute."""
+    path = Path(os.path.abspath(path))  # also folds "dir/../"
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _field_name(recipe: LocalFilesRecipe, name: str) -> str:
+    column = recipe.column(name)
+    return f"'{name}'" if column == name else f"'{column}' ({name})"
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+# -- reading --------------------------------------------------------------------------------
+
+
+def _read(path: Path, shown: str) -> datasets.Dataset:
+    try:
+        builder = FORMATS[path.suffix.lower()]
+        table = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as error:  # datasets wraps parser errors of any kind; report the cause
+        if path.suffix.lower() == ".jsonl":
+            _explain_jsonl_failure(path, shown)
+        raise RecipeError(f"{shown}: cannot read: {_one_line(error.__cause__ or error)}") from None
+    return _without_image_decoding(table)
+
+
+def _explain_jsonl_failure(path: Path, shown: str) -> None:
+    """Name the first row that is not a JSON object (rows are the non-blank lines), or say that
+    there are no rows; return if neither explains the failure."""
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        rows = [line for line in lines if line.strip()]
+        if not rows:
+            raise RecipeError(f"{shown}: no rows (the file is empty)")
+        for index, line in enumerate(rows):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise RecipeError(f"{shown} row {index}: invalid JSON ({error.msg})") from None
+            if not isinstance(value, dict):
+                kind = type(value).__name__
+                raise RecipeError(f"{shown} row {index}: expected a JSON object, got {kind}")
+
+
+def _without_image_decoding(table: datasets.Dataset) -> datasets.Dataset:
+    """Parquet written by `datasets` may carry Image features; read them as bytes/path dicts."""
+    for name, feature in table.features.items():
+        if isinstance(feature, datasets.Image):
+            table = table.cast_column(name, datasets.Image(decode=False))
+        elif isinstance(feature, datasets.List) and isinstance(feature.feature, datasets.Image):
+            table = table.cast_column(name, datasets.List(datasets.Image(decode=False)))
+    return table
+
+
+def _check_columns(recipe: LocalFilesRecipe, columns: list[str], shown: str) -> None:
+    """A column the recipe relies on but the file lacks is a mapping error, not a row error."""
+    needed = ["question", "answer"] + ([] if recipe.allow_empty_privileged else ["privileged"])
+    needed += [name for name in ("id", "images") if name in recipe.fields]
+    for name in needed:
+        if recipe.column(name) not in columns:
+            raise RecipeError(
+                f"{shown} row 0 field {_field_name(recipe, name)}: missing (no such column; "
+                f"the file has {', '.join(columns)}; see 'fields' in recipe {recipe.source})"
+            )
+
+
+class _RowReader:
+    """Turns a raw row into a canonical row, or raises `BadRow`."""
+
+    def __init__(self, recipe: LocalFilesRecipe, path: Path, shown: str):
+        self.recipe, self.path, self.shown = recipe, path, shown
+        self.seen_ids: dict[str, int] = {}
+
+    def read(self, index: int, raw: dict[str, Any]) -> dict[str, Any]:
+        row = {
+            "id": self._id(index, raw),
+            "question": _required_text("question", self._value(raw, "question")),
+            "answer": _required_text("answer", self._value(raw, "answer"), numbers=True),
+            "privileged": self._privileged(raw),
+            "images": self._images(raw),
+            "meta": {"source": self.shown, "row": index},
+        }
+        self.seen_ids[row["id"]] = index
+        return row
+
+    def _value(self, raw: dict[str, Any], name: str) -> Any:
+        return raw.get(self.recipe.column(name))
+
+    def _id(self, index: int, raw: dict[str, Any]) -> str:
+        value = self._value(raw, "id")
+        if value is None:
+            sample_id = f"{self.path.stem}-{index}"
+        else:
+            sample_id = _required_text("id", value, numbers=True)
+        if sample_id in self.seen_ids:
+            raise BadRow("id", f"duplicate id {sample_id!r} (also row {self.seen_ids[sample_id]})")
+        return sample_id
+
+    def _privileged(self, raw: dict[str, Any]) -> str:
+        value = self._value(raw, "privileged")
+        if self.recipe.allow_empty_privileged and (value is None or value == ""):
+            return ""
+        return _required_text("privileged", value)
+
+    def _images(self, raw: dict[str, Any]) -> list[dict[str, Any]]:
+        value = self._value(raw, "images")
+        items = [] if value is None else value if isinstance(value, list) else [value]
+        low, high = self.recipe.images_per_row
+        if not low <= len(items) <= high:
+            raise BadRow("images", f"{len(items)} images, expected {low} to {high}")
+        return [self._image(position, item) for position, item in enumerate(items)]
+
+    def _image(self, position: int, item: Any) -> dict[str, Any]:
+        """An item is a path (relative to the data file), bytes, a `data:` URI with base64
+        content, or a {bytes, path} struct as `datasets` writes it; it must decode."""
+        if isinstance(item, dict):
+            item = item.get("bytes") or item.get("path")
+        if isinstance(item, str) and item.startswith("data:"):
+            item = _base64_payload(position, item)
+        if isinstance(item, (bytes, bytearray)):
+            source: Path | bytes = bytes(item)
+            entry = {"bytes": source, "path": None}
+            what = f"image {position} (bytes)"
+        elif isinstance(item, str) and item:
+            source = self.path.parent / item
+            entry = {"bytes": None, "path": os.path.abspath(source)}
+            what = f"image {position} ({item})"
+            if not source.is_file():
+                raise BadRow("images", f"{what}: file not found: {display_path(source)}")
+        else:
+            expected = "expected a path, bytes or a data: URI"
+            raise BadRow("images", f"image {position}: {expected}, got {type(item).__name__}")
+        try:
+            check_image(source)
+        except Exception as error:  # PIL raises many types for undecodable data
+            raise BadRow("images", f"{what}: cannot decode: {_one_line(error)}") from None
+        return entry
+
+
+def _base64_payload(position: int, uri: str) -> bytes:
+    header, _, payload = uri.partition(",")
+    if not header.endswith(";base64"):
+        raise BadRow("images", f"image {position}: data: URI must be base64 (data:...;base64,...)")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error as error:
+        raise BadRow("images", f"image {position}: invalid base64: {_one_line(error)}") from None
+
+
+def _required_text(name: str, value: Any, *, numbers: bool = False) -> str:
+    """A non-blank string; with `numbers`, an integer or float is accepted as its text."""
+    if value is None:
+        raise BadRow(name, "missing")
+    if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise BadRow(name, f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise BadRow(name, "empty")
+    return value

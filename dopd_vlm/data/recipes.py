@@ -1,0 +1,117 @@
+"""Recipes: one small YAML file says where samples come from.
+
+`load_recipe` reads and validates the recipe, builds one split (generating synthetic scenes or
+reading and validating local files), and returns a `SampleDataset` of canonical `Sample`s.
+Built-in recipes live in `<repo>/data_recipes/NAME.yaml` and are loaded by NAME.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import yaml
+
+from dopd_vlm.data import local_files, synthetic_scenes
+from dopd_vlm.data._keys import parse_keys
+from dopd_vlm.data.dataset import SampleDataset
+from dopd_vlm.data.local_files import LocalFilesRecipe, display_path
+from dopd_vlm.data.schema import RecipeError
+from dopd_vlm.data.synthetic_scenes import BOX_COORDINATES, SyntheticScenesRecipe
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "data_recipes"
+KINDS = {"synthetic_scenes": SyntheticScenesRecipe, "local_files": LocalFilesRecipe}
+FAMILIES = tuple(BOX_COORDINATES)
+Recipe = Union[SyntheticScenesRecipe, LocalFilesRecipe]
+
+
+def load_recipe(
+    recipe: str | os.PathLike | Mapping[str, Any] | Recipe,
+    split: str,
+    *,
+    family: str = "qwen2_vl",
+    limit: int | None = None,
+    skip_bad_rows: bool = False,
+) -> SampleDataset:
+    """One validated split of a recipe.
+
+    Args:
+        recipe: A built-in name ("synthetic_scenes"), a path to a recipe YAML, the recipe as a
+            mapping (relative paths then resolve against the working directory), or a parsed
+            recipe from `read_recipe`.
+        split: A split the recipe defines ("train", "test", "ood", ...).
+        family: Model family the privileged text is formatted for (box coordinates differ):
+            qwen2_vl, qwen2_5_vl, qwen3_vl or qwen3.
+        limit: Keep only the first `limit` samples (valid rows, for local files).
+        skip_bad_rows: Skip, log and count bad rows even if the recipe does not say so.
+
+    Raises:
+        RecipeError: One line naming the recipe key, or the file, row and field at fault.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    parsed = recipe if isinstance(recipe, tuple(KINDS.values())) else read_recipe(recipe)
+    if split not in parsed.splits:
+        raise RecipeError(
+            f"recipe {parsed.source} has no split {split!r} (splits: {', '.join(parsed.splits)})"
+        )
+    skipped: tuple[str, ...] = ()
+    if isinstance(parsed, SyntheticScenesRecipe):
+        hf = synthetic_scenes.build_split(parsed, split, family=family, limit=limit)
+    else:
+        skip = skip_bad_rows or parsed.skip_bad_rows
+        hf, skipped = local_files.build_split(parsed, split, limit=limit, skip_bad_rows=skip)
+    return SampleDataset(hf=hf, recipe=parsed, split=split, family=family, skipped=skipped)
+
+
+def read_recipe(recipe: str | os.PathLike | Mapping[str, Any]) -> Recipe:
+    """Parse and validate a recipe (name, YAML path or mapping) without loading any data."""
+    if isinstance(recipe, Mapping):
+        return parse_recipe(recipe, source="<mapping>", base_dir=Path.cwd())
+    path = _resolve(recipe)
+    shown = display_path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise RecipeError(f"recipe {shown}: invalid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"recipe {shown}: expected a mapping of keys, got {type(data).__name__}")
+    return parse_recipe(data, source=shown, base_dir=path.parent.absolute())
+
+
+def parse_recipe(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Recipe:
+    """Validate a recipe mapping; `base_dir` anchors the relative data paths of local files."""
+    kind = data.get("kind")
+    if kind is None:
+        raise RecipeError(f"recipe {source}: missing key 'kind' (one of {', '.join(KINDS)})")
+    if kind not in KINDS:
+        raise RecipeError(f"recipe {source}: unknown kind {kind!r} (known: {', '.join(KINDS)})")
+    keys = {name: value for name, value in data.items() if name != "kind"}
+    extra = {"base_dir": base_dir} if kind == "local_files" else {}
+    return parse_keys(KINDS[kind], keys, kind=kind, source=source, **extra)
+
+
+def builtin_recipes() -> list[str]:
+    """Names accepted by `load_recipe` besides paths."""
+    return sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
+
+
+def _resolve(recipe: str | os.PathLike) -> Path:
+    """A path if it looks like one (YAML suffix, a separator, or an existing file), else a
+    built-in name."""
+    text = os.fspath(recipe)
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml") or os.sep in text or path.is_file():
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {text}")
+        return path
+    builtin = RECIPES_DIR / f"{text}.yaml"
+    if not builtin.is_file():
+        raise RecipeError(
+            f"unknown recipe {text!r}: no such file and no built-in of that name "
+            f"(built-ins: {', '.join(builtin_recipes())})"
+        )
+    return builtin

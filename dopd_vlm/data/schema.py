@@ -1,0 +1,91 @@
+"""The canonical sample every later stage consumes, and verifiable-answer matching.
+
+Whatever a recipe reads (synthetic scenes, local JSONL/Parquet), it hands out `Sample`s, so
+collate, rollout and evaluation never learn about file formats.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any, Mapping
+
+from PIL import Image
+
+
+class RecipeError(ValueError):
+    """A recipe or a data row is unusable; the message is one line naming where and why."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One prompt of the distillation task.
+
+    Attributes:
+        id: Unique within its split.
+        question: What the student sees (together with `images`).
+        answer: Short verifiable answer; compare predictions with `answers_match`.
+        privileged: Privileged text p, seen only by the privileged views ("" only where the recipe
+            allows it).
+        images: RGB images, 0..n, in the order the question refers to them.
+        meta: Free-form extras, e.g. the objects of a synthetic scene.
+    """
+
+    id: str
+    question: str
+    answer: str
+    privileged: str
+    images: tuple[Image.Image, ...]
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+_NUMBER_WORDS = {
+    word: str(value)
+    for value, word in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+        "fifteen sixteen seventeen eighteen nineteen twenty".split()
+    )
+}
+_ARTICLES = {"a", "an", "the"}
+# A signed decimal number, or a run of letters/digits; everything else separates tokens.
+_TOKEN = re.compile(r"-?\d+(?:\.\d+)?|[^\W_]+")
+
+
+def normalize_answer(text: str) -> str:
+    """The canonical form two answers are compared in.
+
+    Rule: Unicode NFKC, lower case; punctuation and whitespace only separate tokens (so a trailing
+    period, quotes or brackets vanish); numbers are canonical decimals ("3.50" -> "3.5",
+    "-0" -> "0") and the number words zero..twenty become digits ("three" -> "3"); a leading
+    article ("a", "an", "the") is dropped when other tokens follow it. Tokens are joined by one
+    space.
+    """
+    text = unicodedata.normalize("NFKC", text).lower()
+    tokens = [_canonical_token(token) for token in _TOKEN.findall(text)]
+    if len(tokens) > 1 and tokens[0] in _ARTICLES:
+        tokens = tokens[1:]
+    return " ".join(tokens)
+
+
+def answers_match(prediction: str, answer: str) -> bool:
+    """Whether a prediction is exactly the answer after `normalize_answer`.
+
+    Exact, not substring: "3 shapes" does not match "3", so a model cannot pass by listing
+    several candidates. Nothing normalises to "" matches anything.
+    """
+    expected = normalize_answer(answer)
+    return bool(expected) and normalize_answer(prediction) == expected
+
+
+def _canonical_token(token: str) -> str:
+    if token in _NUMBER_WORDS:
+        return _NUMBER_WORDS[token]
+    if token[0].isdigit() or token[0] == "-":
+        try:
+            number = Decimal(token)
+        except InvalidOperation:
+            return token
+        return "0" if number == 0 else f"{number.normalize():f}"
+    return token

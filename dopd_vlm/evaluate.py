@@ -1,0 +1,80 @@
+"""Verifiable-answer accuracy with greedy decoding, sharded over data-parallel ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dopd_vlm.collate import DualViewCollator
+from dopd_vlm.config import RolloutConfig
+from dopd_vlm.data.schema import Sample, answers_match
+from dopd_vlm.rollout import sample_responses
+
+
+@dataclass
+class EvalResult:
+    correct: int
+    total: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+
+def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    return [
+        tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True).strip()
+        for ids, mask in zip(response_ids, response_mask)
+    ]
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: nn.Module,
+    collator: DualViewCollator,
+    samples: Sequence[Sample],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    privileged: bool = False,
+    suppress_token_ids: Sequence[int] = (),
+) -> EvalResult:
+    """Greedy-decode every sample (plain view, or privileged view for a teacher-with-p score).
+
+    Under torch.distributed each rank decodes every world_size-th sample and the counts are
+    summed, so every rank returns the same result. Ranks run the same number of generate calls
+    (padding the last batch by repetition, not counted) so synced ZeRO-3 forwards line up.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = [samples[i] for i in range(rank, len(samples), world)]
+    per_rank = -(-len(samples) // world)
+    rollout = RolloutConfig(num_rollouts=1, max_new_tokens=max_new_tokens)
+    correct = total = 0
+    for start in range(0, per_rank, batch_size):
+        batch = mine[start : start + batch_size]
+        count = len(batch)
+        fill = min(batch_size, per_rank - start) - count
+        padded = batch + [samples[0]] * fill
+        if privileged:
+            padded = [_with_privileged_question(s, collator) for s in padded]
+        ids, mask = sample_responses(
+            model, collator, padded, rollout, greedy=True,
+            suppress_token_ids=suppress_token_ids, synced_gpus=world > 1,
+        )
+        predictions = decode_responses(collator.tokenizer, ids[:count], mask[:count])
+        correct += sum(answers_match(p, s.answer) for p, s in zip(predictions, batch))
+        total += count
+    if world > 1:
+        counts = torch.tensor([correct, total], dtype=torch.long, device=next(model.parameters()).device)
+        dist.all_reduce(counts)
+        correct, total = int(counts[0]), int(counts[1])
+    return EvalResult(correct, total)
+
+
+def _with_privileged_question(sample: Sample, collator: DualViewCollator) -> Sample:
+    question = collator.privileged_template.format(privileged=sample.privileged, question=sample.question)
+    return replace(sample, question=question)

@@ -1,0 +1,586 @@
+"""The DOPD training recipe: one readable file from config to exported student.
+
+    for each optimizer step:
+        rollout   the student samples responses from the plain view         (rollout.py)
+        score     teacher (x+p) and privileged student (x+p), no grad       (scoring.py)
+        route     one set of thresholds over the step's micro-batches/ranks (router.py)
+        loss      student pass with grad + the method's per-token loss      (methods.py)
+        step      engine.backward / engine.step (DeepSpeed)
+
+`dopd_step` is that loop body; `train` wraps it with DeepSpeed engines, evaluation,
+checkpoints and logging. Launch with `python -m dopd_vlm train`, `torchrun` or `deepspeed`.
+
+Randomness is derived, not carried: rollouts of global micro-batch g at step s are sampled
+with seed (seed, s, g), and the prompts of step s are a pure function of (seed, s). A run
+therefore gives the same batches on 1 or N ranks, and resuming needs only the step number.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dopd_vlm.collate import DualViewCollator, ScoringViews, check_shared_vocab
+from dopd_vlm.config import RunConfig, load_deepspeed_config
+from dopd_vlm.data.recipes import load_recipe
+from dopd_vlm.data.schema import Sample
+from dopd_vlm.evaluate import evaluate_accuracy
+from dopd_vlm.methods import SPECS, LossInputs, TokenStats, compute_loss, summarize
+from dopd_vlm.models import load_model, load_processor, model_family, vision_special_token_ids
+from dopd_vlm.rollout import sample_responses
+from dopd_vlm.router import Thresholds, compute_thresholds, assign_regimes
+from dopd_vlm.scoring import ResponseTokens, output_head, response_hidden_states, token_logprobs
+
+log = logging.getLogger("dopd_vlm.train")
+
+
+# --------------------------------------------------------------------------------------------
+# The DOPD step
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Models:
+    """What a step touches. `student` is the DeepSpeed engine (or a plain module in tests)."""
+
+    student: Any
+    teacher: nn.Module | None
+    collator: DualViewCollator
+    vocab_size: int
+    suppress_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def student_module(self) -> nn.Module:
+        return getattr(self.student, "module", self.student)
+
+
+@dataclass
+class ScoredMicroBatch:
+    """One micro-batch after rollout and the no-grad passes (phase 1 of a step)."""
+
+    views: ScoringViews
+    tokens: ResponseTokens
+    privileged_hidden: torch.Tensor | None = None
+    teacher_hidden: torch.Tensor | None = None
+    teacher_logprobs: torch.Tensor | None = None
+    privileged_logprobs: torch.Tensor | None = None
+
+
+def dopd_step(models: Models, micro_batches: Sequence[Sequence[Sample]], cfg: RunConfig, seeds: Sequence[int]) -> dict[str, float]:
+    """One optimizer step: rollout -> score -> route -> loss -> backward/step for every micro-batch."""
+    spec = SPECS[cfg.method.name]
+    timer = _Timer()
+    scored = []
+    for samples, seed in zip(micro_batches, seeds):
+        with timer("rollout"):
+            views = rollout_views(models, samples, cfg, seed)
+        with timer("score"):
+            scored.append(score_targets(models, views, cfg))
+
+    thresholds = None
+    if spec.routes:  # one set of thresholds for the whole step, all micro-batches and ranks
+        thresholds = compute_thresholds(
+            [s.teacher_logprobs for s in scored],
+            [s.privileged_logprobs for s in scored],
+            [torch.ones_like(s.tokens.token_ids, dtype=torch.bool) for s in scored],
+            trim=cfg.method.trim,
+            normalize=cfg.method.normalize,
+        )
+
+    stats: list[TokenStats] = []
+    losses = []
+    for s in scored:
+        with timer("update"):
+            loss, token_stats = student_loss(models, s, cfg, thresholds)
+            models.student.backward(loss)
+            models.student.step()
+        losses.append(loss.item())
+        stats.append(token_stats)
+
+    metrics = {"loss": sum(losses) / len(losses), **summarize(stats), **timer.seconds()}
+    metrics["response_tokens"] = sum(s.tokens.token_ids.numel() for s in scored)
+    metrics["response_length"] = metrics["response_tokens"] / sum(s.tokens.num_sequences for s in scored)
+    if thresholds is not None:
+        metrics.update(threshold_gap=thresholds.gap, threshold_prob_sum=thresholds.prob_sum)
+    return metrics
+
+
+def rollout_views(models: Models, samples: Sequence[Sample], cfg: RunConfig, seed: int) -> ScoringViews:
+    """Sample cfg.rollout.num_rollouts responses per prompt; build the views the method needs."""
+    spec = SPECS[cfg.method.name]
+    repeated = [s for s in samples for _ in range(cfg.rollout.num_rollouts)]
+    if spec.on_policy:
+        torch.manual_seed(seed)
+        response_ids, response_mask = sample_responses(
+            models.student_module, models.collator, repeated, cfg.rollout,
+            suppress_token_ids=models.suppress_token_ids, synced_gpus=_world_size() > 1,
+        )
+    else:
+        response_ids, response_mask = reference_responses(models.collator, repeated)
+    return models.collator.scoring_views(
+        repeated, response_ids, response_mask,
+        privileged_student=spec.needs_privileged_student,
+        teacher=spec.needs_teacher,
+        teacher_privileged=cfg.method.teacher_privileged,
+    )
+
+
+def reference_responses(collator: DualViewCollator, samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference answers tokenised as responses ending in EOS (the off-policy SFT target)."""
+    tok = collator.tokenizer
+    rows = [tok(s.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for s in samples]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)] = torch.tensor(row)
+        mask[b, : len(row)] = True
+    return ids, mask
+
+
+@torch.no_grad()
+def score_targets(models: Models, views: ScoringViews, cfg: RunConfig) -> ScoredMicroBatch:
+    """The no-grad passes: hidden states at response positions, and the router's log-probs."""
+    device = _device(models.student_module)
+    tokens = ResponseTokens.from_mask(views.response_ids, views.response_mask)
+    tokens = ResponseTokens(tokens.token_ids.to(device), tokens.seq_index.to(device), tokens.num_sequences)
+    scored = ScoredMicroBatch(views=views, tokens=tokens)
+    chunk = cfg.train.loss_chunk_size
+    student = models.student_module
+    if views.privileged_student is not None:
+        scored.privileged_hidden = _hidden(student, views.privileged_student, views.response_mask, device)
+        head = output_head(student, models.vocab_size)
+        scored.privileged_logprobs = token_logprobs(scored.privileged_hidden, head, tokens.token_ids, chunk)
+    if views.teacher is not None:
+        scored.teacher_hidden = _hidden(models.teacher, views.teacher, views.response_mask, device)
+        head = output_head(models.teacher, models.vocab_size)
+        scored.teacher_logprobs = token_logprobs(scored.teacher_hidden, head, tokens.token_ids, chunk)
+    return scored
+
+
+def student_loss(models: Models, scored: ScoredMicroBatch, cfg: RunConfig, thresholds: Thresholds | None):
+    """The only pass with gradient, and the method's loss on it."""
+    device = _device(models.student_module)
+    views = scored.views
+    regimes = None
+    if thresholds is not None:
+        everything = torch.ones_like(scored.tokens.token_ids, dtype=torch.bool)
+        regimes = assign_regimes(scored.teacher_logprobs, scored.privileged_logprobs, everything, thresholds)
+    inputs = LossInputs(
+        tokens=scored.tokens,
+        student_hidden=_hidden(models.student_module, views.student, views.response_mask, device),
+        student_head=output_head(models.student_module, models.vocab_size),
+        privileged_hidden=scored.privileged_hidden,
+        teacher_hidden=scored.teacher_hidden,
+        teacher_head=output_head(models.teacher, models.vocab_size) if models.teacher is not None else None,
+        regimes=regimes,
+    )
+    return compute_loss(cfg.method, inputs, cfg.train.loss_chunk_size)
+
+
+def _hidden(model: nn.Module, view, response_mask: torch.Tensor, device) -> torch.Tensor:
+    view.inputs = {k: v.to(device) for k, v in view.inputs.items()}
+    view.logit_index = view.logit_index.to(device)
+    return response_hidden_states(model, view, response_mask.to(device))
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+class _Timer:
+    """Wall time per phase of a step (rollout / score / update)."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.totals[name] = timer.totals.get(name, 0.0) + time.perf_counter() - self.start
+
+        return _Span()
+
+    def seconds(self) -> dict[str, float]:
+        return {f"time/{name}": value for name, value in self.totals.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up, loop, evaluation, checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def train(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Run cfg end to end; returns the final metrics (also in output_dir/metrics.jsonl)."""
+    import deepspeed
+
+    init_distributed()
+    rank, world = _rank(), _world_size()
+    out = Path(cfg.train.output_dir)
+    check_output_dir(out)
+    _configure_logging(rank)
+    on_gpu = torch.cuda.is_available()
+    dtype = _dtype(cfg.model.dtype, on_gpu)
+    ds_config = load_deepspeed_config(cfg.train.deepspeed, cfg, world, bf16_enabled=dtype == torch.bfloat16)
+    family = model_family(cfg.model.student)
+    data = load_recipe(cfg.data.recipe, cfg.data.train_split, family=family, skip_bad_rows=cfg.data.skip_bad_rows)
+    eval_sets = {
+        split: load_recipe(cfg.data.recipe, split, family=family, skip_bad_rows=cfg.data.skip_bad_rows,
+                           limit=cfg.data.max_eval_samples or None)
+        for split in cfg.data.eval_splits
+    }
+    spec = SPECS[cfg.method.name]
+
+    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    hf_ds_config = _hf_deepspeed_config(ds_config) if zero3 else None  # keep alive through loading
+    student = load_model(cfg.model.student, dtype=dtype)
+    teacher = load_model(cfg.model.teacher, dtype=dtype) if cfg.model.teacher else None
+    del hf_ds_config
+    _unset_hf_deepspeed_config()
+    if cfg.model.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    processor = load_processor(cfg.model.student)
+    teacher_processor = load_processor(cfg.model.teacher) if teacher is not None else processor
+    vocab_size = _rows(student.get_output_embeddings().weight)
+    if teacher is not None:
+        teacher_rows = _rows(teacher.get_output_embeddings().weight)
+        vocab_size = check_shared_vocab(teacher_processor, processor, teacher_rows, vocab_size)
+    collator = DualViewCollator(processor, teacher_processor, privileged_template=cfg.data.privileged_template)
+
+    # A DeepSpeed JSON with an "optimizer" section (e.g. zero3_offload: DeepSpeedCPUAdam) lets
+    # DeepSpeed build it; otherwise torch's AdamW, which needs no JIT-compiled op.
+    optimizer = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW(
+            student.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+        )
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=student, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg)),
+    )
+    if teacher is not None:
+        teacher.requires_grad_(False)
+        teacher_config = _teacher_ds_config(ds_config)
+        teacher_engine, *_ = deepspeed.initialize(model=teacher, config=teacher_config)
+        teacher = teacher_engine.module
+        teacher.eval()
+    engine.train()
+    models = Models(engine, teacher, collator, vocab_size, vision_special_token_ids(collator.tokenizer))
+
+    start_step = 0
+    if resume:
+        start_step = load_latest_checkpoint(engine, out)
+    logger = MetricsLogger(out, cfg, enabled=rank == 0, append=start_step > 0)
+    if start_step == 0:
+        logger.write(0, baseline_accuracies(models, eval_sets, cfg))
+
+    from tqdm.auto import tqdm
+
+    progress = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps,
+                    disable=rank != 0, desc=f"{cfg.method.name}", unit="step")
+    metrics: dict[str, Any] = {}
+    for step in progress:
+        micro_batches, seeds = step_batches(data, cfg, step, rank, world)
+        started = time.perf_counter()
+        metrics = dopd_step(models, micro_batches, cfg, seeds)
+        metrics = reduce_metrics(metrics)
+        metrics["lr"] = scheduler.get_last_lr()[0]
+        metrics["step_time"] = time.perf_counter() - started
+        metrics["tokens_per_second"] = metrics["response_tokens"] * world / metrics["step_time"]
+        done = step + 1
+        if done == cfg.train.steps or (cfg.train.eval_every and done % cfg.train.eval_every == 0):
+            metrics.update(accuracies(models, eval_sets, cfg, prefix="student"))
+        if done % cfg.train.log_every == 0 or done == cfg.train.steps or "student/test" in metrics:
+            logger.write(done, metrics)
+        progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if done == cfg.train.steps or (cfg.train.save_every and done % cfg.train.save_every == 0):
+            save_checkpoint(engine, out, done)
+    export_student(engine, processor, out / "final", zero3)
+    logger.close()
+    return metrics
+
+
+def step_batches(data, cfg: RunConfig, step: int, rank: int, world: int):
+    """This rank's micro-batches of step `step` and their sampling seeds (see module docstring).
+
+    The step's prompts come from an epoch-wise permutation seeded by (seed, epoch); micro-batch
+    g of the step goes to rank g // (micro-batches per rank).
+    """
+    t = cfg.train
+    per_step = t.prompts_per_step
+    first = step * per_step
+    indices = [_epoch_order(len(data), t.seed, (first + i) // len(data))[(first + i) % len(data)] for i in range(per_step)]
+    per_micro = t.prompts_per_micro_batch
+    num_micro = per_step // per_micro
+    per_rank = num_micro // world
+    micro_batches, seeds = [], []
+    for g in range(rank * per_rank, (rank + 1) * per_rank):
+        micro_batches.append([data[i] for i in indices[g * per_micro : (g + 1) * per_micro]])
+        seeds.append(_mix_seed(t.seed, step, g))
+    return micro_batches, seeds
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(_mix_seed(seed, epoch, -1)).shuffle(order)
+    return order
+
+
+def _mix_seed(*parts: int) -> int:
+    value = 0x9E3779B9
+    for part in parts:
+        value = (value * 1_000_003 + part + 1) % (2**31 - 1)
+    return value
+
+
+def lr_factor(step: int, cfg: RunConfig) -> float:
+    """Linear warm-up to 1, then cosine decay to min_lr_ratio at the last step."""
+    o, total = cfg.optim, cfg.train.steps
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def baseline_accuracies(models: Models, eval_sets, cfg: RunConfig) -> dict[str, float]:
+    """The initial student's and the teacher's accuracy, once, so a run reports the gap it closed."""
+    metrics = accuracies(models, eval_sets, cfg, prefix="student")
+    if models.teacher is not None:
+        metrics.update(accuracies(models, eval_sets, cfg, prefix="teacher", model=models.teacher))
+        metrics.update(accuracies(models, eval_sets, cfg, prefix="teacher_privileged", model=models.teacher, privileged=True))
+    return metrics
+
+
+def accuracies(models: Models, eval_sets, cfg: RunConfig, *, prefix: str, model=None, privileged=False) -> dict[str, float]:
+    model = model if model is not None else models.student_module
+    batch = cfg.train.prompts_per_micro_batch * cfg.rollout.num_rollouts
+    return {
+        f"{prefix}/{split}": evaluate_accuracy(
+            model, models.collator, samples, max_new_tokens=cfg.rollout.max_new_tokens, batch_size=batch,
+            privileged=privileged, suppress_token_ids=models.suppress_token_ids,
+        ).accuracy
+        for split, samples in eval_sets.items()
+    }
+
+
+def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Average per-rank step metrics over ranks (token counts are summed)."""
+    if _world_size() == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    reduced = {k: v / _world_size() for k, v in zip(keys, values.tolist())}
+    reduced["response_tokens"] = reduced["response_tokens"] * _world_size()
+    return reduced
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed set-up and DeepSpeed helpers
+# --------------------------------------------------------------------------------------------
+
+
+def init_distributed() -> None:
+    """Join the process group the launcher describes (torchrun / deepspeed), or a 1-process one."""
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, default)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=_collective_timeout())
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def _collective_timeout():
+    from datetime import timedelta
+
+    return timedelta(seconds=float(os.environ.get("DOPD_COLLECTIVE_TIMEOUT_S", "1800")))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dtype(name: str, on_gpu: bool) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    return getattr(torch, name)
+
+
+def _rows(weight: torch.Tensor) -> int:
+    """Rows of a (possibly ZeRO-3 partitioned) LM-head weight."""
+    return weight.ds_shape[0] if hasattr(weight, "ds_shape") else weight.shape[0]
+
+
+def _hf_deepspeed_config(ds_config: dict):
+    """Make from_pretrained partition weights at load (zero.Init) under ZeRO-3."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
+def _unset_hf_deepspeed_config() -> None:
+    from transformers.integrations import deepspeed as hf_ds
+
+    hf_ds.unset_hf_deepspeed_config()
+
+
+def _teacher_ds_config(ds_config: dict) -> dict:
+    """The frozen teacher: same ZeRO-3 sharding as the student, no optimizer; stage 0 otherwise."""
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    config = {
+        "train_micro_batch_size_per_gpu": ds_config["train_micro_batch_size_per_gpu"],
+        "bf16": ds_config.get("bf16", {"enabled": False}),
+        "zero_optimization": {"stage": 0},
+    }
+    if stage == 3:
+        zero = {k: v for k, v in ds_config["zero_optimization"].items() if not k.startswith("offload_optimizer")}
+        config["zero_optimization"] = zero
+    return config
+
+
+def check_output_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise SystemExit(f"train.output_dir {out}: cannot write there ({err.strerror})") from None
+
+
+def _configure_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: DeepSpeed's format, written atomically
+# --------------------------------------------------------------------------------------------
+
+LATEST = "latest_complete"
+
+
+def save_checkpoint(engine, out: Path, step: int) -> None:
+    """Save step `step`; `latest_complete` moves to it only once every rank has finished.
+
+    DeepSpeed writes the tag directory; the pointer file is replaced atomically afterwards, so
+    a crash mid-save leaves the previous pointer, which still names a complete checkpoint.
+    """
+    checkpoints = out / "checkpoints"
+    tag = f"step_{step}"
+    engine.save_checkpoint(str(checkpoints), tag=tag, client_state={"step": step}, save_latest=False)
+    if dist.is_initialized():
+        dist.barrier()
+    if _rank() == 0:
+        tmp = checkpoints / f".{LATEST}.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, checkpoints / LATEST)
+        for old in checkpoints.glob("step_*"):
+            if old.name != tag and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_latest_checkpoint(engine, out: Path) -> int:
+    """Load the checkpoint `latest_complete` names; returns its step (0 if there is none)."""
+    pointer = out / "checkpoints" / LATEST
+    if not pointer.is_file():
+        log.warning("--resume: no complete checkpoint under %s, starting from step 0", out / "checkpoints")
+        return 0
+    tag = pointer.read_text().strip()
+    path, client_state = engine.load_checkpoint(str(out / "checkpoints"), tag=tag)
+    if path is None:
+        raise SystemExit(f"--resume: checkpoint {out / 'checkpoints' / tag} could not be loaded")
+    log.info("resumed from %s (step %d)", path, client_state["step"])
+    return int(client_state["step"])
+
+
+def export_student(engine, processor, target: Path, zero3: bool) -> None:
+    """Consolidate the student's weights and save_pretrained it with its processor."""
+    module = engine.module
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else module.state_dict()
+    if _rank() == 0:
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        module.save_pretrained(tmp, state_dict=state_dict)
+        processor.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics: metrics.jsonl, TensorBoard, optional Weights & Biases
+# --------------------------------------------------------------------------------------------
+
+
+class MetricsLogger:
+    def __init__(self, out: Path, cfg: RunConfig, *, enabled: bool, append: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        self.jsonl = open(out / "metrics.jsonl", "a" if append else "w")
+        self.tensorboard = SummaryWriter(str(out / "tensorboard"))
+        self.wandb = None
+        if cfg.train.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                log.warning("train.wandb_project is set but wandb is not installed; skipping it")
+            else:
+                self.wandb = wandb.init(project=cfg.train.wandb_project, config=cfg.to_dict())
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for key, value in metrics.items():
+            self.tensorboard.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tensorboard.close()
+            if self.wandb is not None:
+                self.wandb.finish()

@@ -1,0 +1,32 @@
+"""Shared test setup: no Hub access, and tiny teacher/student pairs of every family.
+
+Everything the tests load is built locally (dopd_vlm.models.make_tiny_pair), so the suite runs
+on a machine without internet; HF_HUB_OFFLINE makes any accidental Hub lookup fail fast instead
+of hanging on the network.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is first imported
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+import dopd_vlm  # noqa: E402,F401  (before transformers: makes torchvision importable on CPU torch)
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """family -> {"teacher": dir, "student": dir} for every family in dopd_vlm.models.FAMILIES.
+
+    Built once per test session with seed 0 and the default sizes (about a second in all).
+    Treat the directories as read-only: other tests share them.
+    """
+    from dopd_vlm.models import FAMILIES, make_tiny_pair
+
+    root = tmp_path_factory.mktemp("tiny_pairs")
+    return {family: make_tiny_pair(family, root / family, seed=0) for family in FAMILIES}

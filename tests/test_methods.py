@@ -1,0 +1,157 @@
+"""Methods on random tensors: which target each token gets, weights, reduction, gradients."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from dopd_vlm import losses
+from dopd_vlm.config import DOPD_ABLATIONS, METHOD_NAMES, MethodConfig
+from dopd_vlm.methods import SPECS, LossInputs, compute_loss, sequence_mean, summarize
+from dopd_vlm.router import HS, HT, LH, LL, route
+from dopd_vlm.scoring import ResponseTokens
+
+V, H = 40, 8
+
+
+def make_inputs(regimes=None, n_per_seq=(3, 5, 1), seed=0, k_heads=True):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(n_per_seq)
+    seq_index = torch.repeat_interleave(torch.arange(len(n_per_seq)), torch.tensor(n_per_seq))
+    tokens = ResponseTokens(torch.randint(0, V, (n,), generator=g), seq_index, len(n_per_seq))
+    student_w = torch.randn(V + 3, H, generator=g).requires_grad_()  # padded head, sliced to V
+    teacher_w = torch.randn(V, H, generator=g) * 2
+    hidden = torch.randn(n, H, generator=g).requires_grad_()
+    return LossInputs(
+        tokens=tokens,
+        student_hidden=hidden,
+        student_head=lambda h: (h @ student_w.T)[..., :V],
+        privileged_hidden=torch.randn(n, H, generator=g),
+        teacher_hidden=torch.randn(n, H, generator=g),
+        teacher_head=lambda h: h @ teacher_w.T,
+        regimes=regimes if regimes is not None else torch.randint(0, 4, (n,), generator=g),
+    ), student_w
+
+
+def all_configs():
+    for name in METHOD_NAMES:
+        yield MethodConfig(name=name, top_k=8)
+    for ablation in DOPD_ABLATIONS[1:]:
+        yield MethodConfig(name="dopd", ablation=ablation, top_k=8)
+    for divergence in ("sampled", "topk", "full"):
+        yield MethodConfig(name="vanilla_opd", opd_divergence=divergence, top_k=8)
+
+
+@pytest.mark.parametrize("cfg", list(all_configs()), ids=lambda c: f"{c.name}-{c.ablation}-{c.opd_divergence}")
+def test_every_method_is_finite_and_trains_only_the_student(cfg):
+    inputs, student_w = make_inputs()
+    loss, stats = compute_loss(cfg, inputs, chunk_size=4)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert inputs.student_hidden.grad is not None and inputs.student_hidden.grad.abs().sum() > 0
+    assert student_w.grad is not None
+    assert student_w.grad[V:].abs().sum() == 0  # padding rows of the head never matter
+    assert not inputs.teacher_hidden.requires_grad and not inputs.privileged_hidden.requires_grad
+    assert stats.loss.shape == inputs.tokens.token_ids.shape and not stats.loss.requires_grad
+    summary = summarize([stats])
+    assert all(isinstance(v, float) for v in summary.values())
+
+
+def test_dopd_regime_targets_and_weights_match_the_table():
+    n_per_seq = (4, 4)
+    regimes = torch.tensor([LH, LL, HT, HS, HS, HT, LL, LH])
+    inputs, _ = make_inputs(regimes, n_per_seq)
+    cfg = MethodConfig(top_k=8, beta_l=0.6, beta_w=0.3, ht_weight=1.0)
+    _, stats = compute_loss(cfg, inputs, chunk_size=3)
+    with torch.no_grad():
+        s = inputs.student_head(inputs.student_hidden)
+        t = inputs.teacher_head(inputs.teacher_hidden)
+        p = inputs.student_head(inputs.privileged_hidden)
+        expected = torch.empty(8)
+        for i, r in enumerate(regimes.tolist()):
+            if r == LH:
+                expected[i] = 0.6 * losses.topk_reverse_kl(s[i : i + 1], t[i : i + 1], 8)[0]
+            elif r == LL:
+                expected[i] = 0.3 * losses.topk_reverse_kl(s[i : i + 1], p[i : i + 1], 8)[0]
+            elif r == HT:
+                expected[i] = 1.0 * losses.generalized_jsd(s[i : i + 1], t[i : i + 1], 0.5)[0]
+            else:
+                expected[i] = 0.6 * losses.topk_reverse_kl(s[i : i + 1], p[i : i + 1], 8)[0]
+    torch.testing.assert_close(stats.loss, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "ablation,teacher_regimes",
+    [("no_teacher", set()), ("no_student", {LH, LL, HT, HS}), ("single_objective", {LH, HT})],
+)
+def test_dopd_ablations_swap_sources_or_objective(ablation, teacher_regimes):
+    regimes = torch.tensor([LH, LL, HT, HS])
+    inputs, _ = make_inputs(regimes, (4,))
+    cfg = MethodConfig(top_k=8, ablation=ablation)
+    _, stats = compute_loss(cfg, inputs, chunk_size=8)
+    weights = {LH: 0.6, LL: 0.3, HT: 1.0, HS: 0.6}
+    with torch.no_grad():
+        s = inputs.student_head(inputs.student_hidden)
+        t = inputs.teacher_head(inputs.teacher_hidden)
+        p = inputs.student_head(inputs.privileged_hidden)
+        for i, r in enumerate(regimes.tolist()):
+            target = t if r in teacher_regimes else p
+            value = losses.topk_reverse_kl(s[i : i + 1], target[i : i + 1], 8)[0]
+            if r == HT and ablation == "no_student":
+                value = losses.generalized_jsd(s[i : i + 1], t[i : i + 1], 0.5)[0]
+            torch.testing.assert_close(stats.loss[i], weights[r] * value, rtol=1e-5, atol=1e-6)
+
+
+def test_sequence_mean_is_mean_of_per_sequence_means():
+    token_loss = torch.tensor([1.0, 2.0, 3.0, 10.0, 4.0])
+    tokens = ResponseTokens(torch.zeros(5, dtype=torch.long), torch.tensor([0, 0, 0, 1, 2]), 3)
+    assert sequence_mean(token_loss, tokens).item() == pytest.approx((2.0 + 10.0 + 4.0) / 3)
+
+
+def test_loss_does_not_depend_on_chunk_size():
+    inputs, student_w = make_inputs()
+    cfg = MethodConfig(top_k=8)
+    results = []
+    for chunk in (1, 4, 1000):
+        inputs.student_hidden.grad = None
+        student_w.grad = None
+        loss, _ = compute_loss(cfg, inputs, chunk_size=chunk)
+        loss.backward()
+        results.append((loss.detach(), inputs.student_hidden.grad.clone(), student_w.grad.clone()))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_dopd_loss_is_zero_when_all_three_passes_agree():
+    inputs, student_w = make_inputs()
+    same = inputs.student_hidden.detach()
+    inputs = dataclasses.replace(
+        inputs, privileged_hidden=same, teacher_hidden=same, teacher_head=lambda h: (h @ student_w.T)[..., :V]
+    )
+    loss, stats = compute_loss(MethodConfig(top_k=V), inputs, chunk_size=5)
+    assert loss.abs().item() < 1e-6
+    assert stats.kl_to_teacher.abs().max().item() < 1e-6
+
+
+def test_missing_pass_is_a_clear_error():
+    inputs, _ = make_inputs()
+    with pytest.raises(ValueError, match="teacher pass"):
+        compute_loss(MethodConfig(name="gkd"), dataclasses.replace(inputs, teacher_hidden=None), 8)
+    with pytest.raises(ValueError, match="privileged-student"):
+        compute_loss(MethodConfig(name="opsd"), dataclasses.replace(inputs, privileged_hidden=None), 8)
+
+
+def test_specs_cover_every_method():
+    assert set(SPECS) == set(METHOD_NAMES)
+
+
+def test_router_output_feeds_dopd_and_shares_sum_to_one():
+    inputs, _ = make_inputs(regimes=torch.zeros(9, dtype=torch.long))
+    g = torch.Generator().manual_seed(3)
+    lt, lp = -torch.rand(9, generator=g) * 3, -torch.rand(9, generator=g) * 3
+    routing = route(lt, lp, torch.ones(9, dtype=torch.bool))
+    inputs = dataclasses.replace(inputs, regimes=routing.regimes)
+    _, stats = compute_loss(MethodConfig(top_k=8), inputs, chunk_size=4)
+    summary = summarize([stats])
+    assert sum(summary[f"share/{r}"] for r in ("LH", "LL", "HT", "HS")) == pytest.approx(1.0)
