@@ -167,6 +167,10 @@ def _add_train(subparsers) -> None:
     )
     parser.add_argument("--config", required=True, metavar="YAML", help="run config")
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument(
+        "--stop-after-step", type=int, metavar="N",
+        help="checkpoint and exit after step N (time-limited jobs); finish later with --resume",
+    )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-5")
     parser.set_defaults(run=run_train)
@@ -182,7 +186,7 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     from dopd_vlm.train import train
 
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, stop_after_step=args.stop_after_step)
     return 0
 
 

@@ -81,6 +81,12 @@ class DualViewCollator:
     def _encode(self, samples: Sequence[Sample], privileged: bool, processor: Any, padding_side: str):
         texts = [self.prompt_text(s, privileged, processor) for s in samples]
         images = [image for s in samples for image in s.images]
+        if images and not hasattr(processor, "image_processor"):
+            first = next(s for s in samples if s.images)
+            raise ValueError(
+                f"sample {first.id!r} has {len(first.images)} image(s) but the model is text-only; "
+                "use a text recipe (e.g. synthetic_text) or a vision-language checkpoint"
+            )
         kwargs: dict[str, Any] = dict(return_tensors="pt", padding=True, padding_side=padding_side)
         if images:
             return dict(processor(text=texts, images=images, **kwargs))

@@ -24,6 +24,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -235,9 +236,17 @@ class _Timer:
 # --------------------------------------------------------------------------------------------
 
 
-def train(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Run cfg end to end; returns the final metrics (also in output_dir/metrics.jsonl)."""
+def train(cfg: RunConfig, *, resume: bool = False, stop_after_step: int | None = None) -> "TrainResult":
+    """Run cfg end to end: metrics to output_dir/metrics.jsonl, the student to output_dir/final.
+
+    `resume` continues from the latest complete checkpoint. `stop_after_step` checkpoints and
+    returns after that step (for time-limited allocations); a later `resume` run finishes with
+    exactly the weights of an uninterrupted run.
+    """
     import deepspeed
+
+    # DeepSpeed calls torch.distributed's renamed collectives on every step
+    warnings.filterwarnings("ignore", message=r".*is deprecated. Please use `torch.distributed", category=FutureWarning)
 
     init_distributed()
     rank, world = _rank(), _world_size()
@@ -271,6 +280,10 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         teacher_rows = _rows(teacher.get_output_embeddings().weight)
         vocab_size = check_shared_vocab(teacher_processor, processor, teacher_rows, vocab_size)
     collator = DualViewCollator(processor, teacher_processor, privileged_template=cfg.data.privileged_template)
+    for split, dataset in {cfg.data.train_split: data, **eval_sets}.items():  # fail now, not at step 1000
+        if len(dataset) == 0:
+            raise SystemExit(f"data split '{split}' of recipe {cfg.data.recipe} is empty")
+        collator.scoring_views([dataset[0]], torch.tensor([[0]]), torch.tensor([[True]]))
 
     # A DeepSpeed JSON with an "optimizer" section (e.g. zero3_offload: DeepSpeedCPUAdam) lets
     # DeepSpeed build it; otherwise torch's AdamW, which needs no JIT-compiled op.
@@ -307,22 +320,43 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     for step in progress:
         micro_batches, seeds = step_batches(data, cfg, step, rank, world)
         started = time.perf_counter()
-        metrics = dopd_step(models, micro_batches, cfg, seeds)
-        metrics = reduce_metrics(metrics)
+        metrics = reduce_metrics(dopd_step(models, micro_batches, cfg, seeds))
         metrics["lr"] = scheduler.get_last_lr()[0]
         metrics["step_time"] = time.perf_counter() - started
-        metrics["tokens_per_second"] = metrics["response_tokens"] * world / metrics["step_time"]
+        metrics["tokens_per_second"] = metrics["response_tokens"] / metrics["step_time"]
         done = step + 1
-        if done == cfg.train.steps or (cfg.train.eval_every and done % cfg.train.eval_every == 0):
+        last = done == cfg.train.steps
+        evaluate_now = last or _every(done, cfg.train.eval_every)
+        if evaluate_now:
             metrics.update(accuracies(models, eval_sets, cfg, prefix="student"))
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps or "student/test" in metrics:
+        if evaluate_now or _every(done, cfg.train.log_every):
             logger.write(done, metrics)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-        if done == cfg.train.steps or (cfg.train.save_every and done % cfg.train.save_every == 0):
+        stopping = stop_after_step is not None and done >= stop_after_step
+        if last or stopping or _every(done, cfg.train.save_every):
             save_checkpoint(engine, out, done)
+        if stopping and not last:
+            log.info("stopped after step %d as asked; continue with --resume", done)
+            logger.close()
+            return TrainResult(metrics, engine, teacher, finished=False)
     export_student(engine, processor, out / "final", zero3)
     logger.close()
-    return metrics
+    return TrainResult(metrics, engine, teacher, finished=True)
+
+
+def _every(step: int, period: int) -> bool:
+    return period > 0 and step % period == 0
+
+
+@dataclass
+class TrainResult:
+    """What `train` leaves behind: the last step's metrics and the live engines (for tests and
+    notebooks; the CLI only needs the files in output_dir)."""
+
+    metrics: dict[str, Any]
+    student: Any
+    teacher: nn.Module | None
+    finished: bool
 
 
 def step_batches(data, cfg: RunConfig, step: int, rank: int, world: int):

@@ -1,0 +1,186 @@
+"""`dopd-vlm train`: config validation (fast) and real multi-rank DeepSpeed ZeRO-3 runs (slow).
+
+The slow tests launch `torchrun` with 2 (or 1) real processes over gloo; several runs share one
+launch (tests/helpers/train_driver.py) because imports dominate on CPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from dopd_vlm.config import ConfigError, load_config, load_deepspeed_config
+
+REPO = Path(__file__).resolve().parents[1]
+DRIVER = REPO / "tests" / "helpers" / "train_driver.py"
+
+
+def write_config(path: Path, pairs: dict, family="qwen2_vl", recipe="synthetic_scenes", **sections) -> Path:
+    config = {
+        "model": {"teacher": str(pairs[family]["teacher"]), "student": str(pairs[family]["student"]), "dtype": "float32"},
+        "data": {"recipe": recipe, "eval_splits": ["test"], "max_eval_samples": 4},
+        "method": {"name": "dopd", "top_k": 16},
+        "rollout": {"num_rollouts": 2, "max_new_tokens": 5},
+        "optim": {"lr": 1e-3},
+        "train": {"steps": 2, "prompts_per_step": 4, "prompts_per_micro_batch": 1,
+                  "deepspeed": str(REPO / "ds_configs" / "zero3.json"), "output_dir": str(path.parent / "run")},
+    }
+    for section, values in sections.items():
+        config[section].update(values)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def launch(tmp_path: Path, config: Path, runs: list[dict], nproc: int = 2) -> dict:
+    spec, result = tmp_path / f"spec_{nproc}.json", tmp_path / f"result_{nproc}.json"
+    spec.write_text(json.dumps({"config": str(config), "runs": runs}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(DRIVER), str(spec), str(result)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return json.loads(result.read_text())
+
+
+def metrics_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- fast: configuration ------------------------------------------------------------------------
+
+
+def test_config_overrides_and_validation_errors_name_the_key(tmp_path, tiny_pairs):
+    config = write_config(tmp_path / "c.yaml", tiny_pairs)
+    cfg = load_config(config, ["method.name=vanilla_opd", "optim.lr=2e-5", "data.eval_splits=[test, ood]"])
+    assert cfg.method.name == "vanilla_opd" and cfg.optim.lr == 2e-5 and cfg.data.eval_splits == ["test", "ood"]
+    cases = {
+        "method.nme=dopd": "unknown config key 'method.nme'",
+        "method.name=dpod": "config key 'method.name'",
+        "method.beta_w=0.9": "config key 'method.beta_w'",
+        "train.steps=many": "config key 'train.steps': expected int",
+        "train.prompts_per_micro_batch=3": "config key 'train.prompts_per_step'",
+        "rollout.top_p=0": "config key 'rollout.top_p'",
+        "data.privileged_template=no placeholders": "config key 'data.privileged_template'",
+        "nonsense": "expected dotted.key=value",
+        "method.ablation=no_routing": None,
+    }
+    for override, message in cases.items():
+        if message is None:
+            load_config(config, [override])
+            continue
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as err:
+            load_config(config, [override])
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="only applies to dopd"):
+        load_config(config, ["method.name=gkd", "method.ablation=no_teacher"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_deepspeed_auto_values_are_filled_and_conflicts_rejected(tmp_path, tiny_pairs):
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_pairs), ["train.prompts_per_step=8"])
+    ds = load_deepspeed_config(REPO / "ds_configs" / "zero3.json", cfg, world_size=2, bf16_enabled=False)
+    assert ds["train_micro_batch_size_per_gpu"] == 2  # 1 prompt x 2 rollouts
+    assert ds["gradient_accumulation_steps"] == 4 and ds["train_batch_size"] == 16
+    assert ds["bf16"]["enabled"] is False and ds["zero_optimization"]["stage"] == 3
+    offload = load_deepspeed_config(REPO / "ds_configs" / "zero3_offload.json", cfg, world_size=1, bf16_enabled=True)
+    assert offload["optimizer"]["params"]["lr"] == cfg.optim.lr and offload["bf16"]["enabled"] is True
+    conflicting = tmp_path / "ds.json"
+    conflicting.write_text(json.dumps({"train_micro_batch_size_per_gpu": 3}))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu"):
+        load_deepspeed_config(conflicting, cfg, world_size=2, bf16_enabled=False)
+    with pytest.raises(ConfigError, match="not divisible"):
+        load_deepspeed_config(REPO / "ds_configs" / "zero3.json", cfg, world_size=3, bf16_enabled=False)
+
+
+# -- slow: real DeepSpeed ZeRO-3 over gloo -----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_ranks_zero3_every_method_trains_and_exports(tmp_path, tiny_pairs):
+    config = write_config(tmp_path / "c.yaml", tiny_pairs)
+    methods = {
+        "dopd": ["method.name=dopd"],
+        "vanilla_opd": ["method.name=vanilla_opd", "method.opd_divergence=sampled"],
+        "opsd": ["method.name=opsd"],
+        "gkd": ["method.name=gkd"],
+        "sft": ["method.name=sft"],
+    }
+    runs = [{"name": name, "overrides": [*o, f"train.output_dir={tmp_path / name}"]} for name, o in methods.items()]
+    results = launch(tmp_path, config, runs)
+    for name in methods:
+        result = results[name]
+        assert result["finished"] and torch.isfinite(torch.tensor(result["metrics"]["loss"]))
+        assert result["teacher_unchanged"] in (True, None)
+        lines = metrics_lines(tmp_path / name)
+        assert lines[0]["step"] == 0 and "student/test" in lines[0]
+        assert [line["step"] for line in lines[1:]] == [1, 2]
+        for key in ("loss", "entropy", "time/rollout", "time/score", "time/update", "tokens_per_second", "lr"):
+            assert key in lines[-1], (name, key)
+        assert "student/test" in lines[-1]
+    dopd = metrics_lines(tmp_path / "dopd")[-1]
+    assert sum(dopd[f"share/{r}"] for r in ("LH", "LL", "HT", "HS")) == pytest.approx(1.0)
+    assert "threshold_gap" in dopd and "kl_to_teacher" in dopd
+    # the student moved, and its export reloads with transformers alone and generates
+    initial = load_file(tiny_pairs["qwen2_vl"]["student"] / "model.safetensors")
+    code = (
+        "import dopd_vlm, sys, torch; from PIL import Image\n"
+        "from transformers import AutoModelForImageTextToText, AutoProcessor\n"
+        "m = AutoModelForImageTextToText.from_pretrained(sys.argv[1]); p = AutoProcessor.from_pretrained(sys.argv[1])\n"
+        "msgs = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': 'How many?'}]}]\n"
+        "text = p.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)\n"
+        "inputs = p(text=[text], images=[Image.new('RGB', (112, 112), 'red')], return_tensors='pt')\n"
+        "out = m.generate(**inputs, max_new_tokens=3, do_sample=False)\n"
+        "assert out.shape[1] > inputs['input_ids'].shape[1]\n"
+    )
+    for name in methods:
+        final = tmp_path / name / "final"
+        exported = load_file(final / "model.safetensors")
+        assert any(not torch.equal(exported[k], initial[k]) for k in initial), name
+        subprocess.run([sys.executable, "-c", code, str(final)], check=True, cwd=REPO,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+
+
+@pytest.mark.slow
+def test_same_global_batch_gives_same_first_step_loss_on_one_and_two_ranks(tmp_path, tiny_pairs):
+    config = write_config(tmp_path / "c.yaml", tiny_pairs, train={"steps": 1})
+    one = launch(tmp_path, config, [{"name": "r", "overrides": [f"train.output_dir={tmp_path / 'one'}"]}], nproc=1)
+    two = launch(tmp_path, config, [{"name": "r", "overrides": [f"train.output_dir={tmp_path / 'two'}"]}], nproc=2)
+    assert one["r"]["metrics"]["loss"] == pytest.approx(two["r"]["metrics"]["loss"], abs=1e-5)
+    assert one["r"]["metrics"]["threshold_gap"] == pytest.approx(two["r"]["metrics"]["threshold_gap"], abs=1e-9)
+    assert one["r"]["metrics"]["response_tokens"] == two["r"]["metrics"]["response_tokens"]
+
+
+@pytest.mark.slow
+def test_stop_and_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, tiny_pairs):
+    config = write_config(tmp_path / "c.yaml", tiny_pairs, train={"steps": 4, "save_every": 1})
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    results = launch(tmp_path, config, [
+        {"name": "full", "overrides": [f"train.output_dir={full}"]},
+        {"name": "first", "overrides": [f"train.output_dir={parts}"], "stop_after_step": 2},
+        {"name": "rest", "overrides": [f"train.output_dir={parts}"], "resume": True},
+    ])
+    assert not results["first"]["finished"] and results["rest"]["finished"]
+    assert (parts / "checkpoints" / "latest_complete").read_text() == "step_4"
+    a, b = load_file(full / "final" / "model.safetensors"), load_file(parts / "final" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    steps = [line["step"] for line in metrics_lines(parts)]
+    assert steps == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_text_only_and_other_vision_families_train_under_zero3(tmp_path, tiny_pairs):
+    runs = []
+    for family, recipe in (("qwen3", "synthetic_text"), ("qwen2_5_vl", "synthetic_scenes"), ("qwen3_vl", "synthetic_scenes")):
+        config = write_config(tmp_path / f"{family}.yaml", tiny_pairs, family=family, recipe=recipe, train={"steps": 1})
+        runs.append((config, family))
+    for config, family in runs:  # one launch per family config
+        result = launch(tmp_path, config, [{"name": family, "overrides": [f"train.output_dir={tmp_path / family}"]}])
+        assert result[family]["finished"] and result[family]["teacher_unchanged"]
