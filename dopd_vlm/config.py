@@ -160,6 +160,9 @@ class TrainConfig:
         loss_chunk_size: Response tokens per LM-head chunk in the loss.
         log_every: Write metrics every N steps.
         wandb_project: Also log to Weights & Biases when set and wandb is installed.
+        max_bad_steps: Stop after this many consecutive steps with non-finite loss or gradients
+            (each such step is skipped, not applied).
+        collective_timeout_s: A collective that waits longer (e.g. a rank died) ends the run.
     """
 
     steps: int = 300
@@ -173,6 +176,8 @@ class TrainConfig:
     loss_chunk_size: int = 1024
     log_every: int = 1
     wandb_project: str = ""
+    max_bad_steps: int = 3
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -312,6 +317,8 @@ def validate(cfg: RunConfig) -> None:
         f"({t.prompts_per_micro_batch}); micro-batches must be equal for the loss mean to be exact",
     )
     _check(t.loss_chunk_size >= 1, "train.loss_chunk_size", "must be >= 1")
+    _check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+    _check(t.collective_timeout_s > 0, "train.collective_timeout_s", "must be > 0")
     _check(t.eval_every >= 0 and t.save_every >= 0, "train.eval_every", "cadences must be >= 0")
     _check(
         "{privileged}" in d.privileged_template and "{question}" in d.privileged_template,

@@ -42,7 +42,7 @@ from dopd_vlm.methods import SPECS, LossInputs, TokenStats, compute_loss, summar
 from dopd_vlm.models import load_model, load_processor, model_family, vision_special_token_ids
 from dopd_vlm.rollout import sample_responses
 from dopd_vlm.router import Thresholds, compute_thresholds, assign_regimes
-from dopd_vlm.scoring import ResponseTokens, output_head, response_hidden_states, token_logprobs
+from dopd_vlm.scoring import ResponseTokens, output_head, response_hidden_states, token_logprobs_and_lse
 
 log = logging.getLogger("dopd_vlm.train")
 
@@ -60,6 +60,7 @@ class Models:
     teacher: nn.Module | None
     collator: DualViewCollator
     vocab_size: int
+    optimizer: Any = None  # SkippableAdamW, or DeepSpeed's own (then a non-finite step stops the run)
     suppress_token_ids: list[int] = field(default_factory=list)
 
     @property
@@ -77,6 +78,8 @@ class ScoredMicroBatch:
     teacher_hidden: torch.Tensor | None = None
     teacher_logprobs: torch.Tensor | None = None
     privileged_logprobs: torch.Tensor | None = None
+    teacher_lse: torch.Tensor | None = None  # logsumexp of the target logits: top-K losses reuse it
+    privileged_lse: torch.Tensor | None = None
 
 
 def dopd_step(models: Models, micro_batches: Sequence[Sequence[Sample]], cfg: RunConfig, seeds: Sequence[int]) -> dict[str, float]:
@@ -102,15 +105,25 @@ def dopd_step(models: Models, micro_batches: Sequence[Sequence[Sample]], cfg: Ru
 
     stats: list[TokenStats] = []
     losses = []
-    for s in scored:
+    finite = True
+    for index, s in enumerate(scored):
         with timer("update"):
-            loss, token_stats = student_loss(models, s, cfg, thresholds)
-            models.student.backward(loss)
+            loss, token_stats, student_hidden = student_loss(models, s, cfg, thresholds)
+            loss_finite = all_ranks_true(bool(torch.isfinite(loss)))
+            finite &= loss_finite
+            # A non-finite loss still runs a (zero) backward so every rank keeps DeepSpeed's
+            # micro-step bookkeeping in lockstep; the optimizer step is then called off.
+            models.student.backward(loss if loss_finite else 0.0 * student_hidden.sum())
+            if index == len(scored) - 1:  # the accumulation boundary: decide before stepping
+                finite &= all_ranks_true(gradients_finite(models.student_module))
+                models.optimizer.skip_next_step = not finite
             models.student.step()
+            models.optimizer.skip_next_step = False
         losses.append(loss.item())
         stats.append(token_stats)
 
     metrics = {"loss": sum(losses) / len(losses), **summarize(stats), **timer.seconds()}
+    metrics["skipped_step"] = float(not finite)
     metrics["response_tokens"] = sum(s.tokens.token_ids.numel() for s in scored)
     metrics["response_length"] = metrics["response_tokens"] / sum(s.tokens.num_sequences for s in scored)
     if thresholds is not None:
@@ -163,11 +176,15 @@ def score_targets(models: Models, views: ScoringViews, cfg: RunConfig) -> Scored
     if views.privileged_student is not None:
         scored.privileged_hidden = _hidden(student, views.privileged_student, views.response_mask, device)
         head = output_head(student, models.vocab_size)
-        scored.privileged_logprobs = token_logprobs(scored.privileged_hidden, head, tokens.token_ids, chunk)
+        scored.privileged_logprobs, scored.privileged_lse = token_logprobs_and_lse(
+            scored.privileged_hidden, head, tokens.token_ids, chunk
+        )
     if views.teacher is not None:
         scored.teacher_hidden = _hidden(models.teacher, views.teacher, views.response_mask, device)
         head = output_head(models.teacher, models.vocab_size)
-        scored.teacher_logprobs = token_logprobs(scored.teacher_hidden, head, tokens.token_ids, chunk)
+        scored.teacher_logprobs, scored.teacher_lse = token_logprobs_and_lse(
+            scored.teacher_hidden, head, tokens.token_ids, chunk
+        )
     return scored
 
 
@@ -187,8 +204,52 @@ def student_loss(models: Models, scored: ScoredMicroBatch, cfg: RunConfig, thres
         teacher_hidden=scored.teacher_hidden,
         teacher_head=output_head(models.teacher, models.vocab_size) if models.teacher is not None else None,
         regimes=regimes,
+        privileged_lse=scored.privileged_lse,
+        teacher_lse=scored.teacher_lse,
     )
-    return compute_loss(cfg.method, inputs, cfg.train.loss_chunk_size)
+    loss, stats = compute_loss(cfg.method, inputs, cfg.train.loss_chunk_size)
+    return loss, stats, inputs.student_hidden
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose next update can be called off (a step with non-finite loss or gradients).
+
+    DeepSpeed's ZeRO optimizers only skip steps on fp16 overflow; with bf16/fp32 a NaN gradient
+    would be applied. The trainer decides on every rank alike, then sets `skip_next_step`.
+    """
+
+    skip_next_step = False
+
+    def step(self, closure=None):
+        if self.skip_next_step:
+            return None
+        return super().step(closure)
+
+
+def gradients_finite(module: nn.Module) -> bool:
+    """Whether this rank's (partition of the) accumulated gradients is finite; call at the boundary."""
+    from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
+
+    for param in module.parameters():
+        if not param.requires_grad:
+            continue
+        grad = safe_get_local_grad(param) if hasattr(param, "ds_id") else safe_get_full_grad(param)
+        if grad is not None and not bool(torch.isfinite(grad).all()):
+            return False
+    return True
+
+
+def all_ranks_true(flag: bool) -> bool:
+    """Logical AND of `flag` over all ranks (so every rank takes the same branch)."""
+    if _world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _hidden(model: nn.Module, view, response_mask: torch.Tensor, device) -> torch.Tensor:
@@ -248,7 +309,7 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after_step: int | None =
     # DeepSpeed calls torch.distributed's renamed collectives on every step
     warnings.filterwarnings("ignore", message=r".*is deprecated. Please use `torch.distributed", category=FutureWarning)
 
-    init_distributed()
+    init_distributed(cfg.train.collective_timeout_s)
     rank, world = _rank(), _world_size()
     out = Path(cfg.train.output_dir)
     check_output_dir(out)
@@ -289,7 +350,8 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after_step: int | None =
     # DeepSpeed build it; otherwise torch's AdamW, which needs no JIT-compiled op.
     optimizer = None
     if "optimizer" not in ds_config:
-        optimizer = torch.optim.AdamW(
+        ds_config["zero_allow_untested_optimizer"] = True  # an AdamW subclass; DeepSpeed checks exact types
+        optimizer = SkippableAdamW(
             student.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
         )
     engine, _, _, scheduler = deepspeed.initialize(
@@ -303,7 +365,8 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after_step: int | None =
         teacher = teacher_engine.module
         teacher.eval()
     engine.train()
-    models = Models(engine, teacher, collator, vocab_size, vision_special_token_ids(collator.tokenizer))
+    models = Models(engine, teacher, collator, vocab_size, optimizer or _Unskippable(),
+                    vision_special_token_ids(collator.tokenizer))
 
     start_step = 0
     if resume:
@@ -317,10 +380,24 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after_step: int | None =
     progress = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps,
                     disable=rank != 0, desc=f"{cfg.method.name}", unit="step")
     metrics: dict[str, Any] = {}
+    bad_steps = skipped_total = 0
     for step in progress:
         micro_batches, seeds = step_batches(data, cfg, step, rank, world)
         started = time.perf_counter()
         metrics = reduce_metrics(dopd_step(models, micro_batches, cfg, seeds))
+        bad_steps = bad_steps + 1 if metrics["skipped_step"] else 0
+        skipped_total += int(metrics["skipped_step"])
+        metrics["skipped_steps_total"] = skipped_total
+        if bad_steps:
+            log.warning("step %d: non-finite loss or gradients, update skipped (%d in a row)", step + 1, bad_steps)
+        if bad_steps >= cfg.train.max_bad_steps:
+            logger.write(step + 1, metrics)
+            logger.close()
+            raise NonFiniteTraining(
+                f"{bad_steps} consecutive steps had non-finite loss or gradients (last: step {step + 1}); "
+                f"weights are those of step {step + 1 - bad_steps}; last complete checkpoint: "
+                f"{_latest_tag(out) or 'none'} under {out / 'checkpoints'}"
+            )
         metrics["lr"] = scheduler.get_last_lr()[0]
         metrics["step_time"] = time.perf_counter() - started
         metrics["tokens_per_second"] = metrics["response_tokens"] / metrics["step_time"]
@@ -427,9 +504,9 @@ def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
     if _world_size() == 1:
         return metrics
     keys = sorted(metrics)
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(values)
-    reduced = {k: v / _world_size() for k, v in zip(keys, values.tolist())}
+    reduced = {k: v / _world_size() for k, v in zip(keys, values.cpu().tolist())}
     reduced["response_tokens"] = reduced["response_tokens"] * _world_size()
     return reduced
 
@@ -439,9 +516,14 @@ def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def init_distributed() -> None:
-    """Join the process group the launcher describes (torchrun / deepspeed), or a 1-process one."""
+def init_distributed(timeout_s: float = 1800.0) -> None:
+    """Join the process group the launcher describes (torchrun / deepspeed), or a 1-process one.
+
+    Collectives time out after `timeout_s`: a rank that dies mid-run ends the others with an
+    error instead of leaving them blocked forever.
+    """
     import deepspeed
+    from datetime import timedelta
 
     if dist.is_initialized():
         return
@@ -449,15 +531,9 @@ def init_distributed() -> None:
         os.environ.setdefault(key, default)
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=_collective_timeout())
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-
-
-def _collective_timeout():
-    from datetime import timedelta
-
-    return timedelta(seconds=float(os.environ.get("DOPD_COLLECTIVE_TIMEOUT_S", "1800")))
 
 
 def _free_port() -> int:
@@ -527,17 +603,35 @@ def _configure_logging(rank: int) -> None:
 LATEST = "latest_complete"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (e.g. disk full); the previous one is intact."""
+
+
 def save_checkpoint(engine, out: Path, step: int) -> None:
     """Save step `step`; `latest_complete` moves to it only once every rank has finished.
 
     DeepSpeed writes the tag directory; the pointer file is replaced atomically afterwards, so
     a crash mid-save leaves the previous pointer, which still names a complete checkpoint.
+    Older checkpoints are deleted only after the pointer has moved. A failed write (disk
+    full, ...) removes the partial directory and raises CheckpointError on every rank.
     """
     checkpoints = out / "checkpoints"
     tag = f"step_{step}"
-    engine.save_checkpoint(str(checkpoints), tag=tag, client_state={"step": step}, save_latest=False)
-    if dist.is_initialized():
-        dist.barrier()
+    failure = None
+    try:
+        engine.save_checkpoint(str(checkpoints), tag=tag, client_state={"step": step}, save_latest=False)
+    except OSError as err:
+        failure = err
+    if not all_ranks_true(failure is None):
+        if _rank() == 0:
+            shutil.rmtree(checkpoints / tag, ignore_errors=True)
+        _barrier()
+        reason = f"{failure.strerror or failure}" if failure is not None else "failed on another rank"
+        raise CheckpointError(
+            f"writing checkpoint {checkpoints / tag} failed: {reason}; the previous complete checkpoint "
+            f"({_latest_tag(out) or 'none'}) is intact"
+        )
+    _barrier()
     if _rank() == 0:
         tmp = checkpoints / f".{LATEST}.tmp"
         tmp.write_text(tag)
@@ -545,8 +639,38 @@ def save_checkpoint(engine, out: Path, step: int) -> None:
         for old in checkpoints.glob("step_*"):
             if old.name != tag and old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+
+
+def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many consecutive steps with non-finite loss or gradients (train.max_bad_steps)."""
+
+
+class _Unskippable:
+    """Stands in for SkippableAdamW when DeepSpeed builds the optimizer: it cannot skip a step,
+    so one non-finite step must stop the run before it is applied."""
+
+    @property
+    def skip_next_step(self) -> bool:
+        return False
+
+    @skip_next_step.setter
+    def skip_next_step(self, skip: bool) -> None:
+        if skip:
+            raise NonFiniteTraining(
+                "non-finite loss or gradients with a DeepSpeed-built optimizer (the JSON's 'optimizer' "
+                "section), which cannot skip a step; the step was not applied"
+            )
+
+
+def _latest_tag(out: Path) -> str | None:
+    pointer = out / "checkpoints" / LATEST
+    return pointer.read_text().strip() if pointer.is_file() else None
 
 
 def load_latest_checkpoint(engine, out: Path) -> int:

@@ -1,12 +1,24 @@
 """Runs `dopd_vlm.train.train` for a list of runs inside one (torchrun-launched) process group.
 
 Usage: torchrun --nproc_per_node N tests/helpers/train_driver.py SPEC.json RESULT.json
-SPEC: {"config": path, "runs": [{"name", "overrides": [...], "resume": bool, "stop_after_step": int|null}]}
-RESULT (rank 0): {name: {"metrics": {...}, "teacher_unchanged": bool, "finished": bool}}
+SPEC: {"config": path, "runs": [{"name", "overrides": [...], "resume": bool, "stop_after_step": int|null,
+                                 "fault": {...} | absent}]}
+RESULT (rank 0): {name: {"metrics": {...}, "teacher_unchanged": bool, "finished": bool, "error": str|null}}
 Several runs share one process start-up (torch + DeepSpeed imports dominate on CPU).
+
+Faults are injected by patching this process only (the product code has no test hooks):
+  {"nan_loss_steps": [k, ...]}        the loss of step k is NaN on every rank
+  {"nan_grad_steps": [k, ...]}        the loss is finite but the gradients of step k are NaN
+  {"kill_at_step": k, "rank": r}      rank r is SIGKILLed when step k starts
+  {"kill_saving_step": k}             SIGKILL in the middle of writing checkpoint step_k
+  {"disk_full_saving_step": k}        writing checkpoint step_k fails with ENOSPC on every rank
+  {"exit_rank_at_step": k, "rank": r} rank r exits (crash) when step k starts
 """
 
+import errno
 import json
+import os
+import signal
 import sys
 
 import dopd_vlm  # noqa: F401  (before transformers)
@@ -16,7 +28,8 @@ import torch.distributed as dist
 from dopd_vlm.config import load_config
 from dopd_vlm.models import load_model
 from dopd_vlm.rollout import gathered_parameters
-from dopd_vlm.train import train
+import dopd_vlm.train as train_module
+from dopd_vlm.train import NonFiniteTraining, train
 
 
 def teacher_unchanged(teacher, path) -> bool:
@@ -25,14 +38,56 @@ def teacher_unchanged(teacher, path) -> bool:
         return all(torch.equal(p.detach().cpu(), reference[name]) for name, p in teacher.named_parameters())
 
 
+def inject(fault: dict) -> None:
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    current = {"step": 0}
+    real_step, real_loss, real_save = train_module.dopd_step, train_module.compute_loss, torch.save
+
+    def dopd_step(models, micro_batches, cfg, seeds):
+        current["step"] += 1
+        step = current["step"]
+        if fault.get("kill_at_step") == step and fault.get("rank", 0) == rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if fault.get("exit_rank_at_step") == step and fault.get("rank", 0) == rank:
+            os._exit(17)
+        return real_step(models, micro_batches, cfg, seeds)
+
+    def compute_loss(cfg, inputs, chunk_size):
+        loss, stats = real_loss(cfg, inputs, chunk_size)
+        if current["step"] in fault.get("nan_loss_steps", ()):
+            loss = loss * float("nan")
+        if current["step"] in fault.get("nan_grad_steps", ()):
+            inputs.student_hidden.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+        return loss, stats
+
+    def save(obj, path, *args, **kwargs):
+        tag = f"step_{fault.get('kill_saving_step', fault.get('disk_full_saving_step'))}"
+        if tag in str(path):
+            if "kill_saving_step" in fault:
+                with open(path, "wb") as partial:
+                    partial.write(b"half a checkpoint")
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    train_module.dopd_step, train_module.compute_loss, torch.save = dopd_step, compute_loss, save
+
+
 def main(spec_path: str, result_path: str) -> None:
     spec = json.load(open(spec_path))
     results = {}
     for run in spec["runs"]:
         cfg = load_config(spec["config"], run["overrides"])
-        result = train(cfg, resume=run.get("resume", False), stop_after_step=run.get("stop_after_step"))
+        if "fault" in run:
+            inject(run["fault"])
+        try:
+            result = train(cfg, resume=run.get("resume", False), stop_after_step=run.get("stop_after_step"))
+        except (NonFiniteTraining, train_module.CheckpointError) as err:
+            results[run["name"]] = {"error": f"{type(err).__name__}: {err}", "finished": False}
+            continue
         unchanged = teacher_unchanged(result.teacher, cfg.model.teacher) if result.teacher is not None else None
-        results[run["name"]] = {"metrics": result.metrics, "teacher_unchanged": unchanged, "finished": result.finished}
+        results[run["name"]] = {"metrics": result.metrics, "teacher_unchanged": unchanged,
+                                "finished": result.finished, "error": None}
     if not dist.is_initialized() or dist.get_rank() == 0:
         json.dump(results, open(result_path, "w"), indent=1)
 

@@ -1,0 +1,120 @@
+"""Faults during real 2-rank ZeRO-3 runs: NaNs, kill -9 (training and checkpoint write), disk
+full, a dying rank. Every recovery must end with exactly the weights of an uninterrupted run.
+
+Faults are injected by tests/helpers/train_driver.py, which patches its own process only.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_train import DRIVER, REPO, launch, metrics_lines, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def launch_expecting_failure(tmp_path, config, runs, timeout=300):
+    spec = tmp_path / "spec_fail.json"
+    spec.write_text(json.dumps({"config": str(config), "runs": runs}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(DRIVER), str(spec), str(tmp_path / "unused.json")]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode != 0, "the faulty run should have failed"
+    return proc, time.monotonic() - started
+
+
+def final_weights(run_dir):
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_pairs):
+    root = tmp_path_factory.mktemp("faults")
+    config = write_config(root / "c.yaml", tiny_pairs, train={"steps": 4, "save_every": 1, "collective_timeout_s": 60})
+    launch(root, config, [
+        {"name": "reference", "overrides": [f"train.output_dir={root / 'reference'}"]},
+        {"name": "one_step", "overrides": [f"train.output_dir={root / 'one_step'}", "train.steps=1"]},
+    ])
+    return root, config
+
+
+def test_nan_loss_or_gradients_skip_the_step_and_training_goes_on(setup, tmp_path):
+    root, config = setup
+    results = launch(tmp_path, config, [
+        {"name": "nan_loss", "overrides": [f"train.output_dir={tmp_path / 'nan_loss'}", "train.steps=2"],
+         "fault": {"nan_loss_steps": [2]}},
+        {"name": "nan_grad", "overrides": [f"train.output_dir={tmp_path / 'nan_grad'}", "train.steps=2"],
+         "fault": {"nan_grad_steps": [2]}},
+    ])
+    for name in ("nan_loss", "nan_grad"):
+        assert results[name]["finished"], results[name]
+        lines = metrics_lines(tmp_path / name)
+        assert [line["skipped_step"] for line in lines[1:]] == [0.0, 1.0]
+        assert lines[-1]["skipped_steps_total"] == 1
+        # step 2 was not applied: the weights are those after step 1 (the lr of step 1 does not
+        # depend on the run length: cosine starts at its peak)
+        assert_same_weights(final_weights(tmp_path / name), final_weights(root / "one_step"))
+
+
+def test_consecutive_bad_steps_stop_the_run_and_the_last_checkpoint_resumes(setup, tmp_path):
+    root, config = setup
+    run = tmp_path / "bad"
+    results = launch(tmp_path, config, [
+        {"name": "bad", "overrides": [f"train.output_dir={run}", "train.max_bad_steps=2"],
+         "fault": {"nan_loss_steps": [2, 3, 4]}},
+    ])
+    assert "2 consecutive steps had non-finite" in results["bad"]["error"]
+    assert (run / "checkpoints" / "latest_complete").read_text() == "step_2"
+    # resuming from the last good checkpoint works; step 2 was skipped there, so the run now
+    # differs from the reference only by that skipped step: it must finish and export
+    resumed = launch(tmp_path, config, [{"name": "resume", "overrides": [f"train.output_dir={run}"], "resume": True}])
+    assert resumed["resume"]["finished"]
+    assert (run / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("fault", [{"kill_at_step": 3, "rank": 1}, {"kill_saving_step": 3}],
+                         ids=["kill-9-while-training", "kill-9-while-saving"])
+def test_kill_9_then_resume_ends_with_uninterrupted_weights(setup, tmp_path, fault):
+    root, config = setup
+    run = tmp_path / "killed"
+    launch_expecting_failure(tmp_path, config, [{"name": "k", "overrides": [f"train.output_dir={run}"], "fault": fault}])
+    assert (run / "checkpoints" / "latest_complete").read_text() == "step_2"
+    launch(tmp_path, config, [{"name": "resume", "overrides": [f"train.output_dir={run}"], "resume": True}])
+    assert_same_weights(final_weights(run), final_weights(root / "reference"))
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(setup, tmp_path):
+    root, config = setup
+    run = tmp_path / "full"
+    results = launch(tmp_path, config, [
+        {"name": "full", "overrides": [f"train.output_dir={run}"], "fault": {"disk_full_saving_step": 3}},
+    ])
+    assert "No space left on device" in results["full"]["error"] and "step_2" in results["full"]["error"]
+    assert (run / "checkpoints" / "latest_complete").read_text() == "step_2"
+    assert not (run / "checkpoints" / "step_3").exists()
+    launch(tmp_path, config, [{"name": "resume", "overrides": [f"train.output_dir={run}"], "resume": True}])
+    assert_same_weights(final_weights(run), final_weights(root / "reference"))
+
+
+def test_a_dying_rank_ends_the_whole_run_instead_of_hanging(setup, tmp_path):
+    _, config = setup
+    proc, seconds = launch_expecting_failure(
+        tmp_path, config,
+        [{"name": "dies", "overrides": [f"train.output_dir={tmp_path / 'dies'}"], "fault": {"exit_rank_at_step": 2, "rank": 1}}],
+    )
+    assert seconds < 240
+    assert "exitcode" in proc.stderr and "17" in proc.stderr
