@@ -122,10 +122,13 @@ def dopd_step(models: Models, micro_batches: Sequence[Sequence[Sample]], cfg: Ru
         losses.append(loss.item())
         stats.append(token_stats)
 
-    metrics = {"loss": sum(losses) / len(losses), **summarize(stats), **timer.seconds()}
-    metrics["skipped_step"] = float(not finite)
-    metrics["response_tokens"] = sum(s.tokens.token_ids.numel() for s in scored)
-    metrics["response_length"] = metrics["response_tokens"] / sum(s.tokens.num_sequences for s in scored)
+    # Step metrics over all ranks: token-level means from every rank's tokens, sums of counts.
+    loss_sum, tokens, sequences = all_ranks_sum(
+        [sum(losses), sum(s.tokens.token_ids.numel() for s in scored), sum(s.tokens.num_sequences for s in scored)]
+    )
+    metrics = {"loss": loss_sum / (len(losses) * _world_size()), **summarize(all_ranks_stats(stats))}
+    metrics.update(timer.seconds(), skipped_step=float(not finite), response_tokens=tokens,
+                   response_length=tokens / sequences)
     if thresholds is not None:
         metrics.update(threshold_gap=thresholds.gap, threshold_prob_sum=thresholds.prob_sum)
     return metrics
@@ -246,6 +249,25 @@ def all_ranks_true(flag: bool) -> bool:
     value = torch.tensor([int(flag)], device=_collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+def all_ranks_sum(values: list[float]) -> list[float]:
+    if _world_size() == 1:
+        return [float(v) for v in values]
+    tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(tensor)
+    return tensor.cpu().tolist()
+
+
+def all_ranks_stats(stats: list[TokenStats]) -> list[TokenStats]:
+    """Every rank's per-token stats (small: a few floats per token), for exact global means."""
+    if _world_size() == 1:
+        return stats
+    local = [TokenStats(*(t.cpu() if t is not None else None for t in (s.loss, s.entropy, s.kl_to_teacher, s.regimes)))
+             for s in stats]
+    gathered: list[list[TokenStats]] = [None] * _world_size()  # type: ignore[list-item]
+    dist.all_gather_object(gathered, local)
+    return [s for rank_stats in gathered for s in rank_stats]
 
 
 def _collective_device() -> torch.device:
@@ -384,7 +406,7 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after_step: int | None =
     for step in progress:
         micro_batches, seeds = step_batches(data, cfg, step, rank, world)
         started = time.perf_counter()
-        metrics = reduce_metrics(dopd_step(models, micro_batches, cfg, seeds))
+        metrics = dopd_step(models, micro_batches, cfg, seeds)
         bad_steps = bad_steps + 1 if metrics["skipped_step"] else 0
         skipped_total += int(metrics["skipped_step"])
         metrics["skipped_steps_total"] = skipped_total
@@ -479,36 +501,32 @@ def lr_factor(step: int, cfg: RunConfig) -> float:
 
 
 def baseline_accuracies(models: Models, eval_sets, cfg: RunConfig) -> dict[str, float]:
-    """The initial student's and the teacher's accuracy, once, so a run reports the gap it closed."""
+    """The initial student's and the teacher's accuracy, once, so a run reports the gap it closed.
+
+    The teacher is scored on the plain input (what the gap is measured against) and with p.
+    """
     metrics = accuracies(models, eval_sets, cfg, prefix="student")
     if models.teacher is not None:
-        metrics.update(accuracies(models, eval_sets, cfg, prefix="teacher", model=models.teacher))
-        metrics.update(accuracies(models, eval_sets, cfg, prefix="teacher_privileged", model=models.teacher, privileged=True))
+        collator = models.collator
+        teacher_view = DualViewCollator(collator.teacher_processor, privileged_template=collator.privileged_template)
+        for prefix, privileged in (("teacher", False), ("teacher_privileged", True)):
+            metrics.update(accuracies(models, eval_sets, cfg, prefix=prefix, model=models.teacher,
+                                      collator=teacher_view, privileged=privileged))
     return metrics
 
 
-def accuracies(models: Models, eval_sets, cfg: RunConfig, *, prefix: str, model=None, privileged=False) -> dict[str, float]:
+def accuracies(models: Models, eval_sets, cfg: RunConfig, *, prefix: str, model=None, collator=None,
+               privileged=False) -> dict[str, float]:
+    """Greedy exact-match accuracy per eval split (the student's by default)."""
     model = model if model is not None else models.student_module
     batch = cfg.train.prompts_per_micro_batch * cfg.rollout.num_rollouts
     return {
         f"{prefix}/{split}": evaluate_accuracy(
-            model, models.collator, samples, max_new_tokens=cfg.rollout.max_new_tokens, batch_size=batch,
-            privileged=privileged, suppress_token_ids=models.suppress_token_ids,
+            model, collator or models.collator, samples, max_new_tokens=cfg.rollout.max_new_tokens,
+            batch_size=batch, privileged=privileged, suppress_token_ids=models.suppress_token_ids,
         ).accuracy
         for split, samples in eval_sets.items()
     }
-
-
-def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """Average per-rank step metrics over ranks (token counts are summed)."""
-    if _world_size() == 1:
-        return metrics
-    keys = sorted(metrics)
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(values)
-    reduced = {k: v / _world_size() for k, v in zip(keys, values.cpu().tolist())}
-    reduced["response_tokens"] = reduced["response_tokens"] * _world_size()
-    return reduced
 
 
 # --------------------------------------------------------------------------------------------
