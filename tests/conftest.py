@@ -11,6 +11,9 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is first imported
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from intra-op threads, and on 2 shared cores contention makes them
+# 10-100x slower; subprocesses (torchrun ranks, notebook kernels) inherit this too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
 
