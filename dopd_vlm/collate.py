@@ -12,14 +12,19 @@ Only this module knows chat templates, padding and multimodal token bookkeeping.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
-from dopd_vlm.data.schema import Sample
+from dopd_vlm import image_cache
+from dopd_vlm.data.schema import IMAGE_PLACEHOLDER, Sample
 
 TEXT_TOKEN_TYPE = 0  # mm_token_type_ids: 0 text, 1 image, 2 video
+DEFAULT_MAX_PRIVILEGED_TOKENS = 1024  # the default of config key data.max_privileged_tokens
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,15 +58,38 @@ class DualViewCollator:
         teacher_processor: The teacher's; must share the tokenizer (checked by
             `check_shared_vocab`). Defaults to the student's.
         privileged_template: Joins the privileged text and the question in privileged views.
+        max_privileged_tokens: Longer privileged texts are cut to their first this-many tokens
+            in the privileged views (0 = no limit). Only p is ever cut, never the question or
+            the response. `truncated_privileged` counts the samples cut; the first is logged as
+            a warning naming its id, later ones at debug level.
+
+    A question with one `<image>` placeholder per image gets each image at its placeholder;
+    without placeholders the images come before the text.
     """
 
-    def __init__(self, processor: Any, teacher_processor: Any = None, *, privileged_template: str):
+    def __init__(
+        self,
+        processor: Any,
+        teacher_processor: Any = None,
+        *,
+        privileged_template: str,
+        max_privileged_tokens: int = DEFAULT_MAX_PRIVILEGED_TOKENS,
+    ):
+        if isinstance(max_privileged_tokens, bool) or not isinstance(max_privileged_tokens, int) or max_privileged_tokens < 0:
+            raise ValueError(f"max_privileged_tokens must be an integer >= 0, got {max_privileged_tokens!r}")
         self.processor = processor
         self.teacher_processor = teacher_processor or processor
         self.privileged_template = privileged_template
+        self.max_privileged_tokens = max_privileged_tokens
         self.tokenizer = getattr(processor, "tokenizer", processor)
         if self.tokenizer.pad_token_id is None:
             raise ValueError("the student tokenizer has no pad token; set one in its config")
+        self._truncated_ids: set[str] = set()
+
+    @property
+    def truncated_privileged(self) -> int:
+        """How many distinct samples (by id) had their privileged text truncated so far."""
+        return len(self._truncated_ids)
 
     # -- prompts -------------------------------------------------------------------------
     def prompt_text(self, sample: Sample, privileged: bool, processor: Any = None) -> str:
@@ -69,14 +97,33 @@ class DualViewCollator:
         processor = processor or self.processor
         text = sample.question
         if privileged:
-            text = self.privileged_template.format(privileged=sample.privileged, question=text)
-        if sample.images:
-            content: Any = [{"type": "image"} for _ in sample.images]
-            content.append({"type": "text", "text": text})
-        else:
-            content = text
+            text = self.privileged_template.format(privileged=self.privileged_text(sample), question=text)
+        content: Any = text
+        if sample.images or IMAGE_PLACEHOLDER in sample.question:
+            content = _image_content(sample, text)
         messages = [{"role": "user", "content": content}]
         return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def privileged_text(self, sample: Sample) -> str:
+        """`sample.privileged`, cut to `max_privileged_tokens` tokens (see the class docstring)."""
+        limit, text = self.max_privileged_tokens, sample.privileged
+        if not limit or not text:
+            return text
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= limit:
+            return text
+        if sample.id not in self._truncated_ids:
+            self._truncated_ids.add(sample.id)
+            first = len(self._truncated_ids) == 1
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "sample %r: privileged text has %d tokens, truncated to the first %d "
+                "(data.max_privileged_tokens)%s",
+                sample.id, len(ids), limit,
+                "; later truncations are counted in truncated_privileged, not logged" if first else "",
+            )
+        # A cut inside a multi-byte character decodes to U+FFFD; drop that partial character.
+        return self.tokenizer.decode(ids[:limit]).rstrip("\ufffd")
 
     def _encode(self, samples: Sequence[Sample], privileged: bool, processor: Any, padding_side: str):
         texts = [self.prompt_text(s, privileged, processor) for s in samples]
@@ -89,7 +136,8 @@ class DualViewCollator:
             )
         kwargs: dict[str, Any] = dict(return_tensors="pt", padding=True, padding_side=padding_side)
         if images:
-            return dict(processor(text=texts, images=images, **kwargs))
+            with image_cache.reuse(processor):  # each distinct image is preprocessed once
+                return dict(processor(text=texts, images=images, **kwargs))
         if hasattr(processor, "image_processor"):
             return dict(processor(text=texts, **kwargs))
         return dict(processor(texts, **kwargs))
@@ -135,6 +183,33 @@ class DualViewCollator:
             privileged_student=view(True, self.processor) if privileged_student else None,
             teacher=view(teacher_privileged, self.teacher_processor) if teacher else None,
         )
+
+
+def _image_content(sample: Sample, text: str) -> list[dict[str, str]]:
+    """User-turn content: the images at the question's `<image>` placeholders (one per image),
+    or, without placeholders, all images before the text."""
+    placeholders = sample.question.count(IMAGE_PLACEHOLDER)
+    images = len(sample.images)
+    if not placeholders:
+        return [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": text}]
+    if placeholders != images:
+        raise ValueError(
+            f"sample {sample.id!r}: the question has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
+            f"for {images} image(s); use one per image, or none to put the images first"
+        )
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    if len(pieces) - 1 != images:
+        raise ValueError(
+            f"sample {sample.id!r}: the privileged text or data.privileged_template contains "
+            f"{IMAGE_PLACEHOLDER}; only the question may hold placeholders"
+        )
+    content = []
+    for index, piece in enumerate(pieces):
+        if index:
+            content.append({"type": "image"})
+        if piece:
+            content.append({"type": "text", "text": piece})
+    return content
 
 
 def _prefix_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
@@ -208,8 +283,9 @@ def check_shared_vocab(teacher_tokenizer: Any, student_tokenizer: Any, teacher_v
         t, s = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
         diff = sorted(set(t.items()) ^ set(s.items()), key=lambda kv: kv[1])[:3]
         raise ValueError(
-            f"teacher and student tokenizers differ ({len(t)} vs {len(s)} tokens; first differences "
-            f"{diff}); DOPD needs one shared tokenizer"
+            f"teacher and student tokenizers differ (model.teacher has {len(t)} tokens, model.student "
+            f"{len(s)}; first differences {diff}); DOPD needs one shared tokenizer: pick a teacher and "
+            "student of the same model family and tokenizer"
         )
     used = len(student_tokenizer)
     common = min(teacher_vocab, student_vocab)

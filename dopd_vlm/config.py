@@ -60,6 +60,8 @@ class DataConfig:
         privileged_template: How the privileged text p joins the question in the user turn of the
             privileged views; must contain `{privileged}` and `{question}`.
         skip_bad_rows: Skip (count and log) rows that fail validation instead of stopping.
+        max_privileged_tokens: Privileged texts longer than this many tokens are truncated (p
+            only, never the question or the response), counted and logged (0 = no limit).
     """
 
     recipe: str = "synthetic_scenes"
@@ -68,6 +70,7 @@ class DataConfig:
     max_eval_samples: int = 0
     privileged_template: str = "Boxes:\n{privileged}\n{question}"
     skip_bad_rows: bool = False
+    max_privileged_tokens: int = 1024
 
 
 @dataclass
@@ -201,9 +204,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {_one_line(err)}") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     for override in overrides:
@@ -325,6 +330,10 @@ def validate(cfg: RunConfig) -> None:
         "data.privileged_template",
         "must contain {privileged} and {question}",
     )
+    _check("<image>" not in d.privileged_template, "data.privileged_template",
+           "must not contain <image> (image placeholders belong in the questions)")
+    _check(d.max_privileged_tokens >= 0, "data.max_privileged_tokens", "must be >= 0 (0 = no limit)")
+    _check(d.max_eval_samples >= 0, "data.max_eval_samples", "must be >= 0 (0 = the whole split)")
     _check(bool(t.output_dir), "train.output_dir", "is required")
 
 
@@ -339,9 +348,12 @@ def load_deepspeed_config(
     if not path.is_file():
         raise ConfigError(f"config key 'train.deepspeed': file not found: {path}")
     try:
-        ds = json.loads(path.read_text())
+        ds = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: invalid DeepSpeed JSON: {err}") from err
+        raise ConfigError(f"{path}: invalid DeepSpeed JSON: {_one_line(err)}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: invalid DeepSpeed JSON: not UTF-8 (offset {err.start})") from None
+    _check_deepspeed_sections(ds, path)
     t = cfg.train
     if t.prompts_per_step % (t.prompts_per_micro_batch * world_size):
         raise ConfigError(
@@ -373,10 +385,33 @@ def load_deepspeed_config(
     bf16 = ds.setdefault("bf16", {})
     if bf16.get("enabled", "auto") == "auto":
         bf16["enabled"] = bf16_enabled
+    if bf16["enabled"] is True and ds.get("fp16", {}).get("enabled") is True:
+        raise ConfigError(f"{path}: 'fp16.enabled' and 'bf16.enabled' are both on (bf16 from model.dtype); enable one")
     for key, value in ds.get("zero_optimization", {}).items():
         if value == "auto":
             raise ConfigError(f"{path}: 'zero_optimization.{key}': auto is not supported here")
     return ds
+
+
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def _check_deepspeed_sections(ds: Any, path: Path) -> None:
+    """Shape checks DeepSpeed itself would only make (with a long traceback) after the models
+    are loaded: object sections, a known ZeRO stage, no scheduler of its own."""
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: a DeepSpeed config must be a JSON object, got {type(ds).__name__}")
+    for section in ("zero_optimization", "bf16", "fp16", "optimizer", "scheduler"):
+        if section in ds and not isinstance(ds[section], dict):
+            raise ConfigError(f"{path}: '{section}' must be a JSON object, got {json.dumps(ds[section])}")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage not in ZERO_STAGES:
+        raise ConfigError(
+            f"{path}: 'zero_optimization.stage' is {json.dumps(stage)}; known ZeRO stages: "
+            f"{', '.join(map(str, ZERO_STAGES))}"
+        )
+    if "scheduler" in ds:
+        raise ConfigError(f"{path}: 'scheduler': remove it; the learning-rate schedule comes from the run config (optim.*)")
 
 
 def _one_line(err: Exception) -> str:

@@ -74,9 +74,10 @@ _FAMILY_CLASSES = {
 # --------------------------------------------------------------------------------------------
 
 
-def _unsupported(model_type: object) -> ValueError:
+def _unsupported(model_type: object, checkpoint: object = None) -> ValueError:
+    where = "" if checkpoint is None else f"checkpoint {os.fspath(checkpoint)}: "
     return ValueError(
-        f"Unsupported model family {model_type!r}: dopd_vlm supports {', '.join(FAMILIES)} "
+        f"{where}Unsupported model family {model_type!r}: dopd_vlm supports {', '.join(FAMILIES)} "
         "(config.model_type of Qwen2-VL, Qwen2.5-VL, Qwen3-VL and text-only Qwen3 checkpoints)."
     )
 
@@ -92,16 +93,40 @@ def model_family(model_or_config: PreTrainedModel | PreTrainedConfig | str | os.
     """The dopd_vlm family (= `config.model_type`) of a model, a config or a checkpoint path.
 
     Raises ValueError naming the model_type and the supported families otherwise, so a wrong
-    checkpoint fails at load time instead of deep inside a forward pass.
+    checkpoint fails at load time instead of deep inside a forward pass; for a path, also when
+    its config cannot be read (one line naming the path).
     """
     obj = model_or_config
+    checkpoint = None
     if isinstance(obj, (str, os.PathLike)):
-        obj = AutoConfig.from_pretrained(obj)
+        checkpoint = obj
+        obj = _read_config(obj)
     config = getattr(obj, "config", obj)
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
-        raise _unsupported(model_type)
+        raise _unsupported(model_type, checkpoint)
     return model_type
+
+
+def _read_config(checkpoint: str | os.PathLike) -> PreTrainedConfig:
+    """AutoConfig of a local folder or Hub id; transformers' multi-line errors become one line."""
+    try:
+        return AutoConfig.from_pretrained(checkpoint)
+    except Exception as error:  # OSError, ValueError, JSON errors: all mean "unusable checkpoint"
+        path = Path(checkpoint)
+        config_file = path / "config.json"
+        if config_file.is_file():
+            try:
+                model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+            except (ValueError, AttributeError):
+                raise ValueError(f"checkpoint {path}: config.json is not a valid JSON object") from None
+            if model_type not in FAMILIES:  # e.g. an architecture this transformers does not know
+                raise _unsupported(model_type, checkpoint) from None
+        elif path.is_dir():
+            raise ValueError(f"checkpoint {path}: no config.json in this folder") from None
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        where = "no such local folder, and not loadable as a Hub id" if not path.exists() else "cannot read its config"
+        raise ValueError(f"checkpoint {os.fspath(checkpoint)}: {where} ({first_line})") from None
 
 
 def is_vision_family(family: str) -> bool:
@@ -119,8 +144,9 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = Non
     Vision-language configs go through AutoModelForImageTextToText, text-only ones through
     AutoModelForCausalLM. `dtype=None` keeps the dtype stored in the checkpoint.
     """
+    family = model_family(path)  # a missing or unsupported checkpoint: one clear line
     config = AutoConfig.from_pretrained(path)
-    auto_cls = AutoModelForImageTextToText if is_vision_family(model_family(config)) else AutoModelForCausalLM
+    auto_cls = AutoModelForImageTextToText if is_vision_family(family) else AutoModelForCausalLM
     kwargs = {} if dtype is None else {"dtype": dtype}
     return auto_cls.from_pretrained(path, config=config, **kwargs)
 

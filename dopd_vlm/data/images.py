@@ -34,16 +34,43 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def check_image(source: Path | bytes) -> None:
-    """Raise if `source` (a file or encoded bytes) is not a complete, decodable image.
+# Qwen-VL image processors (every supported vision family) reject images whose longer side is
+# more than 200 times the shorter one (`smart_resize`); anything smaller is resized to their
+# min/max pixel budget, so a 1x1 image is fine (upsampled to the minimum, e.g. 56x56).
+MAX_ASPECT_RATIO = 200
+
+
+class ImageProblem(ValueError):
+    """An image that cannot be used; the message is one short line without the file name."""
+
+
+def check_image(source: Path | bytes) -> tuple[int, int]:
+    """Raise `ImageProblem` if `source` (a file or encoded bytes) is not a complete, decodable
+    image the model processors accept; return its (width, height).
 
     `verify()` checks the container (PNG checksums) but not every format's pixel data, and it
-    leaves the image unusable, so the image is opened a second time and fully decoded.
+    leaves the image unusable, so the image is opened a second time and fully decoded. Images
+    above PIL's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`, twice that is an error)
+    and extreme aspect ratios are refused here rather than at the first training step.
     """
-    with Image.open(_as_file(source)) as image:
-        image.verify()
-    with Image.open(_as_file(source)) as image:
-        image.load()
+    if (len(source) if isinstance(source, bytes) else source.stat().st_size) == 0:
+        raise ImageProblem("empty file (0 bytes)" if isinstance(source, Path) else "empty (0 bytes)")
+    try:
+        with Image.open(_as_file(source)) as image:
+            image.verify()
+        with Image.open(_as_file(source)) as image:
+            image.load()
+            width, height = image.size
+    except Image.UnidentifiedImageError:
+        raise ImageProblem("cannot decode: not an image (unrecognised format)") from None
+    except Exception as error:  # PIL raises many types for undecodable data
+        raise ImageProblem(f"cannot decode: {' '.join(str(error).split()) or type(error).__name__}") from None
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageProblem(
+            f"{width}x{height} pixels: aspect ratio above {MAX_ASPECT_RATIO}:1, which the "
+            "Qwen-VL image processors reject"
+        )
+    return width, height
 
 
 def _as_file(source: Path | bytes) -> Path | io.BytesIO:

@@ -20,8 +20,8 @@ import datasets
 
 from dopd_vlm.data._keys import boolean, int_range, key, mapping, string
 from dopd_vlm.data.dataset import rows_to_hf, sample_features
-from dopd_vlm.data.images import check_image
-from dopd_vlm.data.schema import RecipeError
+from dopd_vlm.data.images import ImageProblem, check_image
+from dopd_vlm.data.schema import IMAGE_PLACEHOLDER, RecipeError
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,9 @@ class LocalFilesRecipe:
 
 
 class BadRow(Exception):
-    def __init__(self, field: str, problem: str):
+    """A row that cannot be used; `field` is None when the whole line is unreadable (JSONL)."""
+
+    def __init__(self, field: str | None, problem: str):
         super().__init__(problem)
         self.field, self.problem = field, problem
 
@@ -80,8 +82,9 @@ def build_split(
     shown = display_path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {recipe.source}: file of split '{split}' not found: {shown}")
-    table = _read(path, shown)
-    _check_columns(recipe, table.column_names, shown)
+    columns, table = _read(path, shown)
+    if columns:  # else every JSONL line is unreadable: each is reported (or skipped) below
+        _check_columns(recipe, columns, shown)
     reader = _RowReader(recipe, path, shown)
     rows: list[dict] = []
     skipped: list[str] = []
@@ -89,9 +92,12 @@ def build_split(
         if limit is not None and len(rows) >= limit:
             break
         try:
+            if isinstance(raw, BadRow):
+                raise raw
             rows.append(reader.read(index, raw))
         except BadRow as bad:
-            message = f"{shown} row {index} field {_field_name(recipe, bad.field)}: {bad.problem}"
+            where = "" if bad.field is None else f" field {_field_name(recipe, bad.field)}"
+            message = f"{shown} row {index}{where}: {bad.problem}"
             if not skip_bad_rows:
                 raise RecipeError(message) from None
             logger.warning("skipping bad row: %s", message)
@@ -127,32 +133,57 @@ def _one_line(error: BaseException) -> str:
 # -- reading --------------------------------------------------------------------------------
 
 
-def _read(path: Path, shown: str) -> datasets.Dataset:
+def _read(path: Path, shown: str) -> tuple[list[str], Any]:
+    """The file's column names and its rows: dicts, or (JSONL only) a `BadRow` per unreadable
+    line, so that one broken line is reported with its row number, or skipped, like any bad row."""
+    if path.suffix.lower() == ".jsonl":
+        return _read_jsonl(path, shown)
     try:
-        builder = FORMATS[path.suffix.lower()]
-        table = datasets.load_dataset(builder, data_files=str(path), split="train")
+        table = datasets.load_dataset(FORMATS[path.suffix.lower()], data_files=str(path), split="train")
     except Exception as error:  # datasets wraps parser errors of any kind; report the cause
-        if path.suffix.lower() == ".jsonl":
-            _explain_jsonl_failure(path, shown)
         raise RecipeError(f"{shown}: cannot read: {_one_line(error.__cause__ or error)}") from None
-    return _without_image_decoding(table)
+    table = _without_image_decoding(table)
+    return table.column_names, table
 
 
-def _explain_jsonl_failure(path: Path, shown: str) -> None:
-    """Name the first row that is not a JSON object (rows are the non-blank lines), or say that
-    there are no rows; return if neither explains the failure."""
-    with open(path, encoding="utf-8", errors="replace") as lines:
-        rows = [line for line in lines if line.strip()]
-        if not rows:
-            raise RecipeError(f"{shown}: no rows (the file is empty)")
-        for index, line in enumerate(rows):
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise RecipeError(f"{shown} row {index}: invalid JSON ({error.msg})") from None
-            if not isinstance(value, dict):
-                kind = type(value).__name__
-                raise RecipeError(f"{shown} row {index}: expected a JSON object, got {kind}")
+def _read_jsonl(path: Path, shown: str) -> tuple[list[str], list[dict | BadRow]]:
+    """Rows are the non-blank lines. Each is decoded as UTF-8 (a BOM on the first line is
+    ignored) and parsed on its own; columns are the keys of the readable rows, in order of
+    first appearance."""
+    rows: list[dict | BadRow] = []
+    columns: dict[str, None] = {}
+    try:
+        with open(path, "rb") as lines:
+            for number, line in enumerate(lines):
+                if not line.strip():
+                    continue
+                row = _parse_line(line, "utf-8-sig" if number == 0 else "utf-8")
+                rows.append(row)
+                if isinstance(row, dict):
+                    columns.update(dict.fromkeys(row))
+    except OSError as error:
+        raise RecipeError(f"{shown}: cannot read: {error.strerror or _one_line(error)}") from None
+    if not rows:
+        raise RecipeError(f"{shown}: no rows (the file is empty)")
+    return list(columns), rows
+
+
+def _parse_line(line: bytes, encoding: str) -> dict | BadRow:
+    try:
+        text = line.decode(encoding)
+    except UnicodeDecodeError as error:
+        return BadRow(
+            None, f"not valid UTF-8 (byte 0x{line[error.start]:02x} at offset {error.start} of the line)"
+        )
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        return BadRow(None, f"invalid JSON ({error.msg} at column {error.colno})")
+    except RecursionError:
+        return BadRow(None, "invalid JSON (nested too deeply)")
+    if not isinstance(value, dict):
+        return BadRow(None, f"expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _without_image_decoding(table: datasets.Dataset) -> datasets.Dataset:
@@ -193,6 +224,7 @@ class _RowReader:
             "images": self._images(raw),
             "meta": {"source": self.shown, "row": index},
         }
+        _check_placeholders(row["question"], row["privileged"], len(row["images"]))
         self.seen_ids[row["id"]] = index
         return row
 
@@ -226,8 +258,9 @@ class _RowReader:
     def _image(self, position: int, item: Any) -> dict[str, Any]:
         """An item is a path (relative to the data file), bytes, a `data:` URI with base64
         content, or a {bytes, path} struct as `datasets` writes it; it must decode."""
-        if isinstance(item, dict):
-            item = item.get("bytes") or item.get("path")
+        if isinstance(item, dict):  # bytes win; empty bytes without a path are reported as empty
+            data, path = item.get("bytes"), item.get("path")
+            item = data if data or not path else path
         if isinstance(item, str) and item.startswith("data:"):
             item = _base64_payload(position, item)
         if isinstance(item, (bytes, bytearray)):
@@ -245,8 +278,10 @@ class _RowReader:
             raise BadRow("images", f"image {position}: {expected}, got {type(item).__name__}")
         try:
             check_image(source)
-        except Exception as error:  # PIL raises many types for undecodable data
-            raise BadRow("images", f"{what}: cannot decode: {_one_line(error)}") from None
+        except ImageProblem as problem:
+            raise BadRow("images", f"{what}: {problem}") from None
+        except OSError as error:  # an unreadable file (permissions, I/O error)
+            raise BadRow("images", f"{what}: cannot read: {error.strerror or _one_line(error)}") from None
         return entry
 
 
@@ -260,6 +295,19 @@ def _base64_payload(position: int, uri: str) -> bytes:
         raise BadRow("images", f"image {position}: invalid base64: {_one_line(error)}") from None
 
 
+def _check_placeholders(question: str, privileged: str, images: int) -> None:
+    """The placeholder rule: a question has no `<image>` or exactly one per image."""
+    count = question.count(IMAGE_PLACEHOLDER)
+    if count and count != images:
+        raise BadRow(
+            "question",
+            f"{count} {IMAGE_PLACEHOLDER} placeholder(s) but {images} image(s); "
+            "use one per image, or none to put the images before the text",
+        )
+    if IMAGE_PLACEHOLDER in privileged:
+        raise BadRow("privileged", f"contains {IMAGE_PLACEHOLDER}; placeholders belong in the question")
+
+
 def _required_text(name: str, value: Any, *, numbers: bool = False) -> str:
     """A non-blank string; with `numbers`, an integer or float is accepted as its text."""
     if value is None:
@@ -270,4 +318,8 @@ def _required_text(name: str, value: Any, *, numbers: bool = False) -> str:
         raise BadRow(name, f"expected a string, got {type(value).__name__}")
     if not value.strip():
         raise BadRow(name, "empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:  # JSON may escape a lone surrogate (\ud800)
+        raise BadRow(name, f"not valid Unicode (unpaired surrogate at character {error.start})") from None
     return value

@@ -15,6 +15,11 @@ from typing import Any, Mapping
 from PIL import Image
 
 
+IMAGE_PLACEHOLDER = "<image>"
+"""Marks where an image goes in a question. A question holds either none (the images come before
+the text) or exactly one per image (each image is placed at its placeholder, in order)."""
+
+
 class RecipeError(ValueError):
     """A recipe or a data row is unusable; the message is one line naming where and why."""
 
@@ -25,7 +30,8 @@ class Sample:
 
     Attributes:
         id: Unique within its split.
-        question: What the student sees (together with `images`).
+        question: What the student sees (together with `images`); may hold one
+            `IMAGE_PLACEHOLDER` per image to place the images inside the text.
         answer: Short verifiable answer; compare predictions with `answers_match`.
         privileged: Privileged text p, seen only by the privileged views ("" only where the recipe
             allows it).
