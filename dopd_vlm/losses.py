@@ -20,7 +20,9 @@ At real vocabulary sizes ``[N, V]`` logits for all response tokens do not fit in
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from typing import Callable, Union
 
 import torch
@@ -44,6 +46,11 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature) over the last dimension, in float32 (or float64)."""
+    return _log_probs(logits, temperature)
 
 
 def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -77,7 +84,11 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float =
 
 def entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Shannon entropy (nats) of softmax(logits / temperature): [..., V] -> [...]."""
-    log_p = _log_probs(logits, temperature)
+    return entropy_from_logprobs(_log_probs(logits, temperature))
+
+
+def entropy_from_logprobs(log_p: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) from log-probabilities [..., V] -> [...]."""
     return -(log_p.exp() * log_p).sum(dim=-1)
 
 
@@ -116,8 +127,14 @@ def generalized_jsd(
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
-    log_p_s = _log_probs(student_logits, temperature)
-    log_p_t = _log_probs(teacher_logits.detach(), temperature)
+    return generalized_jsd_from_logprobs(
+        _log_probs(student_logits, temperature), _log_probs(teacher_logits.detach(), temperature), beta
+    )
+
+
+def generalized_jsd_from_logprobs(log_p_s: torch.Tensor, log_p_t: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """:func:`generalized_jsd` on log-probabilities (already tempered); the target is detached."""
+    log_p_t = log_p_t.detach()
     if beta == 0.0:
         return _kl(log_p_t, log_p_s)
     if beta == 1.0:
@@ -167,22 +184,28 @@ def topk_reverse_kl(
         raise ValueError(f"variant must be one of {TOPK_VARIANTS}, got {variant!r}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    log_p_s = _log_probs(student_logits, temperature)
-    log_p_t = _log_probs(target_logits.detach(), temperature)
+    return topk_reverse_kl_from_logprobs(
+        _log_probs(student_logits, temperature), _log_probs(target_logits.detach(), temperature), k, variant
+    )
+
+
+def topk_reverse_kl_from_logprobs(
+    log_p_s: torch.Tensor, log_p_t: torch.Tensor, k: int = 128, variant: str = "unbiased"
+) -> torch.Tensor:
+    """:func:`topk_reverse_kl` on log-probabilities (already tempered); the target is detached."""
+    if variant not in TOPK_VARIANTS:
+        raise ValueError(f"variant must be one of {TOPK_VARIANTS}, got {variant!r}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    log_p_t = log_p_t.detach()
     vocab_size = log_p_s.shape[-1]
     k = min(k, vocab_size)
     support = log_p_s.detach().topk(k, dim=-1).indices
     support_s = log_p_s.gather(-1, support)
     support_t = log_p_t.gather(-1, support)
 
-    if variant == "unbiased":
-        return (support_s.exp() * (support_s.detach() - support_t)).sum(dim=-1)
-
-    if variant == "renormalized":
-        return _kl(
-            support_s - support_s.logsumexp(dim=-1, keepdim=True),
-            support_t - support_t.logsumexp(dim=-1, keepdim=True),
-        )
+    if variant in ("unbiased", "renormalized"):
+        return topk_reverse_kl_on_support(support_s, support_t, variant)
 
     # "tail": with k == V the tail is empty and this is the full reverse KL.
     if k < vocab_size:
@@ -191,6 +214,29 @@ def topk_reverse_kl(
         support_s = torch.cat([support_s, tail_s], dim=-1)
         support_t = torch.cat([support_t, tail_t], dim=-1)
     return _kl(support_s, support_t)
+
+
+def topk_reverse_kl_on_support(
+    support_log_p_s: torch.Tensor, support_log_p_t: torch.Tensor, variant: str = "unbiased"
+) -> torch.Tensor:
+    """The ``"unbiased"`` / ``"renormalized"`` top-K reverse KL from log-probs on the support.
+
+    ``support_log_p_s`` [..., K] are the student's (tempered) log-probs at its top-K tokens, with
+    gradient; ``support_log_p_t`` the target's at the same tokens (detached here). These two
+    variants need nothing outside the support, which lets a caller compute the target's
+    support log-probs without materialising its full-vocabulary logits (see
+    ``methods.compute_loss``). The ``"tail"`` variant needs the full rows: use
+    :func:`topk_reverse_kl`.
+    """
+    support_log_p_t = support_log_p_t.detach()
+    if variant == "unbiased":
+        return (support_log_p_s.exp() * (support_log_p_s.detach() - support_log_p_t)).sum(dim=-1)
+    if variant == "renormalized":
+        return _kl(
+            support_log_p_s - support_log_p_s.logsumexp(dim=-1, keepdim=True),
+            support_log_p_t - support_log_p_t.logsumexp(dim=-1, keepdim=True),
+        )
+    raise ValueError(f"variant must be 'unbiased' or 'renormalized' on a support, got {variant!r}")
 
 
 def sampled_token_reverse_kl(
@@ -245,6 +291,28 @@ def _apply_head(head: Head, hidden: torch.Tensor) -> torch.Tensor:
     return head(hidden)
 
 
+_RECOMPUTING = threading.local()
+
+
+def is_recomputing() -> bool:
+    """True while :func:`chunked_head_loss` re-runs a checkpointed chunk during backward.
+
+    A per-chunk function can skip work whose result the backward does not need (detached
+    diagnostics) when this is True; its output must keep the same shape.
+    """
+    return getattr(_RECOMPUTING, "active", False)
+
+
+@contextlib.contextmanager
+def _recomputing():
+    previous = is_recomputing()
+    _RECOMPUTING.active = True
+    try:
+        yield
+    finally:
+        _RECOMPUTING.active = previous
+
+
 def chunked_head_loss(
     hidden: torch.Tensor,
     head: Head,
@@ -265,11 +333,14 @@ def chunked_head_loss(
     Each chunk runs under ``torch.utils.checkpoint`` (non-reentrant): autograd keeps only the
     chunk's inputs, and the backward recomputes one chunk's logits at a time. Peak memory is then
     O(chunk_size·V) in both directions instead of O(N·V), at the price of a second head matmul
-    (and of a second run of ``per_chunk_loss_fn``, so it must be deterministic: no sampling).
-    Without grad mode, or with ``checkpoint_chunks=False``, chunks run plainly.
+    (and of a second run of ``per_chunk_loss_fn``, so it must be deterministic: no sampling;
+    during that second run :func:`is_recomputing` is True). Without grad mode, or with
+    ``checkpoint_chunks=False``, chunks run plainly.
 
     Gradients reach ``hidden`` and the head's parameters (weight tensor or the callable's),
-    identical to the unchunked computation.
+    identical to the unchunked computation. When the caller reduces the per-token losses with
+    weights it knows in advance and the head is a plain weight tensor, :func:`fused_head_loss`
+    does the same work without the recomputation.
     """
 
     def chunk_loss(hidden_chunk: torch.Tensor, head_: Head, *other_chunks: torch.Tensor) -> torch.Tensor:
@@ -277,8 +348,13 @@ def chunked_head_loss(
 
     if checkpoint_chunks and torch.is_grad_enabled():
 
+        def contexts():
+            return contextlib.nullcontext(), _recomputing()
+
         def run(hidden_chunk: torch.Tensor, *other_chunks: torch.Tensor) -> torch.Tensor:
-            return checkpoint(chunk_loss, hidden_chunk, head, *other_chunks, use_reentrant=False)
+            return checkpoint(
+                chunk_loss, hidden_chunk, head, *other_chunks, use_reentrant=False, context_fn=contexts
+            )
 
     else:
 
@@ -286,3 +362,127 @@ def chunked_head_loss(
             return chunk_loss(hidden_chunk, head, *other_chunks)
 
     return chunked(run, hidden, *per_token_tensors, chunk_size=chunk_size)
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """Forward computes the loss and, chunk by chunk, its gradients w.r.t. hidden/weight/bias.
+
+    The gradients are kept (sizes of the inputs, not of the logits); backward only scales them
+    by the upstream gradient of the scalar loss.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, token_weights, fn, vocab_size, chunk_size, give_log_probs, *others):
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        w = weight[:vocab_size]
+        b = bias[:vocab_size] if bias is not None else None
+        grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
+        grad_weight = torch.zeros_like(weight) if needs_weight else None
+        grad_bias = torch.zeros_like(bias) if needs_bias else None
+        wants_grad = needs_hidden or needs_weight or needs_bias
+        total = torch.zeros((), dtype=_upcast(hidden).dtype, device=hidden.device)
+        columns = []
+        n = hidden.shape[0]
+        for start in range(0, max(n, 1), chunk_size):
+            stop = min(start + chunk_size, n)
+            h = hidden[start:stop]
+            x = F.linear(h, w, b)  # grad mode is off in forward: no graph back to the inputs
+            if give_log_probs:  # in place: the logits' memory becomes the log-probs'
+                x = _upcast(x)
+                x -= x.logsumexp(dim=-1, keepdim=True)
+            with torch.enable_grad():
+                x.requires_grad_(wants_grad)
+                out = fn(x, *(t[start:stop] for t in others))
+                loss = out if out.ndim == 1 else out[:, 0]
+                weighted = (loss * token_weights[start:stop].to(loss.dtype)).sum()
+                grad_x = None
+                if wants_grad and weighted.requires_grad and stop > start:
+                    (grad_x,) = torch.autograd.grad(weighted, x)
+            total += weighted.detach().to(total.dtype)
+            columns.append(out.detach())
+            del out, loss, weighted
+            if grad_x is None:
+                continue
+            if give_log_probs:  # d/dz of log_softmax: g - softmax(z) * sum(g), in place
+                x = x.detach().exp_().mul_(grad_x.sum(dim=-1, keepdim=True))
+                grad_x -= x
+            del x
+            grad_x = grad_x.to(h.dtype)
+            if needs_hidden:
+                torch.mm(grad_x, w, out=grad_hidden[start:stop])
+            if needs_weight:
+                grad_weight[:vocab_size].addmm_(grad_x.T, h)
+            if needs_bias:
+                grad_bias[:vocab_size] += grad_x.sum(dim=0)
+            del grad_x
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        columns = torch.cat(columns)
+        ctx.mark_non_differentiable(columns)
+        return total, columns
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_columns):
+        unit = bool(grad_total == 1)  # the usual case (loss.backward()): no [V, H]-sized copy
+
+        def scale(grad):
+            if grad is None or unit:
+                return grad
+            return grad * grad_total.to(grad.dtype)
+
+        grads = tuple(scale(g) for g in ctx.saved_tensors)
+        return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
+
+
+def fused_head_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    per_chunk_loss_fn: Callable[..., torch.Tensor],
+    *per_token_tensors: torch.Tensor,
+    token_weights: torch.Tensor,
+    chunk_size: int = 1024,
+    bias: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    give_log_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Σ_n token_weights[n] · loss_n`` from hidden states, with the gradient computed in forward.
+
+    Same contract for ``per_chunk_loss_fn`` as :func:`chunked_head_loss` (student logits of a
+    chunk, then the chunks of ``per_token_tensors``; returns [chunk] losses or [chunk, C] with the
+    loss in column 0), but the head is a linear layer given by its ``weight`` [V', H] (and
+    optional ``bias``), of which the first ``vocab_size`` rows are used (all by default).
+
+    With ``give_log_probs=True`` the function receives ``log_softmax(logits)`` (float32 or
+    float64) instead of the logits; for objectives written on log-probs this saves a
+    [chunk, V] tensor and a pass over it (the log-probs are made in place of the logits, and the
+    gradient is mapped back to the logits in place).
+
+    Returns ``(loss, columns)``: the scalar weighted loss, differentiable w.r.t. ``hidden``,
+    ``weight`` and ``bias``, and the detached per-token output [N] / [N, C].
+
+    Because the reduction weights are known up front, each chunk's gradient w.r.t. its logits is
+    taken right away (one local autograd call) and folded into gradients w.r.t. the hidden states
+    and the head ([N, H] and [V', H], the sizes of the inputs), which backward just scales. No
+    [chunk, V] tensor outlives its chunk, and unlike checkpointing nothing is recomputed: the
+    per-chunk function runs once and the head costs one forward and two gradient matmuls.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    n = hidden.shape[0]
+    for tensor in (token_weights, *per_token_tensors):
+        if tensor.shape[0] != n:
+            raise ValueError(f"per-token tensors must have {n} rows, got {tensor.shape[0]}")
+    vocab_size = weight.shape[0] if vocab_size is None else vocab_size
+    token_weights = token_weights.detach()
+    if not torch.is_grad_enabled():
+
+        def plain(h, _token_weights, *others):
+            x = F.linear(h, weight[:vocab_size], None if bias is None else bias[:vocab_size])
+            return per_chunk_loss_fn(_log_probs(x, 1.0) if give_log_probs else x, *others)
+
+        columns = chunked(plain, hidden, token_weights, *per_token_tensors, chunk_size=chunk_size)
+        loss = columns if columns.ndim == 1 else columns[:, 0]
+        return (loss * token_weights).sum(), columns
+    return _FusedHeadLoss.apply(
+        hidden, weight, bias, token_weights, per_chunk_loss_fn, vocab_size, chunk_size, give_log_probs,
+        *per_token_tensors,
+    )

@@ -12,8 +12,12 @@ source to the other one; `single_objective` keeps the routing but uses the top-K
 every regime (HT included).
 
 Loss reduction (paper): mean over each sequence's valid tokens, then mean over sequences. All
-full-vocabulary work happens per chunk of tokens inside `chunked_head_loss`, so memory stays
-O(chunk x V) in forward and backward.
+full-vocabulary work happens per chunk of tokens, so memory stays O(chunk x V) in forward and
+backward: with a plain linear student head in `losses.fused_head_loss` (each chunk's gradient is
+taken in the forward, nothing is recomputed), otherwise in `losses.chunked_head_loss` (per-chunk
+checkpointing). Top-K objectives read the targets' log-probs at the student's K support tokens
+from K head rows and the scoring pass's logsumexp, so the teacher's full-vocabulary logits are
+recomputed only where a full-vocabulary objective needs them (DOPD's HT rows, GKD, OPSD, full OPD).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from dopd_vlm import losses
 from dopd_vlm.config import MethodConfig
@@ -49,7 +54,15 @@ SPECS = {
 
 @dataclass
 class LossInputs:
-    """One micro-batch's valid response tokens as the three passes saw them (N rows)."""
+    """One micro-batch's valid response tokens as the three passes saw them (N rows).
+
+    ``privileged_lse`` / ``teacher_lse`` are optional: the logsumexp of each row's target logits,
+    which the scoring pass computes anyway for the router (``scoring.token_logprobs_and_lse``).
+    With them, and a target head that is a plain linear layer (``scoring.LMHead``), the top-K
+    objectives read the target's log-probs at the student's K support tokens from K weight rows
+    instead of recomputing the target's full-vocabulary logits; only DOPD's HT rows (full JS)
+    and the full-vocabulary methods still need those.
+    """
 
     tokens: ResponseTokens
     student_hidden: torch.Tensor  # [N, H], carries the gradient
@@ -58,57 +71,102 @@ class LossInputs:
     teacher_hidden: torch.Tensor | None = None  # [N, H], detached
     teacher_head: Head | None = None
     regimes: torch.Tensor | None = None  # [N] router codes (dopd)
+    privileged_lse: torch.Tensor | None = None  # [N] logsumexp of the privileged logits (optional)
+    teacher_lse: torch.Tensor | None = None  # [N] logsumexp of the teacher logits (optional)
 
 
 @dataclass
 class TokenStats:
-    """Detached per-token diagnostics of one micro-batch, concatenated over a step for logging."""
+    """Detached per-token diagnostics of one micro-batch, concatenated over a step for logging.
+
+    ``kl_to_teacher`` is the full-vocabulary KL(P_S || P_T) wherever the teacher's full logits
+    are computed for the loss anyway; where they are not (top-K objectives on the fast path), it
+    is the KL over the student's top-K tokens plus one bucket for the remaining mass, a lower
+    bound that equals the full KL when the top-K tokens hold (nearly) all of both distributions.
+    """
 
     loss: torch.Tensor  # [N]
     entropy: torch.Tensor  # [N] student entropy
-    kl_to_teacher: torch.Tensor | None  # [N] full KL(P_S || P_T), when a teacher pass exists
+    kl_to_teacher: torch.Tensor | None  # [N] KL(P_S || P_T), when a teacher pass exists (see above)
     regimes: torch.Tensor | None
 
 
 def compute_loss(cfg: MethodConfig, inputs: LossInputs, chunk_size: int) -> tuple[torch.Tensor, TokenStats]:
-    """The micro-batch loss (per-sequence token mean, then mean over sequences) and its stats."""
+    """The micro-batch loss (per-sequence token mean, then mean over sequences) and its stats.
+
+    Two execution paths, same values and gradients (tests/test_fused_loss.py):
+
+    - the student head is a plain linear layer (``scoring.LMHead`` of an ``nn.Linear``, or a
+      weight tensor): ``losses.fused_head_loss`` takes each chunk's gradient in the forward, so
+      nothing is recomputed in backward;
+    - any other callable head (e.g. a ZeRO-3 partitioned one): ``losses.chunked_head_loss``
+      with per-chunk checkpointing; the detached diagnostics are skipped in the recompute.
+    """
     spec = SPECS[cfg.name]
     _check_inputs(cfg, spec, inputs)
-    per_token = _PER_TOKEN[cfg.name](cfg)
+    objective = _PER_TOKEN[cfg.name](cfg)
     has_teacher = inputs.teacher_hidden is not None
+    has_privileged = inputs.privileged_hidden is not None
+    has_teacher_lse, has_privileged_lse = inputs.teacher_lse is not None, inputs.privileged_lse is not None
     student_head, teacher_head = inputs.student_head, inputs.teacher_head
+    linear = _linear(student_head)
+    fused = linear is not None  # the fused path hands per_chunk log-probs instead of logits
 
-    def per_chunk(student_logits, token_ids, regimes, privileged_hidden, teacher_hidden):
+    def per_chunk(student_scores, token_ids, regimes, privileged_hidden, teacher_hidden, privileged_lse, teacher_lse):
+        chunk = _Chunk(
+            cfg,
+            student_scores,
+            token_ids,
+            regimes,
+            privileged=_Target(privileged_hidden, student_head, privileged_lse if has_privileged_lse else None, cfg)
+            if has_privileged
+            else None,
+            teacher=_Target(teacher_hidden, teacher_head, teacher_lse if has_teacher_lse else None, cfg)
+            if has_teacher
+            else None,
+            scores_are_log_probs=fused,
+        )
+        loss = objective(chunk)
+        if losses.is_recomputing():  # backward recompute: only the loss's graph is needed
+            zeros = torch.zeros_like(loss)
+            return torch.stack([loss, zeros, zeros], dim=-1)
         with torch.no_grad():
-            privileged_logits = student_head(privileged_hidden) if privileged_hidden.numel() else None
-            teacher_logits = teacher_head(teacher_hidden) if teacher_hidden.numel() else None
-        loss = per_token(student_logits, token_ids, regimes, privileged_logits, teacher_logits)
-        with torch.no_grad():
-            entropy = losses.entropy(student_logits)
-            kl = (
-                losses.generalized_jsd(student_logits, teacher_logits, beta=1.0)
-                if teacher_logits is not None
-                else torch.zeros_like(entropy)
-            )
-        return torch.stack([loss, entropy, kl], dim=-1)
+            entropy = chunk.entropy()
+            kl = chunk.kl_to_teacher() if has_teacher else torch.zeros_like(entropy)
+        return torch.stack([loss, entropy.to(loss.dtype), kl.to(loss.dtype)], dim=-1)
 
-    n = inputs.tokens.token_ids.shape[0]
+    tokens = inputs.tokens
+    n = tokens.token_ids.shape[0]
     empty = inputs.student_hidden.new_zeros(n, 0)
-    regimes = inputs.regimes if inputs.regimes is not None else torch.full_like(inputs.tokens.token_ids, -1)
-    columns = losses.chunked_head_loss(
-        inputs.student_hidden,
-        student_head,
-        per_chunk,
-        inputs.tokens.token_ids,
+    no_lse = inputs.student_hidden.new_zeros(n, dtype=torch.float32)
+    regimes = inputs.regimes if inputs.regimes is not None else torch.full_like(tokens.token_ids, -1)
+    per_token = (
+        tokens.token_ids,
         regimes,
-        inputs.privileged_hidden if inputs.privileged_hidden is not None else empty,
+        inputs.privileged_hidden if has_privileged else empty,
         inputs.teacher_hidden if has_teacher else empty,
-        chunk_size=chunk_size,
+        inputs.privileged_lse if has_privileged_lse else no_lse,
+        inputs.teacher_lse if has_teacher_lse else no_lse,
     )
-    token_loss = columns[:, 0]
-    loss = sequence_mean(token_loss, inputs.tokens)
+    if fused:
+        weight, bias = linear
+        vocab_size = _head_vocab_size(student_head, weight)
+        loss, columns = losses.fused_head_loss(
+            inputs.student_hidden,
+            weight,
+            per_chunk,
+            *per_token,
+            token_weights=token_weights(tokens).to(inputs.student_hidden.device),
+            chunk_size=chunk_size,
+            bias=bias,
+            vocab_size=vocab_size,
+            give_log_probs=True,
+        )
+    else:
+        columns = losses.chunked_head_loss(inputs.student_hidden, student_head, per_chunk, *per_token, chunk_size=chunk_size)
+        loss = sequence_mean(columns[:, 0], tokens)
     stats = TokenStats(
-        loss=token_loss.detach(),
+        loss=columns[:, 0].detach(),
         entropy=columns[:, 1].detach(),
         kl_to_teacher=columns[:, 2].detach() if has_teacher else None,
         regimes=inputs.regimes,
@@ -124,6 +182,24 @@ def sequence_mean(token_loss: torch.Tensor, tokens: ResponseTokens) -> torch.Ten
     return (sums / counts).sum() / b
 
 
+def token_weights(tokens: ResponseTokens) -> torch.Tensor:
+    """[N] float64 weights w with ``sequence_mean(x, tokens) == (w * x).sum()``."""
+    b = tokens.num_sequences
+    counts = torch.bincount(tokens.seq_index, minlength=b).clamp(min=1).to(torch.float64)
+    return 1.0 / (counts[tokens.seq_index] * b)
+
+
+def _linear(head: Head | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) of a head that is a plain linear map, else None (see scoring.LMHead)."""
+    if isinstance(head, torch.Tensor):
+        return head, None
+    return getattr(head, "linear", None)
+
+
+def _head_vocab_size(head: Head, weight: torch.Tensor) -> int:
+    return getattr(head, "vocab_size", weight.shape[0])
+
+
 def _check_inputs(cfg: MethodConfig, spec: MethodSpec, inputs: LossInputs) -> None:
     if spec.needs_teacher and (inputs.teacher_hidden is None or inputs.teacher_head is None):
         raise ValueError(f"method {cfg.name} needs the teacher pass")
@@ -133,11 +209,175 @@ def _check_inputs(cfg: MethodConfig, spec: MethodSpec, inputs: LossInputs) -> No
         raise ValueError(f"method {cfg.name} needs router regimes")
 
 
-# -- per-token objectives: (student_logits, ids, regimes, privileged_logits, teacher_logits) -> [n]
+# -- one chunk of tokens as the objectives see it ------------------------------------------------
+
+# Elements of the [rows, K, H] weight gather per step of the top-K target logits (16 MiB in fp32).
+_GATHER_ELEMENTS = 1 << 22
+
+
+class _Target:
+    """A detached target pass (teacher or privileged student) on one chunk of tokens.
+
+    Full-vocabulary log-probs are computed on demand (and cached for the chunk); log-probs at
+    the student's top-K tokens come from K gathered head rows and the scoring pass's logsumexp
+    when the head is a plain linear layer and the loss temperature is 1 (the logsumexp is of
+    the untempered logits), else from the full rows.
+    """
+
+    def __init__(self, hidden: torch.Tensor, head: Head, lse: torch.Tensor | None, cfg: MethodConfig):
+        self.hidden, self.head, self.temperature = hidden, head, cfg.temperature
+        linear = _linear(head)
+        self.sparse = linear if linear is not None and lse is not None and cfg.temperature == 1.0 else None
+        self.vocab_size = _head_vocab_size(head, linear[0]) if linear is not None else None
+        self.lse = lse
+        self._full: torch.Tensor | None = None
+        self._support: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def has_full(self) -> bool:
+        return self._full is not None
+
+    @torch.no_grad()
+    def log_probs(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-vocabulary log-probs of all rows, or of the given row indices."""
+        if self._full is None and rows is None:
+            self._full = losses.log_probs(_apply(self.head, self.hidden), self.temperature)
+        if self._full is not None:
+            return self._full if rows is None else self._full[rows]
+        return losses.log_probs(_apply(self.head, self.hidden[rows]), self.temperature)
+
+    @torch.no_grad()
+    def support_log_probs(self, support: torch.Tensor) -> torch.Tensor:
+        """Log-probs at ``support`` [n, K] (token ids per row of the chunk): [n, K] float32."""
+        if self._support is not None and self._support[0] is support:
+            return self._support[1]
+        if self.sparse is None or self.has_full:
+            result = self.log_probs().gather(-1, support)
+        else:
+            result = _gathered_logits(self.hidden, *self.sparse, support) - self.lse[:, None].float()
+        self._support = (support, result)
+        return result
+
+
+def _apply(head: Head, hidden: torch.Tensor) -> torch.Tensor:
+    return F.linear(hidden, head) if isinstance(head, torch.Tensor) else head(hidden)
+
+
+def _gathered_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, support: torch.Tensor
+) -> torch.Tensor:
+    """logits[n, k] = hidden[n] · weight[support[n, k]] (+ bias), in float32, without [n, V]."""
+    n, k = support.shape
+    out = torch.empty((n, k), dtype=torch.float32, device=hidden.device)
+    step = max(1, _GATHER_ELEMENTS // max(1, k * hidden.shape[-1]))
+    for start in range(0, n, step):
+        rows = weight[support[start : start + step]]  # [r, K, H]
+        out[start : start + step] = torch.bmm(rows, hidden[start : start + step, :, None]).squeeze(-1).float()
+    if bias is not None:
+        out += bias[support].float()
+    return out
+
+
+class _Chunk:
+    """The student's logits of one chunk plus its targets; shared, lazily computed pieces."""
+
+    def __init__(
+        self, cfg, student_scores, token_ids, regimes, *, privileged: _Target | None, teacher: _Target | None,
+        scores_are_log_probs: bool = False,
+    ):
+        # `student_scores` are the student's logits, or (fused path) already their log-softmax;
+        # both give the same log-probs below (log_softmax is shift invariant).
+        self.cfg = cfg
+        self.student_logits, self.token_ids, self.regimes = student_scores, token_ids, regimes
+        self.privileged, self.teacher = privileged, teacher
+        self._log_p_s: torch.Tensor | None = None
+        self._support: torch.Tensor | None = None
+        if scores_are_log_probs and cfg.temperature == 1.0:
+            self._log_p_s = student_scores
+
+    @property
+    def log_p_s(self) -> torch.Tensor:
+        """Student log-probs at the loss temperature (with gradient), computed once per chunk."""
+        if self._log_p_s is None:
+            self._log_p_s = losses.log_probs(self.student_logits, self.cfg.temperature)
+        return self._log_p_s
+
+    @property
+    def support(self) -> torch.Tensor:
+        """The student's top-K token ids per row (no gradient)."""
+        if self._support is None:
+            k = min(self.cfg.top_k, self.log_p_s.shape[-1])
+            self._support = self.log_p_s.detach().topk(k, dim=-1).indices
+        return self._support
+
+    def topk_rkl(self, use_teacher: torch.Tensor | bool) -> torch.Tensor:
+        """Top-K reverse KL per row to the teacher where ``use_teacher`` else the privileged student."""
+        variant = self.cfg.topk_variant
+        if isinstance(use_teacher, bool):
+            use_teacher = torch.full(self.token_ids.shape, use_teacher, dtype=torch.bool, device=self.token_ids.device)
+        targets = [(self.teacher, use_teacher), (self.privileged, ~use_teacher)]
+        if use_teacher.numel() == 0:
+            return self.log_p_s.sum(dim=-1)  # no rows: an empty [0] result that keeps the graph
+        if variant == "tail":  # needs every target token outside the support: full rows
+            target = None
+            for source, rows in targets:
+                if bool(rows.any()):
+                    lp = source.log_probs()
+                    target = lp if target is None else torch.where(rows[:, None], lp, target)
+            return losses.topk_reverse_kl_from_logprobs(self.log_p_s, target, self.cfg.top_k, variant)
+        support_t = None
+        for source, rows in targets:
+            if bool(rows.any()):
+                lp = source.support_log_probs(self.support)
+                support_t = lp if support_t is None else torch.where(rows[:, None], lp, support_t)
+        return losses.topk_reverse_kl_on_support(self.log_p_s.gather(-1, self.support), support_t, variant)
+
+    def jsd(self, target: _Target, beta: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-vocabulary generalised JSD to ``target`` on all rows or the given row indices."""
+        log_p_s = self.log_p_s if rows is None else self.log_p_s[rows]
+        return losses.generalized_jsd_from_logprobs(log_p_s, target.log_probs(rows), beta)
+
+    def token_logprobs(self, target: _Target | None = None) -> torch.Tensor:
+        """log P(y_n) of the sampled tokens under the student (with grad) or a target."""
+        ids = self.token_ids[:, None]
+        if target is None:
+            return self.log_p_s.gather(-1, ids).squeeze(-1)
+        return target.support_log_probs(ids).squeeze(-1)
+
+    # -- detached diagnostics (temperature 1, as logged) --
+    def _log_p_s_t1(self) -> torch.Tensor:
+        if self.cfg.temperature == 1.0:
+            return self.log_p_s.detach()
+        return losses.log_probs(self.student_logits.detach())
+
+    def entropy(self) -> torch.Tensor:
+        log_p = self._log_p_s_t1()
+        return -torch.linalg.vecdot(log_p.exp(), log_p)  # one [n, V] temporary
+
+    def kl_to_teacher(self) -> torch.Tensor:
+        teacher = self.teacher
+        if self.cfg.temperature != 1.0:
+            return losses.generalized_jsd(self.student_logits.detach(), _apply(teacher.head, teacher.hidden), beta=1.0)
+        log_p_s = self.log_p_s.detach()
+        if teacher.has_full or teacher.sparse is None:
+            return losses.generalized_jsd_from_logprobs(log_p_s, teacher.log_probs(), beta=1.0)
+        return _bucket_kl(log_p_s.gather(-1, self.support), teacher.support_log_probs(self.support))
+
+
+def _bucket_kl(support_s: torch.Tensor, support_t: torch.Tensor) -> torch.Tensor:
+    """KL over the K support tokens plus one bucket for the rest of each distribution's mass."""
+    def tail(log_p):
+        return torch.log1p(-log_p.exp().sum(dim=-1).clamp(max=1.0 - 1e-6))
+
+    tail_s, tail_t = tail(support_s), tail(support_t)
+    inside = (support_s.exp() * (support_s - support_t)).sum(dim=-1)
+    return inside + tail_s.exp() * (tail_s - tail_t)
+
+
+# -- per-token objectives: _Chunk -> [n] -----------------------------------------------------------
 
 
 def _dopd(cfg: MethodConfig):
-    k, variant = cfg.top_k, cfg.topk_variant
     weights = {LH: cfg.beta_l, LL: cfg.beta_w, HT: cfg.ht_weight, HS: cfg.beta_l}
     uses_teacher = {LH: True, LL: False, HT: True, HS: False}
     if cfg.ablation == "no_teacher":
@@ -146,61 +386,54 @@ def _dopd(cfg: MethodConfig):
         uses_teacher = dict.fromkeys(uses_teacher, True)
     full_js_in_ht = cfg.ablation not in ("single_objective", "no_teacher")
 
-    def rkl(student_logits, target_logits):
-        return losses.topk_reverse_kl(student_logits, target_logits, k, variant, cfg.temperature)
-
-    def per_token(student_logits, ids, regimes, privileged_logits, teacher_logits):
+    def per_token(c: _Chunk) -> torch.Tensor:
         if cfg.ablation == "no_routing":
-            return 0.5 * rkl(student_logits, teacher_logits) + 0.5 * rkl(student_logits, privileged_logits)
+            return 0.5 * c.topk_rkl(True) + 0.5 * c.topk_rkl(False)
+        regimes = c.regimes
         teacher_rows = torch.zeros_like(regimes, dtype=torch.bool)
         weight = torch.zeros(regimes.shape, dtype=torch.float32, device=regimes.device)
         for regime, use_teacher in uses_teacher.items():
             in_regime = regimes == regime
             teacher_rows |= in_regime & use_teacher
             weight[in_regime] = weights[regime]
-        target = torch.where(teacher_rows[:, None], teacher_logits, privileged_logits)
-        loss = rkl(student_logits, target)
+        loss = c.topk_rkl(teacher_rows)
         if full_js_in_ht:
             ht = (regimes == HT).nonzero(as_tuple=True)[0]
             if ht.numel():  # the full vocabulary is materialised for HT rows only
-                js = losses.generalized_jsd(student_logits[ht], teacher_logits[ht], 0.5, cfg.temperature)
-                loss = loss.index_put((ht,), js)
+                loss = loss.index_put((ht,), c.jsd(c.teacher, 0.5, ht))
         return weight * loss
 
     return per_token
 
 
 def _vanilla_opd(cfg: MethodConfig):
-    def per_token(student_logits, ids, regimes, privileged_logits, teacher_logits):
+    def per_token(c: _Chunk) -> torch.Tensor:
         if cfg.opd_divergence == "sampled":
-            return losses.sampled_token_reverse_kl(
-                losses.token_logprobs(student_logits, ids, cfg.temperature),
-                losses.token_logprobs(teacher_logits, ids, cfg.temperature),
-            )
+            return losses.sampled_token_reverse_kl(c.token_logprobs(), c.token_logprobs(c.teacher))
         if cfg.opd_divergence == "topk":
-            return losses.topk_reverse_kl(student_logits, teacher_logits, cfg.top_k, cfg.topk_variant, cfg.temperature)
-        return losses.generalized_jsd(student_logits, teacher_logits, 1.0, cfg.temperature)
+            return c.topk_rkl(True)
+        return c.jsd(c.teacher, 1.0)
 
     return per_token
 
 
 def _opsd(cfg: MethodConfig):
-    def per_token(student_logits, ids, regimes, privileged_logits, teacher_logits):
-        return losses.generalized_jsd(student_logits, privileged_logits, cfg.jsd_beta, cfg.temperature)
+    def per_token(c: _Chunk) -> torch.Tensor:
+        return c.jsd(c.privileged, cfg.jsd_beta)
 
     return per_token
 
 
 def _gkd(cfg: MethodConfig):
-    def per_token(student_logits, ids, regimes, privileged_logits, teacher_logits):
-        return losses.generalized_jsd(student_logits, teacher_logits, cfg.jsd_beta, cfg.temperature)
+    def per_token(c: _Chunk) -> torch.Tensor:
+        return c.jsd(c.teacher, cfg.jsd_beta)
 
     return per_token
 
 
 def _sft(cfg: MethodConfig):
-    def per_token(student_logits, ids, regimes, privileged_logits, teacher_logits):
-        return losses.token_cross_entropy(student_logits, ids)
+    def per_token(c: _Chunk) -> torch.Tensor:
+        return losses.token_cross_entropy(c.student_logits, c.token_ids)
 
     return per_token
 

@@ -340,6 +340,8 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after_step: int | None =
     dtype = _dtype(cfg.model.dtype, on_gpu)
     ds_config = load_deepspeed_config(cfg.train.deepspeed, cfg, world, bf16_enabled=dtype == torch.bfloat16)
     family = model_family(cfg.model.student)
+    if cfg.model.teacher:
+        model_family(cfg.model.teacher)  # an unsupported or unreadable teacher fails now, not after data loading
     data = load_recipe(cfg.data.recipe, cfg.data.train_split, family=family, skip_bad_rows=cfg.data.skip_bad_rows)
     eval_sets = {
         split: load_recipe(cfg.data.recipe, split, family=family, skip_bad_rows=cfg.data.skip_bad_rows,
@@ -362,7 +364,8 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after_step: int | None =
     if teacher is not None:
         teacher_rows = _rows(teacher.get_output_embeddings().weight)
         vocab_size = check_shared_vocab(teacher_processor, processor, teacher_rows, vocab_size)
-    collator = DualViewCollator(processor, teacher_processor, privileged_template=cfg.data.privileged_template)
+    collator = DualViewCollator(processor, teacher_processor, privileged_template=cfg.data.privileged_template,
+                                max_privileged_tokens=cfg.data.max_privileged_tokens)
     for split, dataset in {cfg.data.train_split: data, **eval_sets}.items():  # fail now, not at step 1000
         if len(dataset) == 0:
             raise SystemExit(f"data split '{split}' of recipe {cfg.data.recipe} is empty")
@@ -508,7 +511,8 @@ def baseline_accuracies(models: Models, eval_sets, cfg: RunConfig) -> dict[str, 
     metrics = accuracies(models, eval_sets, cfg, prefix="student")
     if models.teacher is not None:
         collator = models.collator
-        teacher_view = DualViewCollator(collator.teacher_processor, privileged_template=collator.privileged_template)
+        teacher_view = DualViewCollator(collator.teacher_processor, privileged_template=collator.privileged_template,
+                                        max_privileged_tokens=collator.max_privileged_tokens)
         for prefix, privileged in (("teacher", False), ("teacher_privileged", True)):
             metrics.update(accuracies(models, eval_sets, cfg, prefix=prefix, model=models.teacher,
                                       collator=teacher_view, privileged=privileged))

@@ -1,0 +1,137 @@
+"""Benchmark 3: rollout throughput under DeepSpeed ZeRO-3 with 2 ranks (torchrun, gloo on CPU).
+
+    python benchmarks/rollout_zero3.py
+    python benchmarks/rollout_zero3.py --scale small --max-new-tokens 32
+
+The student is a ZeRO-3 engine (parameters partitioned over the 2 ranks, as in training). Both
+variants call the same `dopd_vlm.rollout.sample_responses` (`generate(synced_gpus=True)`, 8
+sequences per rank, same seeds, hence the same sampled tokens):
+
+- gathered_once: dopd_vlm's path, every weight gathered once around the whole `generate` call
+  (`rollout.gathered_parameters`);
+- per_layer:     DeepSpeed's default, each layer's weights all-gathered (and released) in its
+  forward hooks, at every decoding step.
+
+Calls alternate between the variants after one warm-up call each; tokens/s counts the valid
+response tokens of both ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+RECIPE = str(C.ROOT / "benchmarks" / "recipes" / "bench_scenes.yaml")
+SCALES = {
+    "tiny": {},  # dopd_vlm's tiny student: hidden 64, 2 layers
+    "small": dict(hidden_size=256, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=768),
+}
+
+
+def child(args) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    import dopd_vlm  # noqa: F401
+    import deepspeed
+    from dopd_vlm import rollout
+    from dopd_vlm.collate import DualViewCollator
+    from dopd_vlm.config import RolloutConfig, load_config, load_deepspeed_config
+    from dopd_vlm.data.recipes import load_recipe
+    from dopd_vlm.models import STUDENT_SIZE, TinySize, load_model, load_processor, make_tiny_pair, model_family, vision_special_token_ids
+    from dopd_vlm.train import _hf_deepspeed_config, _unset_hf_deepspeed_config, init_distributed
+
+    import dataclasses
+
+    size = dataclasses.replace(STUDENT_SIZE, **SCALES[args.scale])
+    paths = make_tiny_pair("qwen2_vl", C.ROOT / ".cache" / "bench" / f"rollout_{args.scale}", seed=0, student=size, teacher=size)
+    init_distributed()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    per_rank = 8
+    cfg = load_config(None, [f"model.student={paths['student']}", f"model.teacher={paths['teacher']}",
+                             f"train.prompts_per_step={per_rank * world}", f"train.prompts_per_micro_batch={per_rank}",
+                             "rollout.num_rollouts=1"])
+    ds_config = load_deepspeed_config(C.ROOT / "ds_configs" / "zero3.json", cfg, world, bf16_enabled=torch.cuda.is_available())
+    ds_config["zero_allow_untested_optimizer"] = True
+    keep = _hf_deepspeed_config(ds_config)
+    model = load_model(paths["student"], dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    del keep
+    _unset_hf_deepspeed_config()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-5), config=ds_config)
+    module = engine.module
+    assert all(hasattr(p, "ds_id") for p in module.parameters()), "weights are not ZeRO-3 partitioned"
+    processor = load_processor(paths["student"])
+    collator = DualViewCollator(processor, privileged_template=cfg.data.privileged_template)
+    samples = load_recipe(RECIPE, "train", family=model_family(paths["student"]))
+    samples = [samples[(rank * per_rank + i) % len(samples)] for i in range(per_rank)]
+    rcfg = RolloutConfig(num_rollouts=1, max_new_tokens=args.max_new_tokens)
+    suppress = vision_special_token_ids(collator.tokenizer)
+    original = rollout.gathered_parameters
+
+    def generate(variant: str, seed: int) -> tuple[float, int]:
+        rollout.gathered_parameters = original if variant == "gathered_once" else (lambda m: contextlib.nullcontext())
+        torch.manual_seed(seed)
+        torch.distributed.barrier()
+        start = time.perf_counter()
+        _, mask = rollout.sample_responses(module, collator, samples, rcfg, suppress_token_ids=suppress, synced_gpus=True)
+        torch.distributed.barrier()
+        elapsed = time.perf_counter() - start
+        tokens = torch.tensor([int(mask.sum())])
+        torch.distributed.all_reduce(tokens)
+        return elapsed, int(tokens)
+
+    variants = ("gathered_once", "per_layer")
+    for v in variants:
+        generate(v, 0)  # warm-up
+    results = {v: [] for v in variants}
+    for rep in range(args.reps):
+        for v in variants if rep % 2 == 0 else variants[::-1]:
+            results[v].append(generate(v, rep + 1))
+    rollout.gathered_parameters = original
+    if rank == 0:
+        rows = []
+        for v, runs in results.items():
+            seconds = statistics.median(t for t, _ in runs)
+            tokens = statistics.median(n for _, n in runs)
+            rows.append(dict(variant=v, seconds_per_generate=seconds, tokens=tokens, tokens_per_s=tokens / seconds))
+        C.emit(dict(rows=rows, world=world, sequences_per_rank=per_rank, max_new_tokens=args.max_new_tokens,
+                    scale=args.scale, params=sum(p.ds_numel for p in module.parameters())))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--reps", type=int, default=6)
+    p.add_argument("--scale", choices=tuple(SCALES), default="tiny")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args)
+        return
+    cmd = [C.python(), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__, "--child",
+           "--max-new-tokens", str(args.max_new_tokens), "--reps", str(args.reps), "--scale", args.scale]
+    result = C.run_json(cmd, env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    base = next(r for r in result["rows"] if r["variant"] == "per_layer")
+    for r in result["rows"]:
+        r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
+    payload = dict(benchmark="rollout_zero3", command="python benchmarks/rollout_zero3.py" + (f" --scale {args.scale}" if args.scale != "tiny" else ""),
+                   machine=C.machine(), **result)
+    C.save(f"rollout_zero3_{args.scale}", payload)
+    print(f"machine: {payload['machine']}\n2 ranks ZeRO-3, {result['sequences_per_rank']} sequences/rank, "
+          f"{args.max_new_tokens} new tokens, student {result['params']:,} parameters")
+    print(C.table(result["rows"], [("variant", "variant"), ("seconds_per_generate", "s / generate"),
+                                   ("tokens", "tokens"), ("tokens_per_s", "tokens/s"), ("speedup", "speed-up")]))
+
+
+if __name__ == "__main__":
+    main()
