@@ -83,8 +83,7 @@ class ScoredMicroBatch:
 
 
 def dopd_step(models: Models, micro_batches: Sequence[Sequence[Sample]], cfg: RunConfig, seeds: Sequence[int]) -> dict[str, float]:
-    """One optimizer step: rollout -> score -> route -> loss -> backward/step for every micro-batch."""
-    spec = SPECS[cfg.method.name]
+    """One optimizer step: rollout -> score -> route -> loss -> backward/step (see module doc)."""
     timer = _Timer()
     scored = []
     for samples, seed in zip(micro_batches, seeds):
@@ -92,42 +91,53 @@ def dopd_step(models: Models, micro_batches: Sequence[Sequence[Sample]], cfg: Ru
             views = rollout_views(models, samples, cfg, seed)
         with timer("score"):
             scored.append(score_targets(models, views, cfg))
+    thresholds = step_thresholds(scored, cfg) if SPECS[cfg.method.name].routes else None
+    with timer("update"):
+        losses, stats, applied = update_student(models, scored, cfg, thresholds)
+    return step_metrics(scored, losses, stats, applied, thresholds, timer)
 
-    thresholds = None
-    if spec.routes:  # one set of thresholds for the whole step, all micro-batches and ranks
-        thresholds = compute_thresholds(
-            [s.teacher_logprobs for s in scored],
-            [s.privileged_logprobs for s in scored],
-            [torch.ones_like(s.tokens.token_ids, dtype=torch.bool) for s in scored],
-            trim=cfg.method.trim,
-            normalize=cfg.method.normalize,
-        )
 
-    stats: list[TokenStats] = []
-    losses = []
-    finite = True
+def step_thresholds(scored: Sequence["ScoredMicroBatch"], cfg: RunConfig) -> Thresholds:
+    """The router's thresholds over every micro-batch of the step and every rank (a collective)."""
+    return compute_thresholds(
+        [s.teacher_logprobs for s in scored],
+        [s.privileged_logprobs for s in scored],
+        [torch.ones_like(s.tokens.token_ids, dtype=torch.bool) for s in scored],  # all valid tokens
+        trim=cfg.method.trim,
+        normalize=cfg.method.normalize,
+    )
+
+
+def update_student(models: Models, scored, cfg: RunConfig, thresholds: Thresholds | None):
+    """Student pass with gradient, loss and backward per micro-batch; one optimizer step.
+
+    A non-finite loss still runs a (zero) backward so every rank keeps DeepSpeed's micro-step
+    bookkeeping in lockstep; if any loss or gradient was non-finite on any rank, the optimizer
+    step is called off everywhere. Returns (micro-batch losses, token stats, step applied).
+    """
+    losses, stats, finite = [], [], True
     for index, s in enumerate(scored):
-        with timer("update"):
-            loss, token_stats, student_hidden = student_loss(models, s, cfg, thresholds)
-            loss_finite = all_ranks_true(bool(torch.isfinite(loss)))
-            finite &= loss_finite
-            # A non-finite loss still runs a (zero) backward so every rank keeps DeepSpeed's
-            # micro-step bookkeeping in lockstep; the optimizer step is then called off.
-            models.student.backward(loss if loss_finite else 0.0 * student_hidden.sum())
-            if index == len(scored) - 1:  # the accumulation boundary: decide before stepping
-                finite &= all_ranks_true(gradients_finite(models.student_module))
-                models.optimizer.skip_next_step = not finite
-            models.student.step()
-            models.optimizer.skip_next_step = False
+        loss, token_stats, student_hidden = student_loss(models, s, cfg, thresholds)
+        loss_finite = all_ranks_true(bool(torch.isfinite(loss)))
+        finite &= loss_finite
+        models.student.backward(loss if loss_finite else 0.0 * student_hidden.sum())
+        if index == len(scored) - 1:  # the accumulation boundary: decide before stepping
+            finite &= all_ranks_true(gradients_finite(models.student_module))
+            models.optimizer.skip_next_step = not finite
+        models.student.step()
+        models.optimizer.skip_next_step = False
         losses.append(loss.item())
         stats.append(token_stats)
+    return losses, stats, finite
 
-    # Step metrics over all ranks: token-level means from every rank's tokens, sums of counts.
+
+def step_metrics(scored, losses, stats, applied: bool, thresholds: Thresholds | None, timer: "_Timer") -> dict[str, float]:
+    """Step metrics over all ranks: token-level means from every rank's tokens, sums of counts."""
     loss_sum, tokens, sequences = all_ranks_sum(
         [sum(losses), sum(s.tokens.token_ids.numel() for s in scored), sum(s.tokens.num_sequences for s in scored)]
     )
     metrics = {"loss": loss_sum / (len(losses) * _world_size()), **summarize(all_ranks_stats(stats))}
-    metrics.update(timer.seconds(), skipped_step=float(not finite), response_tokens=tokens,
+    metrics.update(timer.seconds(), skipped_step=float(not applied), response_tokens=tokens,
                    response_length=tokens / sequences)
     if thresholds is not None:
         metrics.update(threshold_gap=thresholds.gap, threshold_prob_sum=thresholds.prob_sum)
