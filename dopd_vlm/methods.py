@@ -22,6 +22,7 @@ recomputed only where a full-vocabulary objective needs them (DOPD's HT rows, GK
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -98,9 +99,13 @@ def compute_loss(cfg: MethodConfig, inputs: LossInputs, chunk_size: int) -> tupl
 
     - the student head is a plain linear layer (``scoring.LMHead`` of an ``nn.Linear``, or a
       weight tensor): ``losses.fused_head_loss`` takes each chunk's gradient in the forward, so
-      nothing is recomputed in backward;
-    - any other callable head (e.g. a ZeRO-3 partitioned one): ``losses.chunked_head_loss``
-      with per-chunk checkpointing; the detached diagnostics are skipped in the recompute.
+      nothing is recomputed in backward. A ZeRO-3 partitioned ``nn.Linear`` head takes this path
+      too: the fused loss runs as the head module's forward (``LMHead.run_as_forward``), so
+      DeepSpeed gathers the weight for it and again for its backward, and reduce-scatters the
+      full-size weight gradient; a frozen partitioned teacher head is gathered once for the call
+      (``LMHead.gathered``) so top-K targets come from its weight rows;
+    - any other callable head: ``losses.chunked_head_loss`` with per-chunk checkpointing; the
+      detached diagnostics are skipped in the recompute.
     """
     spec = SPECS[cfg.name]
     _check_inputs(cfg, spec, inputs)
@@ -108,17 +113,20 @@ def compute_loss(cfg: MethodConfig, inputs: LossInputs, chunk_size: int) -> tupl
     has_teacher = inputs.teacher_hidden is not None
     has_privileged = inputs.privileged_hidden is not None
     has_teacher_lse, has_privileged_lse = inputs.teacher_lse is not None, inputs.privileged_lse is not None
-    student_head, teacher_head = inputs.student_head, inputs.teacher_head
-    linear = _linear(student_head)
-    fused = linear is not None  # the fused path hands per_chunk log-probs instead of logits
+    student_head = inputs.student_head
+    # the heads per_chunk reads the targets from; the ZeRO-3 fused path swaps in gathered views
+    target_heads = {"privileged": student_head, "teacher": inputs.teacher_head}
+    mode = _fused_mode(student_head)
+    fused = mode is not None  # the fused path hands per_chunk log-probs instead of logits
 
     def per_chunk(student_scores, token_ids, regimes, privileged_hidden, teacher_hidden, privileged_lse, teacher_lse):
+        privileged_head, teacher_head = target_heads["privileged"], target_heads["teacher"]
         chunk = _Chunk(
             cfg,
             student_scores,
             token_ids,
             regimes,
-            privileged=_Target(privileged_hidden, student_head, privileged_lse if has_privileged_lse else None, cfg)
+            privileged=_Target(privileged_hidden, privileged_head, privileged_lse if has_privileged_lse else None, cfg)
             if has_privileged
             else None,
             teacher=_Target(teacher_hidden, teacher_head, teacher_lse if has_teacher_lse else None, cfg)
@@ -149,19 +157,33 @@ def compute_loss(cfg: MethodConfig, inputs: LossInputs, chunk_size: int) -> tupl
         inputs.teacher_lse if has_teacher_lse else no_lse,
     )
     if fused:
-        weight, bias = linear
-        vocab_size = _head_vocab_size(student_head, weight)
-        loss, columns = losses.fused_head_loss(
-            inputs.student_hidden,
-            weight,
-            per_chunk,
-            *per_token,
-            token_weights=token_weights(tokens).to(inputs.student_hidden.device),
-            chunk_size=chunk_size,
-            bias=bias,
-            vocab_size=vocab_size,
-            give_log_probs=True,
-        )
+        weights = token_weights(tokens).to(inputs.student_hidden.device)
+        out: dict[str, torch.Tensor] = {}
+
+        def fused_loss(weight, bias, hidden, *per_token_tensors):
+            if mode == "module":  # inside the head's forward: its weight is gathered, use it directly
+                target_heads["privileged"] = _LinearHead(weight, bias, student_head.vocab_size)
+            loss, out["columns"] = losses.fused_head_loss(
+                hidden,
+                weight,
+                per_chunk,
+                *per_token_tensors,
+                token_weights=weights,
+                chunk_size=chunk_size,
+                bias=bias,
+                vocab_size=_head_vocab_size(student_head, weight),
+                give_log_probs=True,
+            )
+            return loss  # the columns go out through `out`: a module output would get ZeRO-3 hooks
+
+        if mode == "direct":
+            loss = fused_loss(*_linear(student_head), inputs.student_hidden, *per_token)
+        else:  # ZeRO-3 partitioned head: run as its forward, so DeepSpeed gathers it for forward and backward
+            teacher_head = inputs.teacher_head
+            gathered = teacher_head.gathered() if hasattr(teacher_head, "gathered") else contextlib.nullcontext(teacher_head)
+            with gathered as target_heads["teacher"]:  # frozen: gathered once, not needed in backward
+                loss = student_head.run_as_forward(fused_loss, inputs.student_hidden, *per_token)
+        columns = out["columns"]
     else:
         columns = losses.chunked_head_loss(inputs.student_hidden, student_head, per_chunk, *per_token, chunk_size=chunk_size)
         loss = sequence_mean(columns[:, 0], tokens)
@@ -187,6 +209,28 @@ def token_weights(tokens: ResponseTokens) -> torch.Tensor:
     b = tokens.num_sequences
     counts = torch.bincount(tokens.seq_index, minlength=b).clamp(min=1).to(torch.float64)
     return 1.0 / (counts[tokens.seq_index] * b)
+
+
+def _fused_mode(head: Head) -> str | None:
+    """How the fused path reaches the student head's weight: "direct" (a plain weight tensor or
+    linear layer), "module" (a ZeRO-3 partitioned linear layer, see ``scoring.LMHead.run_as_forward``),
+    or None (any other head: the checkpointed fallback)."""
+    if _linear(head) is not None:
+        return "direct"
+    if getattr(head, "partitioned_linear", False):
+        return "module"
+    return None
+
+
+class _LinearHead:
+    """A linear head given by its (gathered) weight and bias, sliced to ``vocab_size`` rows."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, vocab_size: int):
+        self.linear, self.vocab_size = (weight, bias), vocab_size
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.linear
+        return F.linear(hidden, weight[: self.vocab_size], None if bias is None else bias[: self.vocab_size])
 
 
 def _linear(head: Head | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:

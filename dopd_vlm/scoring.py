@@ -9,8 +9,9 @@ than the logits they stand for.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -35,21 +36,77 @@ class LMHead:
     ``nn.Linear`` whose weight is a whole tensor (not ZeRO-3 partitioned), :attr:`linear` exposes
     ``(weight, bias)`` so the loss can use the weight directly (fused gradients, top-K target
     logits from a few weight rows) instead of calling the module on full-vocabulary chunks.
+    A ZeRO-3 partitioned ``nn.Linear`` (:attr:`partitioned_linear`) gets the same fast paths
+    through :meth:`run_as_forward` (trainable head) and :meth:`gathered` (frozen head).
     """
+
+    _gathered = False  # True on the view that :meth:`gathered` yields
 
     def __init__(self, module: nn.Module, vocab_size: int):
         self.module = module
         self.vocab_size = vocab_size
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._gathered:  # not through the module: its ZeRO-3 post-forward hook would release the weight
+            module = self.module
+            return nn.functional.linear(hidden, module.weight, module.bias)[..., : self.vocab_size]
         return self.module(hidden)[..., : self.vocab_size]
 
     @property
     def linear(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         module = self.module
-        if type(module) is not nn.Linear or hasattr(module.weight, "ds_id"):
+        if type(module) is not nn.Linear or (hasattr(module.weight, "ds_id") and not self._gathered):
             return None
         return module.weight, module.bias
+
+    @property
+    def partitioned_linear(self) -> bool:
+        """True for a plain ``nn.Linear`` whose parameters are ZeRO-3 partitioned (see :meth:`run_as_forward`)."""
+        return type(self.module) is nn.Linear and hasattr(self.module.weight, "ds_id")
+
+    def run_as_forward(self, fn: Callable[..., Any], *args: torch.Tensor) -> Any:
+        """``fn(weight, bias, *args)`` run as the module's own forward, through ``module(*args)``.
+
+        Under ZeRO-3 the module's hooks then gather its parameters for the call and again before
+        autograd reaches the backward of ``fn``'s output (DeepSpeed's pre-backward hooks sit on the
+        module's outputs), and release them after the gradient w.r.t. ``args`` is computed, so a
+        custom autograd Function in ``fn`` may return a full-size gradient for the weight: it
+        accumulates into the gathered parameter, and DeepSpeed reduce-scatters it as usual.
+        ``fn`` must return a tensor (or a tuple of tensors) that carries the gradient; anything
+        else it produces should go out through a closure. Without ZeRO-3 this is a plain call.
+        """
+        module = self.module
+        missing = object()
+        own = module.__dict__.get("forward", missing)
+        module.forward = lambda *a: fn(module.weight, module.bias, *a)
+        try:
+            return module(*args)
+        finally:
+            if own is missing:
+                del module.forward
+            else:
+                module.forward = own
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator["LMHead"]:
+        """This head with its ZeRO-3 partitioned parameters gathered for the block, as a head
+        whose :attr:`linear` is available and whose calls use the gathered weight directly (a call
+        through the module would release it). For frozen heads or no-grad use only (no gradient
+        can reach DeepSpeed through the gathered weight); a no-op view for heads that are not
+        partitioned. One gather for many chunks also keeps the number of collectives equal on
+        every rank."""
+        if not self.partitioned_linear:
+            yield self
+            return
+        params = list(self.module.parameters())
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            raise ValueError("LMHead.gathered is for frozen heads or no-grad use; a gradient would be lost")
+        import deepspeed
+
+        view = LMHead(self.module, self.vocab_size)
+        view._gathered = True
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield view
 
 
 def output_head(model: nn.Module, vocab_size: int) -> LMHead:
@@ -79,6 +136,13 @@ def token_logprobs_and_lse(
     The log-normaliser is what a loss needs to turn a few target logits (e.g. at the student's
     top-K tokens) into exact log-probs later, without the target's full-vocabulary logits again.
     """
+    with head.gathered() if isinstance(head, LMHead) else contextlib.nullcontext(head) as head:
+        return _token_logprobs_and_lse(hidden, head, token_ids, chunk_size)
+
+
+def _token_logprobs_and_lse(hidden, head, token_ids, chunk_size):
+    # Under ZeRO-3 the head was gathered once above: a gather per chunk would be a collective
+    # whose count differs between ranks with different numbers of response tokens (a hang).
     logprobs, lse = [], []
     for start in range(0, hidden.shape[0], chunk_size):
         logits = head(hidden[start : start + chunk_size]).float()

@@ -2,8 +2,12 @@
 
 Usage: torchrun --nproc_per_node N tests/helpers/train_driver.py SPEC.json RESULT.json
 SPEC: {"config": path, "runs": [{"name", "overrides": [...], "resume": bool, "stop_after_step": int|null,
-                                 "fault": {...} | absent}]}
-RESULT (rank 0): {name: {"metrics": {...}, "teacher_unchanged": bool, "finished": bool, "error": str|null}}
+                                 "fault": {...} | absent, "loss_path": "fallback" | absent}]}
+RESULT (rank 0): {name: {"metrics": {...}, "teacher_unchanged": bool, "finished": bool, "error": str|null,
+                         "loss_paths": [...]}}
+"loss_paths" lists the paths `methods.compute_loss` took on rank 0 ("direct" / "module": the fused loss
+on a plain or a ZeRO-3 partitioned head, null: the checkpointed fallback); "loss_path": "fallback"
+forces the fallback for that run (by patching this process only).
 Several runs share one process start-up (torch + DeepSpeed imports dominate on CPU).
 
 Faults are injected by patching this process only (the product code has no test hooks):
@@ -28,6 +32,7 @@ import torch.distributed as dist
 from dopd_vlm.config import load_config
 from dopd_vlm.models import load_model
 from dopd_vlm.rollout import gathered_parameters
+import dopd_vlm.methods as methods_module
 import dopd_vlm.train as train_module
 from dopd_vlm.train import NonFiniteTraining, train
 
@@ -76,18 +81,29 @@ def inject(fault: dict) -> None:
 def main(spec_path: str, result_path: str) -> None:
     spec = json.load(open(spec_path))
     results = {}
+    real_mode = methods_module._fused_mode
     for run in spec["runs"]:
         cfg = load_config(spec["config"], run["overrides"])
         if "fault" in run:
             inject(run["fault"])
+        paths = []
+
+        def fused_mode(head, force_fallback=run.get("loss_path") == "fallback", paths=paths):
+            mode = None if force_fallback else real_mode(head)
+            paths.append(mode)
+            return mode
+
+        methods_module._fused_mode = fused_mode
         try:
             result = train(cfg, resume=run.get("resume", False), stop_after_step=run.get("stop_after_step"))
         except (NonFiniteTraining, train_module.CheckpointError) as err:
             results[run["name"]] = {"error": f"{type(err).__name__}: {err}", "finished": False}
             continue
+        finally:
+            methods_module._fused_mode = real_mode
         unchanged = teacher_unchanged(result.teacher, cfg.model.teacher) if result.teacher is not None else None
         results[run["name"]] = {"metrics": result.metrics, "teacher_unchanged": unchanged,
-                                "finished": result.finished, "error": None}
+                                "finished": result.finished, "error": None, "loss_paths": sorted(set(paths), key=str)}
     if not dist.is_initialized() or dist.get_rank() == 0:
         json.dump(results, open(result_path, "w"), indent=1)
 
