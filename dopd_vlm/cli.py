@@ -220,7 +220,8 @@ def _add_demo(subparsers) -> None:
         "demo",
         help="distil a tiny teacher into a student with DOPD and baselines; table and plots",
         description=DEMO_DESCRIPTION,
-        epilog="example:\n  dopd-vlm demo --steps 100 --methods dopd vanilla_opd --out runs/demo_short",
+        epilog="examples:\n  dopd-vlm demo --steps 100 --methods dopd vanilla_opd --out runs/demo_short\n"
+        "  dopd-vlm demo --methods dopd sft -- optim.lr=5e-4",
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--out", default=str(defaults.out), metavar="DIR", help="output folder (default: %(default)s)")
@@ -240,7 +241,7 @@ def _add_demo(subparsers) -> None:
     parser.add_argument("--rebuild-teacher", action="store_true",
                         help="rerun the teacher warm-up and rewrite demo_assets/ (~20 CPU-minutes)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides for every run, e.g. optim.lr=5e-4")
+                        help="config overrides for every run, e.g. optim.lr=5e-4 (after -- when --methods is last)")
     parser.set_defaults(run=run_demo)
 
 

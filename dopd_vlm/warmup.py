@@ -1,0 +1,156 @@
+"""Supervised warm-up: teach a tiny random-init model the task before it is distilled.
+
+Random-init tiny models answer uniformly at random, so distillation needs a teacher that was
+trained first, and a student that at least knows the answer format. `warm_up` is plain
+supervised learning on reference answers, written with the project's own pieces: the
+`DualViewCollator` builds the prompt+answer batch, `scoring.response_hidden_states` and
+`scoring.output_head` give the logits at answer positions, `losses.token_cross_entropy` and
+`methods.sequence_mean` give the loss (the same reduction the distillation methods use).
+
+Each sample is shown *with* the privileged text (the bounding boxes) with probability
+`privileged_prob`, otherwise plain. Training on both views makes one model good at both: the
+teacher must answer well from the image alone (its plain-view accuracy is the gap the student
+should close) and with the boxes (the view it is distilled from); a student trained on both can
+also read the boxes, which the privileged-student pass of DOPD and OPSD relies on.
+
+Everything is a pure function of the model's initial weights and `WarmupConfig.seed`: batch
+order and view choices come from a seeded `random.Random`, dropout is off, so one machine with
+one torch build and thread count reproduces a warm-up bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from dopd_vlm import losses
+from dopd_vlm.collate import DualViewCollator
+from dopd_vlm.data.schema import Sample
+from dopd_vlm.methods import sequence_mean
+from dopd_vlm.scoring import ResponseTokens, output_head, response_hidden_states
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    """One supervised warm-up.
+
+    Attributes:
+        steps: Optimizer steps.
+        batch_size: Samples per step.
+        lr: Peak AdamW learning rate (linear warm-up, then cosine to lr * min_lr_ratio).
+        privileged_prob: Probability that a sample is shown with its privileged text.
+        warmup_steps: Linear learning-rate warm-up length.
+        min_lr_ratio: Final learning rate as a fraction of lr.
+        weight_decay: AdamW weight decay.
+        grad_clip: Max global gradient norm (0 = off).
+        seed: Seed of the batch order and of the plain/privileged choices.
+    """
+
+    steps: int
+    batch_size: int = 32
+    lr: float = 1e-3
+    privileged_prob: float = 0.5
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+        if not 0.0 <= self.privileged_prob <= 1.0:
+            raise ValueError("privileged_prob must be in [0, 1]")
+
+    def lr_factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def with_privileged_text(sample: Sample, template: str) -> Sample:
+    """The sample whose question carries the privileged text, as privileged views show it."""
+    return dataclasses.replace(sample, question=template.format(privileged=sample.privileged, question=sample.question))
+
+
+def answer_responses(tokenizer, samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference answers + EOS as a right-padded response batch (ids, prefix mask)."""
+    rows = [tokenizer(s.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for s in samples]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)] = torch.tensor(row)
+        mask[b, : len(row)] = True
+    return ids, mask
+
+
+def supervised_loss(model: nn.Module, collator: DualViewCollator, samples: Sequence[Sample]) -> torch.Tensor:
+    """Cross-entropy on the answer tokens (and EOS) of `samples`, shown as they are.
+
+    Per-sequence token mean, then mean over sequences (methods.sequence_mean).
+    """
+    ids, mask = answer_responses(collator.tokenizer, samples)
+    view = collator.scoring_views(samples, ids, mask, privileged_student=False, teacher=False).student
+    device = next(model.parameters()).device
+    view.inputs = {k: v.to(device) for k, v in view.inputs.items()}
+    view.logit_index = view.logit_index.to(device)
+    tokens = ResponseTokens.from_mask(ids, mask)
+    hidden = response_hidden_states(model, view, mask.to(device))
+    vocab = len(collator.tokenizer)
+    logits = output_head(model, vocab)(hidden)
+    return sequence_mean(losses.token_cross_entropy(logits, tokens.token_ids.to(device)), tokens)
+
+
+def warm_up(
+    model: nn.Module,
+    collator: DualViewCollator,
+    samples: Sequence[Sample],
+    cfg: WarmupConfig,
+    *,
+    desc: str = "warm-up",
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train `model` in place for cfg.steps supervised steps; returns the loss of every step.
+
+    `on_step(step, loss)` is called after every step (step counts from 1), e.g. to evaluate.
+    """
+    from tqdm.auto import tqdm
+
+    rng = random.Random(cfg.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
+    template = collator.privileged_template
+    order: list[int] = []
+    history = []
+    model.train()
+    bar = tqdm(range(cfg.steps), desc=desc, unit="step", disable=not progress, leave=False)
+    for step in bar:
+        batch = []
+        for _ in range(cfg.batch_size):
+            if not order:  # epoch-wise shuffles
+                order = list(range(len(samples)))
+                rng.shuffle(order)
+            sample = samples[order.pop()]
+            batch.append(with_privileged_text(sample, template) if rng.random() < cfg.privileged_prob else sample)
+        loss = supervised_loss(model, collator, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        history.append(loss.item())
+        bar.set_postfix(loss=f"{history[-1]:.3f}")
+        if on_step is not None:
+            on_step(step + 1, history[-1])
+    model.eval()
+    return history

@@ -1,0 +1,117 @@
+"""`dopd-vlm demo`: the whole pipeline, shortened, and the pieces it is built from.
+
+The pipeline test runs what `make demo` runs (pair -> warm-ups -> one real `dopd-vlm train`
+subprocess per method -> table and plots) with 2-step warm-ups, 2 training steps and 8 eval
+samples per split, so it checks plumbing and report, not learning (benchmarks/learning.py
+measures learning).
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from dopd_vlm import demo
+from dopd_vlm.cli import build_parser
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_short_demo_writes_table_plots_and_sane_numbers(tmp_path):
+    options = demo.DemoOptions(
+        out=tmp_path / "out", cache=tmp_path / "cache", steps=2, eval_every=1, eval_samples=8,
+        teacher_warmup_steps=2, student_warmup_steps=2, jobs=2, progress=False,
+    )
+    lines = []
+    summary = demo.run_demo(options, log=lines.append)
+
+    out = tmp_path / "out"
+    table = (out / "results.md").read_text()
+    for name in ("teacher (image only)", "teacher (image + boxes p)", "student, initial", "DOPD", "vanilla OPD", "OPSD", "SFT"):
+        assert name in table
+    assert table in "\n".join(lines)  # printed as well as written
+    assert json.loads((out / "results.json").read_text().replace("NaN", "null"))["steps"] == 2
+    for png in ("accuracy.png", "regimes.png"):
+        data = (out / png).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
+
+    rows = {row["name"]: row for row in summary["rows"]}
+    assert len(rows) == 3 + len(demo.DEFAULT_METHODS)
+    for row in summary["rows"]:
+        for split in ("test", "ood"):
+            assert 0.0 <= row["accuracy"][split] <= 1.0
+            gap = row.get("gap", {}).get(split)
+            assert gap is None or math.isnan(gap) or math.isfinite(gap)
+        if "method" in row:
+            assert 0 < row["wall_seconds"] < 600
+    for method in demo.DEFAULT_METHODS:
+        metrics = [json.loads(line) for line in (out / method / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics if "student/test" in m] == [0, 1, 2]
+        assert all(math.isfinite(m["loss"]) for m in metrics if "loss" in m)
+        assert (out / method / "final" / "model.safetensors").is_file()
+    dopd_rows = [json.loads(line) for line in (out / "dopd" / "metrics.jsonl").read_text().splitlines()][1:]
+    assert all(abs(sum(r[f"share/{n}"] for n in ("LH", "LL", "HT", "HS")) - 1) < 1e-6 for r in dopd_rows)
+
+    # a second run reuses both warm-ups from the cache
+    lines.clear()
+    demo.prepare_models(options, log=lines.append)
+    assert all("cached" in line for line in lines) and len(lines) == 2
+
+
+def test_shipped_teacher_is_the_current_warmup():
+    """The demo only uses demo_assets/ if its manifest matches the warm-up spec and weights;
+    otherwise `make demo` would spend ~20 minutes rebuilding it."""
+    teacher_cfg, _ = demo._warmup_configs()
+    spec = demo.warmup_spec("teacher", teacher_cfg)
+    assert demo.checkpoint_matches(demo.SHIPPED_TEACHER, spec), (
+        "demo_assets/qwen2_vl_teacher is stale: run `dopd-vlm demo --rebuild-teacher`"
+    )
+    manifest = json.loads((demo.SHIPPED_TEACHER / demo.MANIFEST).read_text())
+    assert manifest["accuracy"]["test_privileged"] > manifest["accuracy"]["test"] > 0.3
+
+
+def test_warmup_is_deterministic(tiny_pairs):
+    from dopd_vlm.collate import DualViewCollator
+    from dopd_vlm.data.recipes import load_recipe
+    from dopd_vlm.models import load_model, load_processor
+    from dopd_vlm.warmup import WarmupConfig, warm_up
+
+    path = tiny_pairs["qwen2_vl"]["student"]
+    collator = DualViewCollator(load_processor(path), privileged_template="Boxes:\n{privileged}\n{question}")
+    samples = list(load_recipe("synthetic_scenes", "train", limit=8))
+    cfg = WarmupConfig(steps=2, batch_size=4, warmup_steps=1, seed=3)
+    weights = []
+    for _ in range(2):
+        model = load_model(path)
+        losses = warm_up(model, collator, samples, cfg, progress=False)
+        assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not torch.equal(weights[0]["lm_head.weight"], load_model(path).state_dict()["lm_head.weight"])
+
+
+def test_gap_recovered_and_table():
+    assert demo.gap_recovered(0.5, 0.3, 0.7) == pytest.approx(0.5)
+    assert demo.gap_recovered(0.2, 0.3, 0.7) == pytest.approx(-0.25)
+    assert math.isnan(demo.gap_recovered(0.5, 0.4, 0.4))
+    summary = {
+        "splits": ["test"],
+        "rows": [
+            {"name": "teacher", "accuracy": {"test": 0.7}},
+            {"name": "DOPD", "accuracy": {"test": 0.5}, "gap": {"test": 0.5}, "wall_seconds": 12.3},
+            {"name": "none", "accuracy": {"test": 0.4}, "gap": {"test": math.nan}},
+        ],
+    }
+    table = demo.format_table(summary)
+    assert "| DOPD | 0.500 | 50% | 12 s |" in table and "n/a" in table
+
+
+def test_demo_command_line():
+    args = build_parser().parse_args(["demo", "--steps", "3", "--methods", "dopd", "sft", "--", "optim.lr=5e-4"])
+    assert args.steps == 3 and args.methods == ["dopd", "sft"] and args.overrides == ["optim.lr=5e-4"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--methods", "nope"])
+    command = demo.train_command("vanilla_opd", {"teacher": "t", "student": "s"}, "o", demo.DemoOptions(steps=7))
+    assert command[1:5] == ["-m", "dopd_vlm", "train", "--config"]
+    assert "method.name=vanilla_opd" in command and "train.steps=7" in command
