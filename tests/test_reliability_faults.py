@@ -44,7 +44,7 @@ def assert_same_weights(a, b):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_pairs):
     root = tmp_path_factory.mktemp("faults")
-    config = write_config(root / "c.yaml", tiny_pairs, train={"steps": 4, "save_every": 1, "collective_timeout_s": 60})
+    config = write_config(root / "c.yaml", tiny_pairs, train={"steps": 4, "save_every": 1, "collective_timeout_s": 300})
     launch(root, config, [
         {"name": "reference", "overrides": [f"train.output_dir={root / 'reference'}"]},
         {"name": "one_step", "overrides": [f"train.output_dir={root / 'one_step'}", "train.steps=1"]},
