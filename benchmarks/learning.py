@@ -67,7 +67,12 @@ def main(argv=None) -> int:
     parser.add_argument("--update-md", action="store_true",
                         help="rewrite this benchmark's section of BENCHMARKS.md from every learning_*.json")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run")
+    parser.add_argument("--md-only", action="store_true",
+                        help="only rewrite the BENCHMARKS.md section from the stored results; run nothing")
     args = parser.parse_args(argv)
+    if args.md_only:
+        update_markdown(ROOT / "BENCHMARKS.md")
+        return 0
 
     base = demo.DemoOptions(out=Path(args.out), cache=Path(args.cache), steps=args.steps, methods=tuple(args.methods),
                             jobs=args.jobs, overrides=tuple(args.overrides),

@@ -204,7 +204,7 @@ the baselines, and report what each method achieved.
 1. Builds the tiny teacher/student pair and the synthetic-scenes data (privileged text p: one
    labelled bounding box per object).
 2. Loads the warmed-up teacher shipped in demo_assets/ (or rebuilds it: --rebuild-teacher,
-   ~20 CPU-minutes, deterministic) and warms up the student briefly; both are cached in --cache.
+   ~30 CPU-minutes, deterministic) and warms up the student briefly (cached in --cache).
 3. Runs `dopd-vlm train --config configs/demo.yaml` once per method, same student, seed, steps
    and batches, evaluating on the test and out-of-distribution splits.
 4. Prints the table (accuracy, share of the teacher-student gap recovered, wall time) and
@@ -239,7 +239,7 @@ def _add_demo(subparsers) -> None:
     parser.add_argument("--eval-samples", type=int, default=defaults.eval_samples, metavar="N",
                         help="samples per eval split, 0 = all (default: %(default)s)")
     parser.add_argument("--rebuild-teacher", action="store_true",
-                        help="rerun the teacher warm-up and rewrite demo_assets/ (~20 CPU-minutes)")
+                        help="rerun the teacher warm-up and rewrite demo_assets/ (~30 CPU-minutes)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides for every run, e.g. optim.lr=5e-4 (after -- when --methods is last)")
     parser.set_defaults(run=run_demo)

@@ -7,11 +7,13 @@ Steps (each cached, so a second run goes straight to step 3):
    tokenizer; the `synthetic_scenes` recipe gives 112x112 scenes of coloured shapes, one
    question each, with the labelled bounding boxes as privileged text p.
 2. **Warm-ups** (`dopd_vlm.warmup`). The teacher is trained for long on the train split, with p
-   shown half of the time, so it is good both with and without p. That takes ~20 CPU-minutes,
-   so the result ships in the repo (`demo_assets/qwen2_vl_teacher`, ~2 MB); `--rebuild-teacher`
-   reruns the same deterministic warm-up and rewrites it. The student gets a short warm-up
-   (same recipe, p half of the time): it learns the answer format and a little about reading
-   p, but not yet how to answer from the image, which is the gap distillation should close.
+   shown half of the time, so it is good both with and without p (test accuracy 0.43 from the
+   image alone, 0.51 with p). That takes ~30 CPU-minutes, so the result ships in the repo
+   (`demo_assets/qwen2_vl_teacher`, 2 MB); `--rebuild-teacher` reruns the same deterministic
+   warm-up and rewrites it. The student gets 80 steps (~30 s, cached): it knows the answer
+   format but not yet the answers (0.175). Stopping it there is deliberate: image-only skill
+   takes these tiny models tens of CPU-minutes, so a student that already knew the per-question
+   answer priors could not be moved by any method within the demo (BENCHMARKS.md, learning).
 3. **Distillation.** Every method runs `dopd-vlm train --config configs/demo.yaml` (the real
    trainer, DeepSpeed, one process each) from the same student with the same seed, steps and
    batches; `--jobs` runs go side by side, one CPU thread each.
@@ -548,6 +550,8 @@ def run_demo(options: DemoOptions, log=print) -> dict[str, Any]:
     log(table)
     log("")
     log("gap recovered = (method - initial student) / (teacher image-only - initial student), same split")
+    log("multi-seed numbers, and why DOPD does not beat vanilla OPD on this toy task: BENCHMARKS.md, "
+        "section 'Learning: DOPD vs baselines on synthetic scenes'")
     log(f"results: {_display(out / 'results.md')}, {_display(out / 'results.json')}"
         + (f"; plots: {', '.join(_display(p) for p in plots)}" if plots else ""))
     log(f"total wall time {summary['total_seconds']:.0f} s (models ready after {prepared:.0f} s)")

@@ -91,16 +91,15 @@ class LMHead:
     def gathered(self) -> Iterator["LMHead"]:
         """This head with its ZeRO-3 partitioned parameters gathered for the block, as a head
         whose :attr:`linear` is available and whose calls use the gathered weight directly (a call
-        through the module would release it). For frozen heads or no-grad use only (no gradient
-        can reach DeepSpeed through the gathered weight); a no-op view for heads that are not
-        partitioned. One gather for many chunks also keeps the number of collectives equal on
-        every rank."""
+        through the module would release it). For frozen heads only (no gradient can reach
+        DeepSpeed through the gathered weight); a no-op view for heads that are not partitioned.
+        One gather for many chunks also keeps the number of collectives equal on every rank."""
         if not self.partitioned_linear:
             yield self
             return
         params = list(self.module.parameters())
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            raise ValueError("LMHead.gathered is for frozen heads or no-grad use; a gradient would be lost")
+        if any(p.requires_grad for p in params):
+            raise ValueError("LMHead.gathered is for frozen heads; a trainable head's gradient would be lost")
         import deepspeed
 
         view = LMHead(self.module, self.vocab_size)
@@ -136,13 +135,16 @@ def token_logprobs_and_lse(
     The log-normaliser is what a loss needs to turn a few target logits (e.g. at the student's
     top-K tokens) into exact log-probs later, without the target's full-vocabulary logits again.
     """
-    with head.gathered() if isinstance(head, LMHead) else contextlib.nullcontext(head) as head:
-        return _token_logprobs_and_lse(hidden, head, token_ids, chunk_size)
+    if isinstance(head, LMHead) and not any(p.requires_grad for p in head.module.parameters()):
+        with head.gathered() as gathered:  # frozen heads (the teacher): one gather for all chunks
+            return _token_logprobs_and_lse(hidden, gathered, token_ids, chunk_size)
+    return _token_logprobs_and_lse(hidden, head, token_ids, chunk_size)
 
 
 def _token_logprobs_and_lse(hidden, head, token_ids, chunk_size):
-    # Under ZeRO-3 the head was gathered once above: a gather per chunk would be a collective
-    # whose count differs between ranks with different numbers of response tokens (a hang).
+    # Under ZeRO-3 a frozen head is gathered once above: a gather per chunk would be a collective
+    # whose count differs between ranks with different numbers of response tokens (a hang). The
+    # trainable student head is still called per chunk (open problem, see BENCHMARKS.md).
     logprobs, lse = [], []
     for start in range(0, hidden.shape[0], chunk_size):
         logits = head(hidden[start : start + chunk_size]).float()

@@ -1,8 +1,8 @@
 """Ranks score different numbers of tokens with a ZeRO-3 partitioned head, in small chunks.
 
 Usage: torchrun --nproc_per_node 2 tests/helpers/uneven_chunks.py TEACHER_DIR
-A per-chunk gather of the head would issue a different number of collectives on each rank and
-hang or crash; scoring must gather once. Prints "ok <rank> <checksum>" on success.
+A per-chunk gather of a frozen (teacher) head would issue a different number of collectives on
+each rank and hang or crash; scoring must gather it once. Prints "ok <rank> <checksum>" on success.
 """
 
 import sys
@@ -22,7 +22,7 @@ def main(path: str) -> None:
     init_distributed(timeout_s=60)
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
     keep_alive = HfDeepSpeedConfig(config)  # noqa: F841  (partition at load)
-    model = load_model(path)
+    model = load_model(path).requires_grad_(False)  # a frozen teacher, as train() sets it up
     engine, *_ = deepspeed.initialize(model=model, config=config)
     head = output_head(engine.module, 500)
     assert head.partitioned_linear
