@@ -217,8 +217,8 @@ def _fused_mode(head: Head) -> str | None:
     or None (any other head: the checkpointed fallback)."""
     if _linear(head) is not None:
         return "direct"
-    if getattr(head, "partitioned_linear", False):
-        return "module"
+    # "module" (ZeRO-3 partitioned head through LMHead.run_as_forward) is disabled: 2-rank runs
+    # aborted intermittently (SIGABRT) with it; see BENCHMARKS.md section 1.
     return None
 
 

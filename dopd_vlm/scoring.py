@@ -135,16 +135,12 @@ def token_logprobs_and_lse(
     The log-normaliser is what a loss needs to turn a few target logits (e.g. at the student's
     top-K tokens) into exact log-probs later, without the target's full-vocabulary logits again.
     """
-    if isinstance(head, LMHead) and not any(p.requires_grad for p in head.module.parameters()):
-        with head.gathered() as gathered:  # frozen heads (the teacher): one gather for all chunks
-            return _token_logprobs_and_lse(hidden, gathered, token_ids, chunk_size)
     return _token_logprobs_and_lse(hidden, head, token_ids, chunk_size)
 
 
 def _token_logprobs_and_lse(hidden, head, token_ids, chunk_size):
-    # Under ZeRO-3 a frozen head is gathered once above: a gather per chunk would be a collective
-    # whose count differs between ranks with different numbers of response tokens (a hang). The
-    # trainable student head is still called per chunk (open problem, see BENCHMARKS.md).
+    # Under ZeRO-3 each chunk's head call is a gather: ranks with different numbers of chunks would
+    # issue different numbers of collectives (open problem, see BENCHMARKS.md section 1).
     logprobs, lse = [], []
     for start in range(0, hidden.shape[0], chunk_size):
         logits = head(hidden[start : start + chunk_size]).float()

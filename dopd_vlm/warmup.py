@@ -132,7 +132,7 @@ def warm_up(
     order: list[int] = []
     history = []
     model.train()
-    bar = tqdm(range(cfg.steps), desc=desc, unit="step", disable=not progress, leave=False)
+    bar = tqdm(range(cfg.steps), desc=desc, unit="step", disable=not progress, leave=False, mininterval=0.5)
     for step in bar:
         batch = []
         for _ in range(cfg.batch_size):

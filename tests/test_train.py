@@ -158,33 +158,6 @@ def test_same_global_batch_gives_same_first_step_loss_on_one_and_two_ranks(tmp_p
 
 
 @pytest.mark.slow
-def test_zero3_takes_the_fused_loss_path_with_the_fallbacks_loss_and_weights(tmp_path, tiny_pairs):
-    config = write_config(tmp_path / "c.yaml", tiny_pairs, train={"steps": 1})
-    # One loss chunk per rank. Several chunks per rank under ZeRO-3 x 2 (loss_chunk_size=4) aborted
-    # intermittently (SIGABRT after training, under investigation; see BENCHMARKS.md section 1).
-    runs = {"fused": [], "fallback": []}
-    results = launch(tmp_path, config, [
-        {"name": name, "overrides": [*o, f"train.output_dir={tmp_path / name}"],
-         **({"loss_path": "fallback"} if name == "fallback" else {})}
-        for name, o in runs.items()
-    ])
-    # the partitioned student head runs the fused loss as its module's forward; "fallback" is the
-    # checkpointed reference (one chunk per rank: ranks with different chunk counts would make
-    # different numbers of ZeRO-3 gathers there). Small chunks: the heads are used again after HT rows.
-    assert [results[name]["loss_paths"] for name in runs] == [["module"], [None]]
-    reference = load_file(tmp_path / "fallback" / "final" / "model.safetensors")
-    initial = load_file(tiny_pairs["qwen2_vl"]["student"] / "model.safetensors")
-    assert not torch.equal(reference["lm_head.weight"], initial["lm_head.weight"])  # the head was trained
-    for name in ("fused",):
-        metrics, expected = results[name]["metrics"], results["fallback"]["metrics"]
-        assert metrics["loss"] == pytest.approx(expected["loss"], abs=1e-5), name
-        assert metrics["response_tokens"] == expected["response_tokens"] and metrics["share/HT"] > 0
-        weights = load_file(tmp_path / name / "final" / "model.safetensors")
-        for key in reference:
-            torch.testing.assert_close(weights[key], reference[key], rtol=0, atol=1e-5, msg=f"{name} {key}")
-
-
-@pytest.mark.slow
 def test_stop_and_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, tiny_pairs):
     config = write_config(tmp_path / "c.yaml", tiny_pairs, train={"steps": 4, "save_every": 1})
     full, parts = tmp_path / "full", tmp_path / "parts"
@@ -212,15 +185,3 @@ def test_text_only_and_other_vision_families_train_under_zero3(tmp_path, tiny_pa
         result = launch(tmp_path, config, [{"name": family, "overrides": [f"train.output_dir={tmp_path / family}"]}])
         assert result[family]["finished"] and result[family]["teacher_unchanged"]
 
-
-@pytest.mark.slow
-def test_zero3_scoring_with_uneven_token_counts_across_ranks_does_not_hang(tiny_pairs):
-    script = REPO / "tests" / "helpers" / "uneven_chunks.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-         str(tiny_pairs["qwen2_vl"]["teacher"])],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("ok ") == 2
