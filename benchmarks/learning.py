@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
     minutes = (time.perf_counter() - started) / 60
 
     aggregate = aggregate_rows(per_seed)
-    command = "python benchmarks/learning.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/learning.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     table = format_aggregate(aggregate, len(args.seeds))
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
