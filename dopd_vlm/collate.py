@@ -292,3 +292,16 @@ def check_shared_vocab(teacher_tokenizer: Any, student_tokenizer: Any, teacher_v
     if used > common:
         raise ValueError(f"tokenizer has {used} tokens but an LM head has only {common} rows")
     return common
+
+
+def reference_responses(collator: DualViewCollator, samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference answers tokenised as responses ending in EOS (the off-policy SFT target)."""
+    tok = collator.tokenizer
+    rows = [tok(s.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for s in samples]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)] = torch.tensor(row)
+        mask[b, : len(row)] = True
+    return ids, mask

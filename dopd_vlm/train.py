@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dopd_vlm.collate import DualViewCollator, ScoringViews, check_shared_vocab
+from dopd_vlm.collate import DualViewCollator, ScoringViews, check_shared_vocab, reference_responses
 from dopd_vlm.config import RunConfig, load_deepspeed_config
 from dopd_vlm.data.recipes import load_recipe
 from dopd_vlm.data.schema import Sample
@@ -162,19 +162,6 @@ def rollout_views(models: Models, samples: Sequence[Sample], cfg: RunConfig, see
         teacher=spec.needs_teacher,
         teacher_privileged=cfg.method.teacher_privileged,
     )
-
-
-def reference_responses(collator: DualViewCollator, samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference answers tokenised as responses ending in EOS (the off-policy SFT target)."""
-    tok = collator.tokenizer
-    rows = [tok(s.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for s in samples]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for b, row in enumerate(rows):
-        ids[b, : len(row)] = torch.tensor(row)
-        mask[b, : len(row)] = True
-    return ids, mask
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from dopd_vlm import losses
-from dopd_vlm.collate import DualViewCollator
+from dopd_vlm.collate import DualViewCollator, reference_responses
 from dopd_vlm.data.schema import Sample
 from dopd_vlm.methods import sequence_mean
 from dopd_vlm.scoring import ResponseTokens, output_head, response_hidden_states
@@ -80,24 +80,12 @@ def with_privileged_text(sample: Sample, template: str) -> Sample:
     return dataclasses.replace(sample, question=template.format(privileged=sample.privileged, question=sample.question))
 
 
-def answer_responses(tokenizer, samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference answers + EOS as a right-padded response batch (ids, prefix mask)."""
-    rows = [tokenizer(s.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for s in samples]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for b, row in enumerate(rows):
-        ids[b, : len(row)] = torch.tensor(row)
-        mask[b, : len(row)] = True
-    return ids, mask
-
-
 def supervised_loss(model: nn.Module, collator: DualViewCollator, samples: Sequence[Sample]) -> torch.Tensor:
     """Cross-entropy on the answer tokens (and EOS) of `samples`, shown as they are.
 
     Per-sequence token mean, then mean over sequences (methods.sequence_mean).
     """
-    ids, mask = answer_responses(collator.tokenizer, samples)
+    ids, mask = reference_responses(collator, samples)
     view = collator.scoring_views(samples, ids, mask, privileged_student=False, teacher=False).student
     device = next(model.parameters()).device
     view.inputs = {k: v.to(device) for k, v in view.inputs.items()}
