@@ -49,7 +49,8 @@ def child(args) -> None:
     from dopd_vlm.config import RolloutConfig, load_config, load_deepspeed_config
     from dopd_vlm.data.recipes import load_recipe
     from dopd_vlm.models import STUDENT_SIZE, TinySize, load_model, load_processor, make_tiny_pair, model_family, vision_special_token_ids
-    from dopd_vlm.train import _hf_deepspeed_config, _unset_hf_deepspeed_config, init_distributed
+    from dopd_vlm.distributed import init_distributed
+    from dopd_vlm.train import _hf_deepspeed_config, _unset_hf_deepspeed_config
 
     import dataclasses
 

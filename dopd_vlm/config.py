@@ -23,6 +23,7 @@ METHOD_NAMES = ("dopd", "vanilla_opd", "opsd", "gkd", "sft")
 DOPD_ABLATIONS = ("none", "no_routing", "no_teacher", "no_student", "single_objective")
 OPD_DIVERGENCES = ("sampled", "topk", "full")
 TOPK_VARIANTS = ("unbiased", "renormalized", "tail")
+PRIVILEGED_TARGETS = ("live", "initial")
 NORMALIZATIONS = ("none", "minmax", "zscore")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -90,6 +91,9 @@ class MethodConfig:
         normalize: Router normalisation: none | minmax | zscore.
         opd_divergence: vanilla_opd's divergence: sampled | topk | full.
         teacher_privileged: Whether the teacher sees the privileged text (vanilla_opd, gkd).
+        privileged_target: The privileged student of dopd and opsd: `live` (the trained weights,
+            as in the paper: the target moves with every update) or `initial` (a frozen copy of
+            the starting student, loaded like the teacher: one more model in memory).
         jsd_beta: Generalised-JSD mixture weight for gkd and opsd (0.5 = JS).
         temperature: Softmax temperature of the loss distributions.
     """
@@ -105,6 +109,7 @@ class MethodConfig:
     normalize: str = "none"
     opd_divergence: str = "topk"
     teacher_privileged: bool = True
+    privileged_target: str = "live"
     jsd_beta: float = 0.5
     temperature: float = 1.0
 
@@ -295,6 +300,7 @@ def validate(cfg: RunConfig) -> None:
     _check_choice(m.opd_divergence, OPD_DIVERGENCES, "method.opd_divergence")
     _check_choice(m.topk_variant, TOPK_VARIANTS, "method.topk_variant")
     _check_choice(m.normalize, NORMALIZATIONS, "method.normalize")
+    _check_choice(m.privileged_target, PRIVILEGED_TARGETS, "method.privileged_target")
     _check(0 <= m.beta_w < m.beta_l, "method.beta_w", "must satisfy 0 <= beta_w < beta_l")
     _check(m.ht_weight >= 0, "method.ht_weight", "must be >= 0")
     _check(m.top_k >= 1, "method.top_k", "must be >= 1")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from dopd_vlm import losses
 from dopd_vlm.config import MethodConfig
+from dopd_vlm.distributed import world_size
 from dopd_vlm.router import HS, HT, LH, LL, REGIME_NAMES
 from dopd_vlm.scoring import Head, ResponseTokens
 
@@ -74,6 +75,7 @@ class LossInputs:
     regimes: torch.Tensor | None = None  # [N] router codes (dopd)
     privileged_lse: torch.Tensor | None = None  # [N] logsumexp of the privileged logits (optional)
     teacher_lse: torch.Tensor | None = None  # [N] logsumexp of the teacher logits (optional)
+    privileged_head: Head | None = None  # a frozen privileged student's head; None: the student's own
 
 
 @dataclass
@@ -105,18 +107,22 @@ def compute_loss(cfg: MethodConfig, inputs: LossInputs, chunk_size: int) -> tupl
       full-size weight gradient; a frozen partitioned teacher head is gathered once for the call
       (``LMHead.gathered``) so top-K targets come from its weight rows;
     - any other callable head: ``losses.chunked_head_loss`` with per-chunk checkpointing; the
-      detached diagnostics are skipped in the recompute.
+      detached diagnostics are skipped in the recompute. Not with ZeRO-3 partitioned heads on
+      several ranks (a clear error): its head calls are collectives in data-dependent numbers.
     """
     spec = SPECS[cfg.name]
     _check_inputs(cfg, spec, inputs)
+    mode = _fused_mode(inputs.student_head)
+    _check_partitioned_heads(inputs, fused=mode is not None)
     objective = _PER_TOKEN[cfg.name](cfg)
     has_teacher = inputs.teacher_hidden is not None
     has_privileged = inputs.privileged_hidden is not None
     has_teacher_lse, has_privileged_lse = inputs.teacher_lse is not None, inputs.privileged_lse is not None
     student_head = inputs.student_head
-    # the heads per_chunk reads the targets from; the ZeRO-3 fused path swaps in gathered views
-    target_heads = {"privileged": student_head, "teacher": inputs.teacher_head}
-    mode = _fused_mode(student_head)
+    # the heads per_chunk reads the targets from; the fused path swaps in gathered views
+    own_privileged_head = inputs.privileged_head is None
+    target_heads = {"privileged": student_head if own_privileged_head else inputs.privileged_head,
+                    "teacher": inputs.teacher_head}
     fused = mode is not None  # the fused path hands per_chunk log-probs instead of logits
 
     def per_chunk(student_scores, token_ids, regimes, privileged_hidden, teacher_hidden, privileged_lse, teacher_lse):
@@ -161,7 +167,7 @@ def compute_loss(cfg: MethodConfig, inputs: LossInputs, chunk_size: int) -> tupl
         out: dict[str, torch.Tensor] = {}
 
         def fused_loss(weight, bias, hidden, *per_token_tensors):
-            if mode == "module":  # inside the head's forward: its weight is gathered, use it directly
+            if mode == "module" and own_privileged_head:  # inside the head's forward: its weight is gathered
                 target_heads["privileged"] = _LinearHead(weight, bias, student_head.vocab_size)
             loss, out["columns"] = losses.fused_head_loss(
                 hidden,
@@ -176,12 +182,14 @@ def compute_loss(cfg: MethodConfig, inputs: LossInputs, chunk_size: int) -> tupl
             )
             return loss  # the columns go out through `out`: a module output would get ZeRO-3 hooks
 
-        if mode == "direct":
-            loss = fused_loss(*_linear(student_head), inputs.student_hidden, *per_token)
-        else:  # ZeRO-3 partitioned head: run as its forward, so DeepSpeed gathers it for forward and backward
-            teacher_head = inputs.teacher_head
-            gathered = teacher_head.gathered() if hasattr(teacher_head, "gathered") else contextlib.nullcontext(teacher_head)
-            with gathered as target_heads["teacher"]:  # frozen: gathered once, not needed in backward
+        with contextlib.ExitStack() as stack:  # frozen ZeRO-3 target heads: gathered once, not needed in backward
+            for name in ("teacher",) if own_privileged_head else ("teacher", "privileged"):
+                head = target_heads[name]
+                if hasattr(head, "gathered"):
+                    target_heads[name] = stack.enter_context(head.gathered())
+            if mode == "direct":
+                loss = fused_loss(*_linear(student_head), inputs.student_hidden, *per_token)
+            else:  # ZeRO-3 partitioned head: run as its forward, so DeepSpeed gathers it for forward and backward
                 loss = student_head.run_as_forward(fused_loss, inputs.student_hidden, *per_token)
         columns = out["columns"]
     else:
@@ -217,8 +225,8 @@ def _fused_mode(head: Head) -> str | None:
     or None (any other head: the checkpointed fallback)."""
     if _linear(head) is not None:
         return "direct"
-    # "module" (ZeRO-3 partitioned head through LMHead.run_as_forward) is disabled: 2-rank runs
-    # aborted intermittently (SIGABRT) with it; see BENCHMARKS.md section 1.
+    if getattr(head, "partitioned_linear", False):
+        return "module"
     return None
 
 
@@ -242,6 +250,25 @@ def _linear(head: Head | None) -> tuple[torch.Tensor, torch.Tensor | None] | Non
 
 def _head_vocab_size(head: Head, weight: torch.Tensor) -> int:
     return getattr(head, "vocab_size", weight.shape[0])
+
+
+def _check_partitioned_heads(inputs: LossInputs, fused: bool) -> None:
+    """Across ranks, calls of a ZeRO-3 partitioned head are collectives. The fused path makes a
+    fixed number per micro-batch (student: its forward and backward; teacher: one gather); the
+    fallback calls heads per chunk and per routed row subset, a count that differs between ranks."""
+    if world_size() == 1:
+        return
+    def frozen_ok(head):
+        return fused and getattr(head, "partitioned_linear", False)
+
+    for name, head, ok in (("student", inputs.student_head, fused),
+                           ("teacher", inputs.teacher_head, frozen_ok(inputs.teacher_head)),
+                           ("frozen privileged student", inputs.privileged_head, frozen_ok(inputs.privileged_head))):
+        if getattr(head, "partitioned", False) and not ok:
+            raise ValueError(
+                f"the {name}'s output layer ({type(head.module).__name__}) is ZeRO-3 partitioned across "
+                f"{world_size()} ranks but is not a plain nn.Linear; use ZeRO-2 (ds_configs/zero2.json) for this model"
+            )
 
 
 def _check_inputs(cfg: MethodConfig, spec: MethodSpec, inputs: LossInputs) -> None:

@@ -60,9 +60,14 @@ class LMHead:
         return module.weight, module.bias
 
     @property
+    def partitioned(self) -> bool:
+        """True when the layer's parameters are ZeRO-3 partitioned: every call is then a collective."""
+        return any(hasattr(p, "ds_id") for p in self.module.parameters())
+
+    @property
     def partitioned_linear(self) -> bool:
         """True for a plain ``nn.Linear`` whose parameters are ZeRO-3 partitioned (see :meth:`run_as_forward`)."""
-        return type(self.module) is nn.Linear and hasattr(self.module.weight, "ds_id")
+        return type(self.module) is nn.Linear and self.partitioned
 
     def run_as_forward(self, fn: Callable[..., Any], *args: torch.Tensor) -> Any:
         """``fn(weight, bias, *args)`` run as the module's own forward, through ``module(*args)``.
@@ -91,15 +96,16 @@ class LMHead:
     def gathered(self) -> Iterator["LMHead"]:
         """This head with its ZeRO-3 partitioned parameters gathered for the block, as a head
         whose :attr:`linear` is available and whose calls use the gathered weight directly (a call
-        through the module would release it). For frozen heads only (no gradient can reach
-        DeepSpeed through the gathered weight); a no-op view for heads that are not partitioned.
-        One gather for many chunks also keeps the number of collectives equal on every rank."""
+        through the module would release it). For frozen heads, or any head without grad mode (no
+        gradient can reach DeepSpeed through the gathered weight); a no-op view for heads that are
+        not partitioned. One gather for many chunks also keeps the number of collectives equal on
+        every rank, whatever number of chunks each rank scores."""
         if not self.partitioned_linear:
             yield self
             return
         params = list(self.module.parameters())
-        if any(p.requires_grad for p in params):
-            raise ValueError("LMHead.gathered is for frozen heads; a trainable head's gradient would be lost")
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            raise ValueError("LMHead.gathered needs a frozen head or no grad mode; a trainable head's gradient would be lost")
         import deepspeed
 
         view = LMHead(self.module, self.vocab_size)
@@ -111,6 +117,22 @@ class LMHead:
 def output_head(model: nn.Module, vocab_size: int) -> LMHead:
     """hidden [N, H] -> logits [N, vocab_size] over the common vocabulary (padding rows sliced off)."""
     return LMHead(model.get_output_embeddings(), vocab_size)
+
+
+class ResponseHiddenStates(nn.Module):
+    """A model as DeepSpeed trains it: ``forward(view, response_mask)`` -> :func:`response_hidden_states`.
+
+    The gradient pass must run through the DeepSpeed engine's own forward: that is where ZeRO
+    advances its gradient-accumulation micro-step and hooks the outputs for the backward's
+    bookkeeping. Calling the wrapped model directly trains on the last micro-batch's gradient only.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, view: ModelView, response_mask: torch.Tensor) -> torch.Tensor:
+        return response_hidden_states(self.model, view, response_mask)
 
 
 def response_hidden_states(model: nn.Module, view: ModelView, response_mask: torch.Tensor) -> torch.Tensor:
@@ -135,12 +157,14 @@ def token_logprobs_and_lse(
     The log-normaliser is what a loss needs to turn a few target logits (e.g. at the student's
     top-K tokens) into exact log-probs later, without the target's full-vocabulary logits again.
     """
+    if isinstance(head, LMHead):
+        # under ZeRO-3: one gather for all chunks, not one per chunk (ranks score different numbers)
+        with head.gathered() as gathered:
+            return _token_logprobs_and_lse(hidden, gathered, token_ids, chunk_size)
     return _token_logprobs_and_lse(hidden, head, token_ids, chunk_size)
 
 
 def _token_logprobs_and_lse(hidden, head, token_ids, chunk_size):
-    # Under ZeRO-3 each chunk's head call is a gather: ranks with different numbers of chunks would
-    # issue different numbers of collectives (open problem, see BENCHMARKS.md section 1).
     logprobs, lse = [], []
     for start in range(0, hidden.shape[0], chunk_size):
         logits = head(hidden[start : start + chunk_size]).float()

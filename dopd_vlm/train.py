@@ -37,12 +37,14 @@ from dopd_vlm.collate import DualViewCollator, ScoringViews, check_shared_vocab,
 from dopd_vlm.config import RunConfig, load_deepspeed_config
 from dopd_vlm.data.recipes import load_recipe
 from dopd_vlm.data.schema import Sample
+from dopd_vlm.distributed import all_ranks_sum, all_ranks_true, init_distributed
+from dopd_vlm.distributed import rank as _rank, world_size as _world_size
 from dopd_vlm.evaluate import evaluate_accuracy
 from dopd_vlm.methods import SPECS, LossInputs, TokenStats, compute_loss, summarize
 from dopd_vlm.models import load_model, load_processor, model_family, vision_special_token_ids
 from dopd_vlm.rollout import sample_responses
 from dopd_vlm.router import Thresholds, compute_thresholds, assign_regimes
-from dopd_vlm.scoring import ResponseTokens, output_head, response_hidden_states, token_logprobs_and_lse
+from dopd_vlm.scoring import ResponseHiddenStates, ResponseTokens, output_head, response_hidden_states, token_logprobs_and_lse
 
 log = logging.getLogger("dopd_vlm.train")
 
@@ -62,10 +64,17 @@ class Models:
     vocab_size: int
     optimizer: Any = None  # SkippableAdamW, or DeepSpeed's own (then a non-finite step stops the run)
     suppress_token_ids: list[int] = field(default_factory=list)
+    frozen_privileged: nn.Module | None = None  # method.privileged_target=initial: the starting student
+
+    @property
+    def privileged_student(self) -> nn.Module:
+        """The model of the privileged-student pass: the trained student, or its frozen initial copy."""
+        return self.frozen_privileged if self.frozen_privileged is not None else self.student_module
 
     @property
     def student_module(self) -> nn.Module:
-        return getattr(self.student, "module", self.student)
+        """The student model itself (the engine trains it wrapped in ``ResponseHiddenStates``)."""
+        return self.student.module.model
 
 
 @dataclass
@@ -94,7 +103,11 @@ def dopd_step(models: Models, micro_batches: Sequence[Sequence[Sample]], cfg: Ru
     thresholds = step_thresholds(scored, cfg) if SPECS[cfg.method.name].routes else None
     with timer("update"):
         losses, stats, applied = update_student(models, scored, cfg, thresholds)
-    return step_metrics(scored, losses, stats, applied, thresholds, timer)
+    metrics = step_metrics(scored, losses, stats, applied, thresholds, timer)
+    grad_norm = models.student.get_global_grad_norm() if hasattr(models.student, "get_global_grad_norm") else None
+    if applied and grad_norm is not None:  # DeepSpeed's global norm before clipping
+        metrics["grad_norm"] = float(grad_norm)
+    return metrics
 
 
 def step_thresholds(scored: Sequence["ScoredMicroBatch"], cfg: RunConfig) -> Thresholds:
@@ -172,15 +185,15 @@ def score_targets(models: Models, views: ScoringViews, cfg: RunConfig) -> Scored
     tokens = ResponseTokens(tokens.token_ids.to(device), tokens.seq_index.to(device), tokens.num_sequences)
     scored = ScoredMicroBatch(views=views, tokens=tokens)
     chunk = cfg.train.loss_chunk_size
-    student = models.student_module
     if views.privileged_student is not None:
-        scored.privileged_hidden = _hidden(student, views.privileged_student, views.response_mask, device)
-        head = output_head(student, models.vocab_size)
+        privileged = models.privileged_student
+        scored.privileged_hidden = response_hidden_states(privileged, *_on(device, views.privileged_student, views.response_mask))
+        head = output_head(privileged, models.vocab_size)
         scored.privileged_logprobs, scored.privileged_lse = token_logprobs_and_lse(
             scored.privileged_hidden, head, tokens.token_ids, chunk
         )
     if views.teacher is not None:
-        scored.teacher_hidden = _hidden(models.teacher, views.teacher, views.response_mask, device)
+        scored.teacher_hidden = response_hidden_states(models.teacher, *_on(device, views.teacher, views.response_mask))
         head = output_head(models.teacher, models.vocab_size)
         scored.teacher_logprobs, scored.teacher_lse = token_logprobs_and_lse(
             scored.teacher_hidden, head, tokens.token_ids, chunk
@@ -198,9 +211,10 @@ def student_loss(models: Models, scored: ScoredMicroBatch, cfg: RunConfig, thres
         regimes = assign_regimes(scored.teacher_logprobs, scored.privileged_logprobs, everything, thresholds)
     inputs = LossInputs(
         tokens=scored.tokens,
-        student_hidden=_hidden(models.student_module, views.student, views.response_mask, device),
+        student_hidden=models.student(*_on(device, views.student, views.response_mask)),  # the engine's forward
         student_head=output_head(models.student_module, models.vocab_size),
         privileged_hidden=scored.privileged_hidden,
+        privileged_head=output_head(models.frozen_privileged, models.vocab_size) if models.frozen_privileged else None,
         teacher_hidden=scored.teacher_hidden,
         teacher_head=output_head(models.teacher, models.vocab_size) if models.teacher is not None else None,
         regimes=regimes,
@@ -239,23 +253,6 @@ def gradients_finite(module: nn.Module) -> bool:
     return True
 
 
-def all_ranks_true(flag: bool) -> bool:
-    """Logical AND of `flag` over all ranks (so every rank takes the same branch)."""
-    if _world_size() == 1:
-        return flag
-    value = torch.tensor([int(flag)], device=_collective_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
-
-
-def all_ranks_sum(values: list[float]) -> list[float]:
-    if _world_size() == 1:
-        return [float(v) for v in values]
-    tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(tensor)
-    return tensor.cpu().tolist()
-
-
 def all_ranks_stats(stats: list[TokenStats]) -> list[TokenStats]:
     """Every rank's per-token stats (small: a few floats per token), for exact global means."""
     if _world_size() == 1:
@@ -267,26 +264,15 @@ def all_ranks_stats(stats: list[TokenStats]) -> list[TokenStats]:
     return [s for rank_stats in gathered for s in rank_stats]
 
 
-def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def _hidden(model: nn.Module, view, response_mask: torch.Tensor, device) -> torch.Tensor:
+def _on(device: torch.device, view, response_mask: torch.Tensor):
+    """(view, response_mask) moved to ``device``."""
     view.inputs = {k: v.to(device) for k, v in view.inputs.items()}
     view.logit_index = view.logit_index.to(device)
-    return response_hidden_states(model, view, response_mask.to(device))
+    return view, response_mask.to(device)
 
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 class _Timer:
@@ -351,6 +337,9 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after_step: int | None =
     hf_ds_config = _hf_deepspeed_config(ds_config) if zero3 else None  # keep alive through loading
     student = load_model(cfg.model.student, dtype=dtype)
     teacher = load_model(cfg.model.teacher, dtype=dtype) if cfg.model.teacher else None
+    frozen_privileged = None
+    if spec.needs_privileged_student and cfg.method.privileged_target == "initial":
+        frozen_privileged = load_model(cfg.model.student, dtype=dtype)  # the starting weights, also on resume
     del hf_ds_config
     _unset_hf_deepspeed_config()
     if cfg.model.gradient_checkpointing:
@@ -377,18 +366,13 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after_step: int | None =
             student.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
         )
     engine, _, _, scheduler = deepspeed.initialize(
-        model=student, optimizer=optimizer, config=ds_config,
+        model=ResponseHiddenStates(student), optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg)),
     )
-    if teacher is not None:
-        teacher.requires_grad_(False)
-        teacher_config = _teacher_ds_config(ds_config)
-        teacher_engine, *_ = deepspeed.initialize(model=teacher, config=teacher_config)
-        teacher = teacher_engine.module
-        teacher.eval()
+    teacher, frozen_privileged = (_frozen_engine_module(model, ds_config) for model in (teacher, frozen_privileged))
     engine.train()
     models = Models(engine, teacher, collator, vocab_size, optimizer or _Unskippable(),
-                    vision_special_token_ids(collator.tokenizer))
+                    vision_special_token_ids(collator.tokenizer), frozen_privileged)
 
     start_step = 0
     if resume:
@@ -535,34 +519,6 @@ def accuracies(models: Models, eval_sets, cfg: RunConfig, *, prefix: str, model=
 # --------------------------------------------------------------------------------------------
 
 
-def init_distributed(timeout_s: float = 1800.0) -> None:
-    """Join the process group the launcher describes (torchrun / deepspeed), or a 1-process one.
-
-    Collectives time out after `timeout_s`: a rank that dies mid-run ends the others with an
-    error instead of leaving them blocked forever.
-    """
-    import deepspeed
-    from datetime import timedelta
-
-    if dist.is_initialized():
-        return
-    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, default)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dtype(name: str, on_gpu: bool) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if on_gpu else torch.float32
@@ -587,8 +543,19 @@ def _unset_hf_deepspeed_config() -> None:
     hf_ds.unset_hf_deepspeed_config()
 
 
-def _teacher_ds_config(ds_config: dict) -> dict:
-    """The frozen teacher: same ZeRO-3 sharding as the student, no optimizer; stage 0 otherwise."""
+def _frozen_engine_module(model: nn.Module | None, ds_config: dict) -> nn.Module | None:
+    """A frozen model (the teacher, a frozen privileged student) in its own DeepSpeed engine."""
+    import deepspeed
+
+    if model is None:
+        return None
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=_frozen_ds_config(ds_config))
+    return engine.module.eval()
+
+
+def _frozen_ds_config(ds_config: dict) -> dict:
+    """A frozen model: same ZeRO-3 sharding as the student, no optimizer; stage 0 otherwise."""
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     config = {
         "train_micro_batch_size_per_gpu": ds_config["train_micro_batch_size_per_gpu"],
@@ -708,9 +675,10 @@ def load_latest_checkpoint(engine, out: Path) -> int:
 
 def export_student(engine, processor, target: Path, zero3: bool) -> None:
     """Consolidate the student's weights and save_pretrained it with its processor."""
-    module = engine.module
-    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else module.state_dict()
+    module = engine.module.model  # inside ResponseHiddenStates
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else engine.module.state_dict()
     if _rank() == 0:
+        state_dict = {name.removeprefix("model."): tensor for name, tensor in state_dict.items()}
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         module.save_pretrained(tmp, state_dict=state_dict)

@@ -4,12 +4,13 @@ import dataclasses
 
 import pytest
 import torch
+from torch import nn
 
 from dopd_vlm import losses
 from dopd_vlm.config import DOPD_ABLATIONS, METHOD_NAMES, MethodConfig
 from dopd_vlm.methods import SPECS, LossInputs, compute_loss, sequence_mean, summarize
 from dopd_vlm.router import HS, HT, LH, LL, route
-from dopd_vlm.scoring import ResponseTokens
+from dopd_vlm.scoring import LMHead, ResponseTokens
 
 V, H = 40, 8
 
@@ -78,6 +79,34 @@ def test_dopd_regime_targets_and_weights_match_the_table():
             else:
                 expected[i] = 0.6 * losses.topk_reverse_kl(s[i : i + 1], p[i : i + 1], 8)[0]
     torch.testing.assert_close(stats.loss, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-linear-heads", "callable-heads"])
+def test_a_frozen_privileged_head_is_the_target_of_the_privileged_regimes(fused):
+    # method.privileged_target=initial: LL/HS (and OPSD) read a separate frozen head, not the student's
+    regimes = torch.tensor([LL, HS, LH, HT, LL, HS])
+    inputs, student_w = make_inputs(regimes, (6,))
+    frozen_w = torch.randn(V, H, generator=torch.Generator().manual_seed(7))
+    if fused:
+        student = nn.Linear(H, V + 3, bias=False)
+        student.weight.data.copy_(student_w.detach())
+        inputs.student_head = LMHead(student, V)
+        frozen = nn.Linear(H, V, bias=False).requires_grad_(False)
+        frozen.weight.data.copy_(frozen_w)
+        inputs.privileged_head = LMHead(frozen, V)
+    else:
+        inputs.privileged_head = lambda h: h @ frozen_w.T
+    cfg = MethodConfig(top_k=8)
+    _, stats = compute_loss(cfg, inputs, chunk_size=4)
+    _, opsd_stats = compute_loss(MethodConfig(name="opsd"), inputs, chunk_size=4)
+    with torch.no_grad():
+        s = inputs.student_hidden @ student_w[:V].T
+        p = inputs.privileged_hidden @ frozen_w.T
+        for i in (0, 1, 4, 5):
+            weight = 0.3 if regimes[i] == LL else 0.6
+            expected = weight * losses.topk_reverse_kl(s[i : i + 1], p[i : i + 1], 8)[0]
+            torch.testing.assert_close(stats.loss[i], expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(opsd_stats.loss, losses.generalized_jsd(s, p, 0.5), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

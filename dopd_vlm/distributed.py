@@ -1,0 +1,78 @@
+"""The process group: joining it, small collectives every rank must make alike, leaving it.
+
+Launchers (torchrun, deepspeed) describe the group in environment variables; a plain
+`python -m dopd_vlm train` gets a 1-process group so the same code path runs everywhere.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(timeout_s: float = 1800.0) -> None:
+    """Join the process group the launcher describes (torchrun / deepspeed), or a 1-process one.
+
+    Collectives time out after `timeout_s`: a rank that dies mid-run ends the others with an
+    error instead of leaving them blocked forever. A group created here is destroyed at
+    interpreter exit: gloo's worker threads still hold tensors then, and tearing them down during
+    finalisation aborts the process (SIGABRT, "terminate called without an active exception").
+    """
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, default)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    atexit.register(_destroy_process_group)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def all_ranks_true(flag: bool) -> bool:
+    """Logical AND of `flag` over all ranks (so every rank takes the same branch)."""
+    if world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def all_ranks_sum(values: list[float]) -> list[float]:
+    if world_size() == 1:
+        return [float(v) for v in values]
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    dist.all_reduce(tensor)
+    return tensor.cpu().tolist()
+
+
+def collective_device() -> torch.device:
+    """Where small collective tensors must live for the backend (NCCL: the rank's GPU)."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
