@@ -39,6 +39,8 @@ EXTRA_METHODS = {  # variants that are not demo defaults but worth comparing her
     "dopd_unbiased": ["method.name=dopd", "method.topk_variant=unbiased"],
     "vanilla_opd_plain_teacher": ["method.name=vanilla_opd", "method.teacher_privileged=false"],
     "gkd": ["method.name=gkd"],
+    "dopd_frozen_target": ["method.name=dopd", "method.privileged_target=initial"],
+    "opsd_frozen_target": ["method.name=opsd", "method.privileged_target=initial"],
 }
 
 
@@ -62,6 +64,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", default=str(demo.DemoOptions.cache))
     parser.add_argument("--student-warmup-steps", type=int, default=None,
                         help="student warm-up length (default: the demo's); a different one is built and cached")
+    parser.add_argument("--student-privileged-prob", type=float, default=None,
+                        help="how often the student's warm-up shows p (default: the demo's); 1.0 = p only")
     parser.add_argument("--setting", default="demo",
                         help="name of this setting; results go to benchmarks/results/learning_<setting>.json")
     parser.add_argument("--title", default="", help="one line describing the setting, shown above its table")
@@ -77,7 +81,8 @@ def main(argv=None) -> int:
 
     base = demo.DemoOptions(out=Path(args.out), cache=Path(args.cache), steps=args.steps, methods=tuple(args.methods),
                             jobs=args.jobs, overrides=tuple(args.overrides),
-                            student_warmup_steps=args.student_warmup_steps)
+                            student_warmup_steps=args.student_warmup_steps,
+                            student_privileged_prob=args.student_privileged_prob)
     started = time.perf_counter()
     models = demo.prepare_models(base)
     per_seed = {}

@@ -117,8 +117,10 @@ def main() -> None:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
+        from dopd_vlm.distributed import exit_process
+
         child(args)
-        return
+        exit_process(0)  # a torchrun rank: see exit_process
     cmd = [C.python(), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__, "--child",
            "--max-new-tokens", str(args.max_new_tokens), "--reps", str(args.reps), "--scale", args.scale]
     result = C.run_json(cmd, env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})

@@ -163,8 +163,10 @@ def main() -> None:
     p.add_argument("--zero3", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
+        from dopd_vlm.distributed import exit_process
+
         child(args)
-        return
+        exit_process(0)  # a torchrun rank: see exit_process
     common = ["--child", "--method", args.method, "--steps", str(args.steps), "--max-new-tokens", str(args.max_new_tokens)]
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     rows = []

@@ -195,8 +195,10 @@ def main() -> None:
     p.add_argument("--zero3", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
+        from dopd_vlm.distributed import exit_process
+
         child(args)
-        return
+        exit_process(0)  # a torchrun rank: see exit_process
 
     tiny_pair(args.family, args.scale)  # build once, before the timed children
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "")}

@@ -1,7 +1,5 @@
 """``python -m dopd_vlm`` runs the ``dopd-vlm`` command line (see dopd_vlm.cli)."""
 
-import sys
+from dopd_vlm.cli import entry_point
 
-from dopd_vlm.cli import main
-
-sys.exit(main())
+entry_point()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Sequence
 
 from dopd_vlm import __version__
@@ -301,5 +302,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return args.run(args)
 
 
+def entry_point() -> None:
+    """The `dopd-vlm` console script: `main`, then an exit that is safe after a distributed run."""
+    from dopd_vlm.distributed import exit_process
+
+    try:
+        code = main()
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

@@ -93,6 +93,8 @@ class DemoOptions:
         rebuild_teacher: Rerun the teacher warm-up and rewrite the shipped checkpoint.
         teacher_warmup_steps / student_warmup_steps: Override the warm-up lengths (tests);
             a changed teacher warm-up is cached, never shipped.
+        student_privileged_prob: Override how often the student's warm-up shows it p (1.0: a
+            student that reads p but was never taught to answer without it).
         overrides: Extra `dotted.key=value` config overrides for every method.
         plots: Write the PNG plots.
         progress: Show progress bars.
@@ -109,6 +111,7 @@ class DemoOptions:
     rebuild_teacher: bool = False
     teacher_warmup_steps: int | None = None
     student_warmup_steps: int | None = None
+    student_privileged_prob: float | None = None
     overrides: Sequence[str] = ()
     plots: bool = True
     progress: bool = True
@@ -237,6 +240,8 @@ def prepare_models(options: DemoOptions, log=print) -> dict[str, Path]:
         teacher_cfg = replace(teacher_cfg, steps=options.teacher_warmup_steps)
     if options.student_warmup_steps is not None:
         student_cfg = replace(student_cfg, steps=options.student_warmup_steps)
+    if options.student_privileged_prob is not None:
+        student_cfg = replace(student_cfg, privileged_prob=options.student_privileged_prob)
     shipped_cfg, _ = _warmup_configs()
     cache = Path(options.cache)
     pair = make_tiny_pair(FAMILY, cache / "tiny" / FAMILY, seed=PAIR_SEED)

@@ -32,7 +32,7 @@ from dopd_vlm import losses
 from dopd_vlm.config import MethodConfig
 from dopd_vlm.distributed import world_size
 from dopd_vlm.router import HS, HT, LH, LL, REGIME_NAMES
-from dopd_vlm.scoring import Head, ResponseTokens
+from dopd_vlm.scoring import Head, ResponseTokens, WeightHead
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ def compute_loss(cfg: MethodConfig, inputs: LossInputs, chunk_size: int) -> tupl
 
         def fused_loss(weight, bias, hidden, *per_token_tensors):
             if mode == "module" and own_privileged_head:  # inside the head's forward: its weight is gathered
-                target_heads["privileged"] = _LinearHead(weight, bias, student_head.vocab_size)
+                target_heads["privileged"] = WeightHead(weight, bias, student_head.vocab_size)
             loss, out["columns"] = losses.fused_head_loss(
                 hidden,
                 weight,
@@ -228,17 +228,6 @@ def _fused_mode(head: Head) -> str | None:
     if getattr(head, "partitioned_linear", False):
         return "module"
     return None
-
-
-class _LinearHead:
-    """A linear head given by its (gathered) weight and bias, sliced to ``vocab_size`` rows."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, vocab_size: int):
-        self.linear, self.vocab_size = (weight, bias), vocab_size
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.linear
-        return F.linear(hidden, weight[: self.vocab_size], None if bias is None else bias[: self.vocab_size])
 
 
 def _linear(head: Head | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:

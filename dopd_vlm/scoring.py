@@ -96,22 +96,33 @@ class LMHead:
     def gathered(self) -> Iterator["LMHead"]:
         """This head with its ZeRO-3 partitioned parameters gathered for the block, as a head
         whose :attr:`linear` is available and whose calls use the gathered weight directly (a call
-        through the module would release it). For frozen heads, or any head without grad mode (no
-        gradient can reach DeepSpeed through the gathered weight); a no-op view for heads that are
-        not partitioned. One gather for many chunks also keeps the number of collectives equal on
-        every rank, whatever number of chunks each rank scores."""
+        through the module would release it). For frozen heads only (no gradient can reach
+        DeepSpeed through the gathered weight; a trained head goes through :meth:`run_as_forward`);
+        a no-op view for heads that are not partitioned. One gather for many chunks also keeps the
+        number of collectives equal on every rank, whatever number of chunks each rank scores."""
         if not self.partitioned_linear:
             yield self
             return
         params = list(self.module.parameters())
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            raise ValueError("LMHead.gathered needs a frozen head or no grad mode; a trainable head's gradient would be lost")
+        if any(p.requires_grad for p in params):
+            raise ValueError("LMHead.gathered is for frozen heads; a trainable head's gradient would be lost")
         import deepspeed
 
         view = LMHead(self.module, self.vocab_size)
         view._gathered = True
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             yield view
+
+
+class WeightHead:
+    """A linear head given by its (gathered) weight and bias, sliced to ``vocab_size`` rows."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, vocab_size: int):
+        self.linear, self.vocab_size = (weight, bias), vocab_size
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.linear
+        return nn.functional.linear(hidden, weight[: self.vocab_size], None if bias is None else bias[: self.vocab_size])
 
 
 def output_head(model: nn.Module, vocab_size: int) -> LMHead:
@@ -157,8 +168,15 @@ def token_logprobs_and_lse(
     The log-normaliser is what a loss needs to turn a few target logits (e.g. at the student's
     top-K tokens) into exact log-probs later, without the target's full-vocabulary logits again.
     """
-    if isinstance(head, LMHead):
-        # under ZeRO-3: one gather for all chunks, not one per chunk (ranks score different numbers)
+    if isinstance(head, LMHead) and head.partitioned:
+        # Under ZeRO-3 one gather for all chunks, not one per chunk: ranks score different numbers
+        # of chunks. The trained student's head (privileged pass) is fetched by calling its module
+        # once, as in the loss; a frozen head (teacher) is gathered for the block.
+        if any(p.requires_grad for p in head.module.parameters()):
+            def score(weight, bias, rows, ids):
+                return _token_logprobs_and_lse(rows, WeightHead(weight, bias, head.vocab_size), ids, chunk_size)
+
+            return head.run_as_forward(score, hidden, token_ids)
         with head.gathered() as gathered:
             return _token_logprobs_and_lse(hidden, gathered, token_ids, chunk_size)
     return _token_logprobs_and_lse(hidden, head, token_ids, chunk_size)

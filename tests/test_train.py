@@ -101,6 +101,14 @@ def test_deepspeed_auto_values_are_filled_and_conflicts_rejected(tmp_path, tiny_
         load_deepspeed_config(REPO / "ds_configs" / "zero3.json", cfg, world_size=3, bf16_enabled=False)
 
 
+def test_exit_process_keeps_the_exit_code_and_flushes_output():
+    script = ("from dopd_vlm.distributed import init_distributed, exit_process; import logging; init_distributed(); "
+              "print('printed', end=''); logging.getLogger('x').warning('logged'); exit_process(3)")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3 and proc.stdout.endswith("printed") and "logged" in proc.stderr
+
+
 # -- slow: real DeepSpeed ZeRO-3 over gloo -----------------------------------------------------
 
 

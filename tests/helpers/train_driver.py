@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from dopd_vlm.config import load_config
+from dopd_vlm.distributed import exit_process
 from dopd_vlm.models import load_model
 from dopd_vlm.rollout import gathered_parameters
 import dopd_vlm.methods as methods_module
@@ -110,3 +111,4 @@ def main(spec_path: str, result_path: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    exit_process(0)

@@ -16,7 +16,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from dopd_vlm.models import load_model
 from dopd_vlm.scoring import output_head, token_logprobs_and_lse
-from dopd_vlm.distributed import init_distributed
+from dopd_vlm.distributed import exit_process, init_distributed
 
 
 def main(path: str) -> None:
@@ -41,3 +41,4 @@ def main(path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    exit_process(0)
