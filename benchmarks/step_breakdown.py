@@ -52,6 +52,7 @@ def child(args) -> None:
     from dopd_vlm import train as T
     from dopd_vlm.config import load_config
     from dopd_vlm.models import STUDENT_SIZE, TEACHER_SIZE, make_tiny_pair
+    from dopd_vlm.scoring import ResponseHiddenStates
 
     paths = make_tiny_pair("qwen2_vl", C.ROOT / ".cache" / "bench" / "breakdown", seed=0,
                            teacher=TEACHER_SIZE, student=STUDENT_SIZE)
@@ -92,11 +93,8 @@ def child(args) -> None:
 
         setattr(owner, attr, wrapper)
 
-    def hidden_label(a):
-        model = a[0]
-        if context["phase"] == "score":
-            return "score/teacher" if model is models_ref.get("teacher") else "score/privileged"
-        return "student pass"
+    def hidden_label(a):  # the no-grad passes (score_targets); the student pass is the engine's forward
+        return "score/teacher" if a[0] is models_ref.get("teacher") else "score/privileged"
 
     models_ref: dict = {}
     original_step = T.dopd_step
@@ -114,7 +112,8 @@ def child(args) -> None:
     T.dopd_step = dopd_step
     wrap(T, "rollout_views", "rollout")
     wrap(T, "score_targets", set_phase="score")
-    wrap(T, "_hidden", label=hidden_label)
+    wrap(T, "response_hidden_states", label=hidden_label)
+    wrap(ResponseHiddenStates, "forward", "student pass")
     wrap(T, "token_logprobs_and_lse", "score/router")
     wrap(T, "compute_loss", "loss")
     wrap(deepspeed.DeepSpeedEngine, "backward", "backward")
