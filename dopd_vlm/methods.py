@@ -247,6 +247,7 @@ def _check_partitioned_heads(inputs: LossInputs, fused: bool) -> None:
     fallback calls heads per chunk and per routed row subset, a count that differs between ranks."""
     if world_size() == 1:
         return
+
     def frozen_ok(head):
         return fused and getattr(head, "partitioned_linear", False)
 

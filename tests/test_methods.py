@@ -184,3 +184,20 @@ def test_router_output_feeds_dopd_and_shares_sum_to_one():
     _, stats = compute_loss(MethodConfig(top_k=8), inputs, chunk_size=4)
     summary = summarize([stats])
     assert sum(summary[f"share/{r}"] for r in ("LH", "LL", "HT", "HS")) == pytest.approx(1.0)
+
+
+def test_a_partitioned_head_that_is_not_linear_is_refused_on_several_ranks(monkeypatch):
+    # its per-chunk calls would be collectives in numbers that differ between ranks (a hang)
+    import dopd_vlm.methods as methods
+
+    class PartitionedNonLinearHead:
+        partitioned, partitioned_linear, module = True, False, nn.Sequential()
+
+        def __call__(self, hidden):
+            raise AssertionError("never called: refused first")
+
+    inputs, _ = make_inputs()
+    inputs.student_head = PartitionedNonLinearHead()
+    with pytest.raises(ValueError, match="student's output layer .* ZeRO-3 partitioned across 2 ranks"):
+        monkeypatch.setattr(methods, "world_size", lambda: 2)
+        compute_loss(MethodConfig(top_k=8), inputs, chunk_size=4)
