@@ -168,7 +168,7 @@ def token_logprobs_and_lse(
     The log-normaliser is what a loss needs to turn a few target logits (e.g. at the student's
     top-K tokens) into exact log-probs later, without the target's full-vocabulary logits again.
     """
-    if isinstance(head, LMHead) and head.partitioned:
+    if isinstance(head, LMHead) and head.partitioned_linear:
         # Under ZeRO-3 one gather for all chunks, not one per chunk: ranks score different numbers
         # of chunks. The trained student's head (privileged pass) is fetched by calling its module
         # once, as in the loss; a frozen head (teacher) is gathered for the block.

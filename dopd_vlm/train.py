@@ -56,7 +56,7 @@ log = logging.getLogger("dopd_vlm.train")
 
 @dataclass
 class Models:
-    """What a step touches. `student` is the DeepSpeed engine (or a plain module in tests)."""
+    """What a step touches. `student` is the DeepSpeed engine training `ResponseHiddenStates(model)`."""
 
     student: Any
     teacher: nn.Module | None
@@ -104,7 +104,7 @@ def dopd_step(models: Models, micro_batches: Sequence[Sequence[Sample]], cfg: Ru
     with timer("update"):
         losses, stats, applied = update_student(models, scored, cfg, thresholds)
     metrics = step_metrics(scored, losses, stats, applied, thresholds, timer)
-    grad_norm = models.student.get_global_grad_norm() if hasattr(models.student, "get_global_grad_norm") else None
+    grad_norm = models.student.get_global_grad_norm()
     if applied and grad_norm is not None:  # DeepSpeed's global norm before clipping
         metrics["grad_norm"] = float(grad_norm)
     return metrics
@@ -214,7 +214,7 @@ def student_loss(models: Models, scored: ScoredMicroBatch, cfg: RunConfig, thres
         student_hidden=models.student(*_on(device, views.student, views.response_mask)),  # the engine's forward
         student_head=output_head(models.student_module, models.vocab_size),
         privileged_hidden=scored.privileged_hidden,
-        privileged_head=output_head(models.frozen_privileged, models.vocab_size) if models.frozen_privileged else None,
+        privileged_head=output_head(models.frozen_privileged, models.vocab_size) if models.frozen_privileged is not None else None,
         teacher_hidden=scored.teacher_hidden,
         teacher_head=output_head(models.teacher, models.vocab_size) if models.teacher is not None else None,
         regimes=regimes,
