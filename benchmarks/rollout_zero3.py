@@ -48,9 +48,10 @@ def child(args) -> None:
     from dopd_vlm.collate import DualViewCollator
     from dopd_vlm.config import RolloutConfig, load_config, load_deepspeed_config
     from dopd_vlm.data.recipes import load_recipe
-    from dopd_vlm.models import STUDENT_SIZE, TinySize, load_model, load_processor, make_tiny_pair, model_family, vision_special_token_ids
     from dopd_vlm.distributed import init_distributed
-    from dopd_vlm.train import _hf_deepspeed_config, _unset_hf_deepspeed_config
+    from dopd_vlm.engine import zero3_loading
+    from dopd_vlm.models import load_model, load_processor, model_family, vision_special_token_ids
+    from dopd_vlm.tiny import STUDENT_SIZE, make_tiny_pair
 
     import dataclasses
 
@@ -64,15 +65,13 @@ def child(args) -> None:
                              "rollout.num_rollouts=1"])
     ds_config = load_deepspeed_config(C.ROOT / "ds_configs" / "zero3.json", cfg, world, bf16_enabled=torch.cuda.is_available())
     ds_config["zero_allow_untested_optimizer"] = True
-    keep = _hf_deepspeed_config(ds_config)
-    model = load_model(paths["student"], dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    del keep
-    _unset_hf_deepspeed_config()
+    with zero3_loading(ds_config):
+        model = load_model(paths["student"], dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-5), config=ds_config)
     module = engine.module
     assert all(hasattr(p, "ds_id") for p in module.parameters()), "weights are not ZeRO-3 partitioned"
     processor = load_processor(paths["student"])
-    collator = DualViewCollator(processor, privileged_template=cfg.data.privileged_template)
+    collator = DualViewCollator.from_config(processor, data=cfg.data)
     samples = load_recipe(RECIPE, "train", family=model_family(paths["student"]))
     samples = [samples[(rank * per_rank + i) % len(samples)] for i in range(per_rank)]
     rcfg = RolloutConfig(num_rollouts=1, max_new_tokens=args.max_new_tokens)

@@ -4,16 +4,17 @@
     python benchmarks/step_breakdown.py --modes single --method vanilla_opd
 
 Runs dopd_vlm's real training loop (`train()`, the tiny Qwen2-VL pair, the 8 benchmark prompts,
-4 rollouts each, 16 new tokens) and times its phases by wrapping the functions `dopd_step` calls:
+4 rollouts each, 16 new tokens) and reads the trainer's own phase timers (`time/<phase>` in
+metrics.jsonl; on CUDA each phase boundary synchronises the device):
 
     rollout          student generate (weights gathered once under ZeRO-3) + building the views
     score/privileged privileged-student backbone pass (no grad)
     score/teacher    teacher backbone pass (no grad)
     score/router     router log-probs (LM head on response positions, chunked)
-    student pass     student backbone pass with grad
+    student_pass     student backbone pass with grad
     loss             LM head + routed loss (forward, and the gradient w.r.t. the logits)
     backward         engine.backward (through the student)
-    optimizer step   engine.step
+    optimizer        engine.step
     other            thresholds, regimes, metrics, Python glue (step time minus the above)
 
 Times are medians over the steps after `--warmup`; tokens/s = response tokens of all ranks / step
@@ -23,103 +24,34 @@ time.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import json
 import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 RECIPE = str(C.ROOT / "benchmarks" / "recipes" / "bench_scenes.yaml")
-PHASES = ("rollout", "score/privileged", "score/teacher", "score/router", "student pass", "loss", "backward",
-          "optimizer step")
+PHASES = ("rollout", "score/privileged", "score/teacher", "score/router", "student_pass", "loss", "backward",
+          "optimizer")
 
 
 def child(args) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    import torch
-
     import dopd_vlm  # noqa: F401
-    import deepspeed
-    from dopd_vlm import train as T
     from dopd_vlm.config import load_config
-    from dopd_vlm.models import STUDENT_SIZE, TEACHER_SIZE, make_tiny_pair
-    from dopd_vlm.scoring import ResponseHiddenStates
+    from dopd_vlm.tiny import STUDENT_SIZE, TEACHER_SIZE, make_tiny_pair
+    from dopd_vlm.train import train
 
     paths = make_tiny_pair("qwen2_vl", C.ROOT / ".cache" / "bench" / "breakdown", seed=0,
                            teacher=TEACHER_SIZE, student=STUDENT_SIZE)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    steps: list[dict[str, float]] = []
-    current: dict[str, float] = {}
-    context = {"phase": None}
-
-    def sync():
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    @contextlib.contextmanager
-    def timed(name):
-        sync()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            sync()
-            current[name] = current.get(name, 0.0) + time.perf_counter() - start
-
-    def wrap(owner, attr, name=None, set_phase=None, label=None):
-        original = getattr(owner, attr)
-
-        def wrapper(*a, **k):
-            previous = context["phase"]
-            if set_phase:
-                context["phase"] = set_phase
-            try:
-                key = label(a) if label else name
-                if key is None:
-                    return original(*a, **k)
-                with timed(key):
-                    return original(*a, **k)
-            finally:
-                context["phase"] = previous
-
-        setattr(owner, attr, wrapper)
-
-    def hidden_label(a):  # the no-grad passes (score_targets); the student pass is the engine's forward
-        return "score/teacher" if a[0] is models_ref.get("teacher") else "score/privileged"
-
-    models_ref: dict = {}
-    original_step = T.dopd_step
-
-    def dopd_step(models, *a, **k):
-        models_ref["teacher"] = models.teacher
-        current.clear()
-        started = time.perf_counter()
-        out = original_step(models, *a, **k)
-        current["total"] = time.perf_counter() - started
-        current["response_tokens"] = out["response_tokens"]
-        steps.append(dict(current))
-        return out
-
-    T.dopd_step = dopd_step
-    wrap(T, "rollout_views", "rollout")
-    wrap(T, "score_targets", set_phase="score")
-    wrap(T, "response_hidden_states", label=hidden_label)
-    wrap(ResponseHiddenStates, "forward", "student pass")
-    wrap(T, "token_logprobs_and_lse", "score/router")
-    wrap(T, "compute_loss", "loss")
-    wrap(deepspeed.DeepSpeedEngine, "backward", "backward")
-    wrap(deepspeed.DeepSpeedEngine, "step", "optimizer step")
-
-    out = os.path.join(tempfile.gettempdir(), f"dopd_breakdown_{os.environ.get('MASTER_PORT', os.getpid())}")
+    out = Path(tempfile.gettempdir()) / f"dopd_breakdown_{os.environ.get('MASTER_PORT', os.getpid())}"
     ds = "ds_configs/zero3.json" if args.zero3 else "benchmarks/ds_configs/stage0.json"
     cfg = load_config(None, [
         f"model.teacher={paths['teacher']}", f"model.student={paths['student']}",
@@ -129,8 +61,11 @@ def child(args) -> None:
         f"train.prompts_per_micro_batch={8 // world}", f"train.deepspeed={ds}", f"train.output_dir={out}",
         "train.eval_every=0", "train.save_every=0",
     ])
-    T.train(cfg)
+    train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # after step 0
+        steps = [{"total": r["step_time"], "response_tokens": r["response_tokens"],  # all ranks
+                  **{phase: r.get(f"time/{phase}", 0.0) for phase in PHASES}} for r in rows]
         C.emit(dict(mode="zero3x2" if args.zero3 else "single", method=args.method, world=world, steps=steps))
 
 
@@ -145,7 +80,7 @@ def summarize(result: dict, warmup: int) -> dict:
         accounted += value
     row["other"] = max(total - accounted, 0.0)
     row["step"] = total
-    tokens = statistics.median(s["response_tokens"] for s in steps) * result["world"]
+    tokens = statistics.median(s["response_tokens"] for s in steps)
     row["tokens_per_s"] = tokens / total
     row["response_tokens"] = tokens
     return row

@@ -42,7 +42,7 @@ LR = 1e-5
 
 
 def tiny_pair(family: str, scale: str) -> dict[str, Path]:
-    from dopd_vlm.models import STUDENT_SIZE, TEACHER_SIZE, TinySize, make_tiny_pair
+    from dopd_vlm.tiny import STUDENT_SIZE, TEACHER_SIZE, TinySize, make_tiny_pair
 
     if scale == "tiny":
         # TRL requires equal vocab_size in both configs, so the teacher's LM head is not padded here

@@ -64,7 +64,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _add_make_tiny(subparsers) -> None:
-    from dopd_vlm.models import FAMILIES, STUDENT_SIZE, TEACHER_SIZE
+    from dopd_vlm.families import FAMILIES
+    from dopd_vlm.tiny import STUDENT_SIZE, TEACHER_SIZE
 
     parser = subparsers.add_parser(
         "make-tiny",
@@ -120,7 +121,8 @@ def _size_from_args(args: argparse.Namespace, role: str, default):
 def run_make_tiny(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dopd_vlm.models import FAMILIES, STUDENT_SIZE, TEACHER_SIZE, make_tiny_pair
+    from dopd_vlm.families import FAMILIES
+    from dopd_vlm.tiny import STUDENT_SIZE, TEACHER_SIZE, make_tiny_pair
 
     try:
         teacher = _size_from_args(args, "teacher", TEACHER_SIZE)
@@ -184,7 +186,8 @@ def run_train(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"dopd-vlm train: error: {err}", file=sys.stderr)
         return 2
-    from dopd_vlm.train import CheckpointError, NonFiniteTraining, train
+    from dopd_vlm.engine import CheckpointError, NonFiniteTraining
+    from dopd_vlm.train import train
 
     try:
         train(cfg, resume=args.resume, stop_after_step=args.stop_after_step)

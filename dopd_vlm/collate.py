@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from dopd_vlm import image_cache
 from dopd_vlm.data.schema import IMAGE_PLACEHOLDER, Sample
 
+if TYPE_CHECKING:
+    from dopd_vlm.config import DataConfig
+
 TEXT_TOKEN_TYPE = 0  # mm_token_type_ids: 0 text, 1 image, 2 video
-DEFAULT_MAX_PRIVILEGED_TOKENS = 1024  # the default of config key data.max_privileged_tokens
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,9 @@ class ModelView:
 
     inputs: dict[str, torch.Tensor]
     logit_index: torch.Tensor  # [B, R] long; valid where ScoringViews.response_mask
+
+    def to(self, device: torch.device) -> "ModelView":
+        return ModelView({k: v.to(device) for k, v in self.inputs.items()}, self.logit_index.to(device))
 
 
 @dataclass
@@ -57,14 +62,16 @@ class DualViewCollator:
         processor: The student's processor (a tokenizer for text-only models).
         teacher_processor: The teacher's; must share the tokenizer (checked by
             `check_shared_vocab`). Defaults to the student's.
-        privileged_template: Joins the privileged text and the question in privileged views.
+        privileged_template: Joins the privileged text and the question in privileged views
+            (config key `data.privileged_template`).
         max_privileged_tokens: Longer privileged texts are cut to their first this-many tokens
-            in the privileged views (0 = no limit). Only p is ever cut, never the question or
-            the response. `truncated_privileged` counts the samples cut; the first is logged as
-            a warning naming its id, later ones at debug level.
+            in the privileged views (0 = no limit; `data.max_privileged_tokens`). Only p is ever
+            cut, never the question or the response. `truncated_privileged` counts the samples
+            cut; the first is logged as a warning naming its id, later ones at debug level.
 
-    A question with one `<image>` placeholder per image gets each image at its placeholder;
-    without placeholders the images come before the text.
+    Every prompt with p — training views, evaluation with p, warm-ups — is built by
+    :meth:`prompt_text`. A question with one `<image>` placeholder per image gets each image at
+    its placeholder; without placeholders the images come before the text.
     """
 
     def __init__(
@@ -73,7 +80,7 @@ class DualViewCollator:
         teacher_processor: Any = None,
         *,
         privileged_template: str,
-        max_privileged_tokens: int = DEFAULT_MAX_PRIVILEGED_TOKENS,
+        max_privileged_tokens: int,
     ):
         if isinstance(max_privileged_tokens, bool) or not isinstance(max_privileged_tokens, int) or max_privileged_tokens < 0:
             raise ValueError(f"max_privileged_tokens must be an integer >= 0, got {max_privileged_tokens!r}")
@@ -85,6 +92,17 @@ class DualViewCollator:
         if self.tokenizer.pad_token_id is None:
             raise ValueError("the student tokenizer has no pad token; set one in its config")
         self._truncated_ids: set[str] = set()
+
+    @classmethod
+    def from_config(cls, processor: Any, teacher_processor: Any = None, *, data: "DataConfig") -> "DualViewCollator":
+        """The collator of a run's `data` section."""
+        return cls(processor, teacher_processor, privileged_template=data.privileged_template,
+                   max_privileged_tokens=data.max_privileged_tokens)
+
+    def for_processor(self, processor: Any) -> "DualViewCollator":
+        """The same prompts for another model's processor (e.g. scoring the teacher's own rollouts)."""
+        return DualViewCollator(processor, privileged_template=self.privileged_template,
+                                max_privileged_tokens=self.max_privileged_tokens)
 
     @property
     def truncated_privileged(self) -> int:
@@ -125,8 +143,9 @@ class DualViewCollator:
         # A cut inside a multi-byte character decodes to U+FFFD; drop that partial character.
         return self.tokenizer.decode(ids[:limit]).rstrip("\ufffd")
 
-    def _encode(self, samples: Sequence[Sample], privileged: bool, processor: Any, padding_side: str):
-        texts = [self.prompt_text(s, privileged, processor) for s in samples]
+    def _encode(self, samples: Sequence[Sample], privileged: bool | Sequence[bool], processor: Any, padding_side: str):
+        flags = [privileged] * len(samples) if isinstance(privileged, bool) else list(privileged)
+        texts = [self.prompt_text(s, p, processor) for s, p in zip(samples, flags)]
         images = [image for s in samples for image in s.images]
         if images and not hasattr(processor, "image_processor"):
             first = next(s for s in samples if s.images)
@@ -142,9 +161,10 @@ class DualViewCollator:
             return dict(processor(text=texts, **kwargs))
         return dict(processor(texts, **kwargs))
 
-    def rollout_batch(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
-        """Left-padded plain prompts for `generate` (all prompts end at the same column)."""
-        return self._encode(samples, privileged=False, processor=self.processor, padding_side="left")
+    def rollout_batch(self, samples: Sequence[Sample], privileged: bool = False) -> dict[str, torch.Tensor]:
+        """Left-padded prompts for `generate` (all prompts end at the same column): the plain view,
+        or with `privileged` the privileged view (to score a model's answers given p)."""
+        return self._encode(samples, privileged=privileged, processor=self.processor, padding_side="left")
 
     # -- scoring -------------------------------------------------------------------------
     def scoring_views(
@@ -164,17 +184,9 @@ class DualViewCollator:
         `padding_side` only moves the padding; positions come from the attention mask, so the
         scores do not depend on it.
         """
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        if response_ids.shape[0] != len(samples):
-            raise ValueError(f"{response_ids.shape[0]} responses for {len(samples)} samples")
-        lengths = response_mask.sum(dim=1)
-        if not torch.equal(response_mask, _prefix_mask(lengths, response_mask.shape[1])):
-            raise ValueError("response_mask must be a prefix mask (tokens after EOS are masked)")
 
         def view(privileged: bool, processor: Any) -> ModelView:
-            prompts = self._encode(samples, privileged, processor, padding_side="right")
-            return _append_responses(prompts, response_ids, lengths, self.tokenizer.pad_token_id, padding_side)
+            return self.response_view(samples, response_ids, response_mask, privileged, processor, padding_side)
 
         return ScoringViews(
             response_ids=response_ids,
@@ -183,6 +195,26 @@ class DualViewCollator:
             privileged_student=view(True, self.processor) if privileged_student else None,
             teacher=view(teacher_privileged, self.teacher_processor) if teacher else None,
         )
+
+    def response_view(
+        self,
+        samples: Sequence[Sample],
+        response_ids: torch.Tensor,
+        response_mask: torch.Tensor,
+        privileged: bool | Sequence[bool],
+        processor: Any = None,
+        padding_side: str = "right",
+    ) -> ModelView:
+        """One view: prompt b (plain, or with p where `privileged` says so) followed by response row b."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if response_ids.shape[0] != len(samples):
+            raise ValueError(f"{response_ids.shape[0]} responses for {len(samples)} samples")
+        lengths = response_mask.sum(dim=1)
+        if not torch.equal(response_mask, _prefix_mask(lengths, response_mask.shape[1])):
+            raise ValueError("response_mask must be a prefix mask (tokens after EOS are masked)")
+        prompts = self._encode(samples, privileged, processor or self.processor, padding_side="right")
+        return _append_responses(prompts, response_ids, lengths, self.tokenizer.pad_token_id, padding_side)
 
 
 def _image_content(sample: Sample, text: str) -> list[dict[str, str]]:

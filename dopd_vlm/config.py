@@ -11,21 +11,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
-METHOD_NAMES = ("dopd", "vanilla_opd", "opsd", "gkd", "sft")
-DOPD_ABLATIONS = ("none", "no_routing", "no_teacher", "no_student", "single_objective")
-OPD_DIVERGENCES = ("sampled", "topk", "full")
-TOPK_VARIANTS = ("unbiased", "renormalized", "tail")
-PRIVILEGED_TARGETS = ("live", "initial")
-NORMALIZATIONS = ("none", "minmax", "zscore")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from dopd_vlm.chunks import LossPath
+from dopd_vlm.data.schema import IMAGE_PLACEHOLDER
+from dopd_vlm.losses import TopKVariant
+from dopd_vlm.methods import METHODS, Ablation, OpdDivergence
+from dopd_vlm.router import Normalization
+from dopd_vlm.validation import Above, AtLeast, Between, Invalid, build
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+PrivilegedTarget = Literal["live", "initial"]
+
+Positive = Annotated[int, AtLeast(1)]
+NonNegative = Annotated[int, AtLeast(0)]
+Fraction = Annotated[float, Between(0.0, 1.0)]
+PositiveFloat = Annotated[float, Above(0.0)]
+Beta = Annotated[float, Between(0.0, 1.0, high_open=True)]
 
 
 class ConfigError(ValueError):
@@ -45,7 +51,7 @@ class ModelConfig:
 
     teacher: str = ""
     student: str = ""
-    dtype: str = "auto"
+    dtype: DType = "auto"
     gradient_checkpointing: bool = False
 
 
@@ -68,18 +74,18 @@ class DataConfig:
     recipe: str = "synthetic_scenes"
     train_split: str = "train"
     eval_splits: list[str] = field(default_factory=lambda: ["test", "ood"])
-    max_eval_samples: int = 0
+    max_eval_samples: Annotated[int, AtLeast(0)] = 0
     privileged_template: str = "Boxes:\n{privileged}\n{question}"
     skip_bad_rows: bool = False
-    max_privileged_tokens: int = 1024
+    max_privileged_tokens: Annotated[int, AtLeast(0)] = 1024
 
 
 @dataclass
 class MethodConfig:
-    """The distillation objective (ALGORITHM.md sections 2-4).
+    """The distillation objective (docs/algorithm.md sections 2-4).
 
     Attributes:
-        name: dopd | vanilla_opd | opsd | gkd | sft.
+        name: A row of the method table `methods.METHODS`: dopd | vanilla_opd | opsd | gkd | sft.
         ablation: DOPD ablations: none | no_routing (one uniform objective) | no_teacher |
             no_student | single_objective (same divergence in every regime).
         beta_l: Weight of the LH and HS regimes (DOPD).
@@ -99,19 +105,19 @@ class MethodConfig:
     """
 
     name: str = "dopd"
-    ablation: str = "none"
+    ablation: Ablation = "none"
     beta_l: float = 0.6
     beta_w: float = 0.3
-    ht_weight: float = 1.0
-    top_k: int = 128
-    topk_variant: str = "unbiased"
-    trim: float = 0.05
-    normalize: str = "none"
-    opd_divergence: str = "topk"
+    ht_weight: Annotated[float, AtLeast(0.0)] = 1.0
+    top_k: Positive = 128
+    topk_variant: TopKVariant = "unbiased"
+    trim: Annotated[float, Between(0.0, 1.0, high_open=True)] = 0.05
+    normalize: Normalization = "none"
+    opd_divergence: OpdDivergence = "topk"
     teacher_privileged: bool = True
-    privileged_target: str = "live"
-    jsd_beta: float = 0.5
-    temperature: float = 1.0
+    privileged_target: PrivilegedTarget = "live"
+    jsd_beta: Fraction = 0.5
+    temperature: PositiveFloat = 1.0
 
 
 @dataclass
@@ -125,10 +131,10 @@ class RolloutConfig:
         top_p: Nucleus sampling threshold (1.0 = off).
     """
 
-    num_rollouts: int = 4
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
+    num_rollouts: Positive = 4
+    max_new_tokens: Positive = 16
+    temperature: PositiveFloat = 1.0
+    top_p: Annotated[float, Between(0.0, 1.0, low_open=True)] = 1.0
 
 
 @dataclass
@@ -144,12 +150,12 @@ class OptimConfig:
         grad_clip: Max global gradient norm (0 = off).
     """
 
-    lr: float = 5e-6
+    lr: PositiveFloat = 5e-6
     weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    warmup_steps: NonNegative = 0
+    min_lr_ratio: Fraction = 0.0
+    grad_clip: Annotated[float, AtLeast(0.0)] = 1.0
 
 
 @dataclass
@@ -166,6 +172,9 @@ class TrainConfig:
         eval_every: Evaluate every N steps (0 = only at start and end).
         save_every: Checkpoint every N steps (0 = only at the end).
         loss_chunk_size: Response tokens per LM-head chunk in the loss.
+        loss_path: How the loss runs over the chunks: `fused` (each chunk's gradient taken in the
+            forward; needs a linear output layer), `chunked` (activation checkpointing per chunk;
+            any output layer) or `auto` (fused whenever the layer is linear). Same values.
         log_every: Write metrics every N steps.
         wandb_project: Also log to Weights & Biases when set and wandb is installed.
         max_bad_steps: Stop after this many consecutive steps with non-finite loss or gradients
@@ -173,19 +182,20 @@ class TrainConfig:
         collective_timeout_s: A collective that waits longer (e.g. a rank died) ends the run.
     """
 
-    steps: int = 300
-    prompts_per_step: int = 64
-    prompts_per_micro_batch: int = 4
+    steps: Positive = 300
+    prompts_per_step: Positive = 64
+    prompts_per_micro_batch: Positive = 4
     deepspeed: str = "ds_configs/zero3.json"
     output_dir: str = "runs/dopd"
     seed: int = 0
-    eval_every: int = 0
-    save_every: int = 0
-    loss_chunk_size: int = 1024
-    log_every: int = 1
+    eval_every: NonNegative = 0
+    save_every: NonNegative = 0
+    loss_chunk_size: Positive = 1024
+    loss_path: LossPath = "auto"
+    log_every: Positive = 1
     wandb_project: str = ""
-    max_bad_steps: int = 3
-    collective_timeout_s: float = 1800.0
+    max_bad_steps: Positive = 3
+    collective_timeout_s: PositiveFloat = 1800.0
 
 
 @dataclass
@@ -218,9 +228,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     for override in overrides:
         _apply_override(raw, override)
-    cfg = _build(RunConfig, raw, prefix="")
+    try:
+        cfg = build(RunConfig, raw)
+    except Invalid as err:
+        raise config_error(err) from None
     validate(cfg)
     return cfg
+
+
+def config_error(err: Invalid) -> ConfigError:
+    """The one-line ConfigError of a schema problem."""
+    if err.known is not None:
+        return ConfigError(f"unknown config key '{err.path}' (known in this section: {', '.join(err.known)})")
+    return ConfigError(f"config key '{err.path}': {err.problem}")
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:
@@ -236,110 +256,33 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     node[leaf] = yaml.safe_load(value) if value.strip() else ""
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    """Turn nested dicts into the dataclass tree, checking keys and types on the way."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}' (known in this section: {', '.join(fields)})"
-        )
-    values = {}
-    for name, value in raw.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value, f"{prefix}{name}.")
-        else:
-            values[name] = _coerce(value, hint, f"{prefix}{name}")
-    return cls(**values)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (list, tuple):
-        (item_type,) = typing.get_args(hint)[:1]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
-        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"unsupported annotation {hint} for {key}")
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "5e-6" as a string
-            return float(value)
-        except ValueError:
-            pass
-    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(
-            f"config key '{key}': expected {hint.__name__}, got {type(value).__name__} {value!r}"
-        )
-    return value
-
-
 def _check(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"config key '{key}': {message}")
 
 
-def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
-    _check(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
-
-
 def validate(cfg: RunConfig) -> None:
-    """Value checks that types alone cannot express. Raises ConfigError."""
-    m, r, o, t, d = cfg.method, cfg.rollout, cfg.optim, cfg.train, cfg.data
-    _check_choice(m.name, METHOD_NAMES, "method.name")
-    _check_choice(m.ablation, DOPD_ABLATIONS, "method.ablation")
+    """Checks across keys, which the field types alone cannot express. Raises ConfigError."""
+    m, t, d = cfg.method, cfg.train, cfg.data
+    _check(m.name in METHODS, "method.name", f"{m.name!r} is not one of {', '.join(METHODS)}")
     _check(m.ablation == "none" or m.name == "dopd", "method.ablation", "only applies to dopd")
-    _check_choice(m.opd_divergence, OPD_DIVERGENCES, "method.opd_divergence")
-    _check_choice(m.topk_variant, TOPK_VARIANTS, "method.topk_variant")
-    _check_choice(m.normalize, NORMALIZATIONS, "method.normalize")
-    _check_choice(m.privileged_target, PRIVILEGED_TARGETS, "method.privileged_target")
     _check(0 <= m.beta_w < m.beta_l, "method.beta_w", "must satisfy 0 <= beta_w < beta_l")
-    _check(m.ht_weight >= 0, "method.ht_weight", "must be >= 0")
-    _check(m.top_k >= 1, "method.top_k", "must be >= 1")
-    _check(0 <= m.trim < 1, "method.trim", "must be in [0, 1)")
-    _check(0 <= m.jsd_beta <= 1, "method.jsd_beta", "must be in [0, 1]")
-    _check(m.temperature > 0, "method.temperature", "must be > 0")
-    _check(r.num_rollouts >= 1, "rollout.num_rollouts", "must be >= 1")
-    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
-    _check(r.temperature > 0, "rollout.temperature", "must be > 0")
-    _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
-    _check(o.lr > 0, "optim.lr", "must be > 0")
-    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two values in [0, 1)")
-    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-    _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
-    _check_choice(cfg.model.dtype, DTYPES, "model.dtype")
     _check(bool(cfg.model.student), "model.student", "is required")
-    _check(bool(cfg.model.teacher) or m.name in ("opsd", "sft"), "model.teacher", "is required")
-    _check(t.steps >= 1, "train.steps", "must be >= 1")
-    _check(t.prompts_per_micro_batch >= 1, "train.prompts_per_micro_batch", "must be >= 1")
+    _check(bool(cfg.model.teacher) or not METHODS[m.name].needs_teacher, "model.teacher",
+           f"is required (method {m.name} distils from a teacher)")
     _check(
         t.prompts_per_step % t.prompts_per_micro_batch == 0,
         "train.prompts_per_step",
         f"{t.prompts_per_step} is not a multiple of prompts_per_micro_batch "
         f"({t.prompts_per_micro_batch}); micro-batches must be equal for the loss mean to be exact",
     )
-    _check(t.loss_chunk_size >= 1, "train.loss_chunk_size", "must be >= 1")
-    _check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
-    _check(t.collective_timeout_s > 0, "train.collective_timeout_s", "must be > 0")
-    _check(t.eval_every >= 0 and t.save_every >= 0, "train.eval_every", "cadences must be >= 0")
     _check(
         "{privileged}" in d.privileged_template and "{question}" in d.privileged_template,
         "data.privileged_template",
         "must contain {privileged} and {question}",
     )
-    _check("<image>" not in d.privileged_template, "data.privileged_template",
-           "must not contain <image> (image placeholders belong in the questions)")
-    _check(d.max_privileged_tokens >= 0, "data.max_privileged_tokens", "must be >= 0 (0 = no limit)")
-    _check(d.max_eval_samples >= 0, "data.max_eval_samples", "must be >= 0 (0 = the whole split)")
+    _check(IMAGE_PLACEHOLDER not in d.privileged_template, "data.privileged_template",
+           f"must not contain {IMAGE_PLACEHOLDER} (image placeholders belong in the questions)")
     _check(bool(t.output_dir), "train.output_dir", "is required")
 
 

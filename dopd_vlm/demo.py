@@ -69,7 +69,7 @@ LABELS = {
 }
 
 
-def _warmup_configs():
+def warmup_configs():
     from dopd_vlm.warmup import WarmupConfig
 
     teacher = WarmupConfig(steps=4000, batch_size=32, lr=1e-3, privileged_prob=0.5, warmup_steps=20, seed=0)
@@ -125,14 +125,14 @@ class DemoOptions:
 def warmup_spec(role: str, cfg) -> dict[str, Any]:
     """Everything a warmed-up checkpoint depends on; the cache key."""
     from dopd_vlm.config import DataConfig
-    from dopd_vlm.models import _BUILDER_VERSION, STUDENT_SIZE, TEACHER_SIZE, TINY_TOKENIZER_SEED
+    from dopd_vlm.tiny import BUILDER_VERSION, STUDENT_SIZE, TEACHER_SIZE, TINY_TOKENIZER_SEED
 
     size = TEACHER_SIZE if role == "teacher" else STUDENT_SIZE
     return {
         "role": role,
         "family": FAMILY,
         "pair_seed": PAIR_SEED,
-        "builder_version": _BUILDER_VERSION,
+        "builder_version": BUILDER_VERSION,
         "tokenizer_seed": TINY_TOKENIZER_SEED,
         "size": asdict(size),
         "recipe": RECIPE,
@@ -185,7 +185,7 @@ def build_warmed(role: str, cfg, base: Path, target: Path, *, eval_samples: int 
     spec = warmup_spec(role, cfg)
     processor = load_processor(base)
     model = load_model(base, dtype=torch.float32)
-    collator = DualViewCollator(processor, privileged_template=DataConfig().privileged_template)
+    collator = DualViewCollator.from_config(processor, data=DataConfig())
     train_split = list(load_recipe(RECIPE, "train", family=FAMILY))
     threads = torch.get_num_threads()
     torch.set_num_threads(WARMUP_THREADS)  # float reductions depend on the thread count
@@ -233,16 +233,16 @@ def _accuracy(model, collator, samples, *, privileged: bool, max_new_tokens: int
 
 def prepare_models(options: DemoOptions, log=print) -> dict[str, Path]:
     """The warmed-up teacher and student: shipped, cached, or built now (in that order)."""
-    from dopd_vlm.models import make_tiny_pair
+    from dopd_vlm.tiny import make_tiny_pair
 
-    teacher_cfg, student_cfg = _warmup_configs()
+    teacher_cfg, student_cfg = warmup_configs()
     if options.teacher_warmup_steps is not None:
         teacher_cfg = replace(teacher_cfg, steps=options.teacher_warmup_steps)
     if options.student_warmup_steps is not None:
         student_cfg = replace(student_cfg, steps=options.student_warmup_steps)
     if options.student_privileged_prob is not None:
         student_cfg = replace(student_cfg, privileged_prob=options.student_privileged_prob)
-    shipped_cfg, _ = _warmup_configs()
+    shipped_cfg, _ = warmup_configs()
     cache = Path(options.cache)
     pair = make_tiny_pair(FAMILY, cache / "tiny" / FAMILY, seed=PAIR_SEED)
 

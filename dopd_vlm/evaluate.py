@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -12,6 +12,7 @@ from torch import nn
 from dopd_vlm.collate import DualViewCollator
 from dopd_vlm.config import RolloutConfig
 from dopd_vlm.data.schema import Sample, answers_match
+from dopd_vlm.models import device_of
 from dopd_vlm.rollout import sample_responses
 
 
@@ -59,22 +60,15 @@ def evaluate_accuracy(
         count = len(batch)
         fill = min(batch_size, per_rank - start) - count
         padded = batch + [samples[0]] * fill
-        if privileged:
-            padded = [_with_privileged_question(s, collator) for s in padded]
         ids, mask = sample_responses(
             model, collator, padded, rollout, greedy=True,
-            suppress_token_ids=suppress_token_ids, synced_gpus=world > 1,
+            suppress_token_ids=suppress_token_ids, synced_gpus=world > 1, privileged=privileged,
         )
         predictions = decode_responses(collator.tokenizer, ids[:count], mask[:count])
         correct += sum(answers_match(p, s.answer) for p, s in zip(predictions, batch))
         total += count
     if world > 1:
-        counts = torch.tensor([correct, total], dtype=torch.long, device=next(model.parameters()).device)
+        counts = torch.tensor([correct, total], dtype=torch.long, device=device_of(model))
         dist.all_reduce(counts)
         correct, total = int(counts[0]), int(counts[1])
     return EvalResult(correct, total)
-
-
-def _with_privileged_question(sample: Sample, collator: DualViewCollator) -> Sample:
-    question = collator.privileged_template.format(privileged=sample.privileged, question=sample.question)
-    return replace(sample, question=question)

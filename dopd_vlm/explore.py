@@ -5,11 +5,11 @@ trainer uses (collate -> scoring -> router -> methods) rather than re-implementi
 
 * :func:`score_and_route` scores sampled responses under the three views (student x,
   privileged student x+p, teacher x+p) and routes every response token, as one optimizer step
-  with a single micro-batch on a single rank does (``train.dopd_step`` computes the thresholds
+  with a single micro-batch on a single rank does (``step.dopd_step`` computes the thresholds
   over all micro-batches of a step and all ranks instead).
 * :class:`RoutedBatch` keeps the per-token log-probs, regimes and hidden states, and answers
   the explorer's questions: a per-token table, the models' top alternatives at a token, and
-  the :class:`~dopd_vlm.methods.LossInputs` to evaluate any method's per-token loss.
+  the :class:`~dopd_vlm.chunks.LossInputs` to evaluate any method's per-token loss.
 * :func:`regime_html` and :func:`draw_boxes` are presentation: the response coloured by
   regime, and the privileged boxes drawn on the image.
 * :func:`read_run` / :func:`find_runs` read runs' ``metrics.jsonl`` (and ``config.json``) into
@@ -32,9 +32,10 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from dopd_vlm.chunks import LossInputs
 from dopd_vlm.collate import DualViewCollator, ModelView, ScoringViews, check_shared_vocab
 from dopd_vlm.data.schema import Sample
-from dopd_vlm.methods import LossInputs
+from dopd_vlm.models import device_of, head_rows
 from dopd_vlm.router import REGIME_NAMES, Routing, route
 from dopd_vlm.scoring import Head, ResponseTokens, output_head, response_hidden_states, token_logprobs
 
@@ -146,26 +147,20 @@ class RoutedBatch:
     def loss_inputs(self) -> LossInputs:
         """The batch as `methods.compute_loss` takes it, so any method's per-token loss can be
         evaluated on exactly these tokens (under ``torch.no_grad()``; nothing is trained)."""
-        device = self.student_hidden.device
-        tokens = ResponseTokens(self.tokens.token_ids.to(device), self.tokens.seq_index.to(device), self.tokens.num_sequences)
         return LossInputs(
-            tokens=tokens,
+            tokens=self.tokens.to(self.student_hidden.device),
             student_hidden=self.student_hidden,
             student_head=self.student_head,
             privileged_hidden=self.privileged_hidden,
             teacher_hidden=self.teacher_hidden,
             teacher_head=self.teacher_head,
-            regimes=self.routing.regimes.to(device),
+            regimes=self.routing.regimes.to(self.student_hidden.device),
         )
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _hidden(model: nn.Module, view: ModelView, response_mask: torch.Tensor, device: torch.device) -> torch.Tensor:
-    moved = ModelView({k: v.to(_device(model)) for k, v in view.inputs.items()}, view.logit_index.to(_device(model)))
-    return response_hidden_states(model, moved, response_mask.to(_device(model))).to(device)
+    on = device_of(model)
+    return response_hidden_states(model, view.to(on), response_mask.to(on)).to(device)
 
 
 @torch.no_grad()
@@ -192,13 +187,11 @@ def score_and_route(
     are checked as at training start (`collate.check_shared_vocab`).
     """
     samples = list(samples)
-    student_rows = student.get_output_embeddings().weight.shape[0]
-    teacher_rows = teacher.get_output_embeddings().weight.shape[0]
-    vocab_size = check_shared_vocab(collator.teacher_processor, collator.processor, teacher_rows, student_rows)
+    vocab_size = check_shared_vocab(collator.teacher_processor, collator.processor, head_rows(teacher), head_rows(student))
     views = collator.scoring_views(samples, response_ids, response_mask, teacher_privileged=teacher_privileged)
     tokens = ResponseTokens.from_mask(views.response_ids, views.response_mask)
     positions = views.response_mask.nonzero(as_tuple=True)[1]
-    device = _device(student)
+    device = device_of(student)
     ids = tokens.token_ids.to(device)
     student_head, teacher_head = output_head(student, vocab_size), output_head(teacher, vocab_size)
 

@@ -12,6 +12,7 @@ from transformers import GenerationConfig
 from dopd_vlm.collate import DualViewCollator, extract_responses
 from dopd_vlm.config import RolloutConfig
 from dopd_vlm.data.schema import Sample
+from dopd_vlm.models import device_of
 
 
 def eos_token_ids(model: nn.Module, tokenizer) -> list[int]:
@@ -48,8 +49,12 @@ def sample_responses(
     suppress_token_ids: Sequence[int] = (),
     greedy: bool = False,
     synced_gpus: bool = False,
+    privileged: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generate one response per sample (repeat samples for several rollouts per prompt).
+
+    The prompts are the plain view (on-policy rollouts), or with `privileged` the privileged view
+    (a model's answers given p, for evaluation).
 
     Returns (response_ids [B, R], response_mask [B, R]); the mask ends at the first EOS,
     inclusive. `synced_gpus` must be True when world size > 1 under ZeRO-3: ranks that stop
@@ -58,9 +63,8 @@ def sample_responses(
     match and breaks re-scoring.
     """
     tokenizer = collator.tokenizer
-    batch = collator.rollout_batch(samples)
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
+    device = device_of(model)
+    batch = {k: v.to(device) for k, v in collator.rollout_batch(samples, privileged).items()}
     eos_ids = eos_token_ids(model, tokenizer)
     generation = GenerationConfig(
         max_new_tokens=cfg.max_new_tokens,

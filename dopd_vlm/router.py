@@ -1,4 +1,4 @@
-"""The shared DOPD router (ALGORITHM.md §2): which regime each response token belongs to.
+"""The shared DOPD router (docs/algorithm.md §2): which regime each response token belongs to.
 
 For every valid response token (text only: image/vision/prompt/padding positions are masked
 out by the caller's ``mask``)::
@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+import typing
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -41,7 +42,8 @@ REGIME_NAMES = ("LH", "LL", "HT", "HS")
 NUM_REGIMES = len(REGIME_NAMES)
 UNROUTED = -1  # regime code of every position outside the mask
 
-NORMALIZATIONS = ("none", "minmax", "zscore")
+Normalization = Literal["none", "minmax", "zscore"]
+NORMALIZATIONS = typing.get_args(Normalization)
 
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -279,7 +281,7 @@ def assign_regimes(
 ) -> torch.Tensor:
     """Regime code per position (int64, same shape as the inputs); UNROUTED where mask is False.
 
-    Applies the table of ALGORITHM.md §2 with the given thresholds (after the thresholds'
+    Applies the table of docs/algorithm.md §2 with the given thresholds (after the thresholds'
     normalisation). Ties go to the ``≥`` side: A == Ā is high-gap, qT == qP is HT, and
     qP+qT == q̄P+q̄T is LH.
     """

@@ -18,8 +18,6 @@ from torch import nn
 
 from dopd_vlm.collate import ModelView
 
-Head = Callable[[torch.Tensor], torch.Tensor]
-
 
 def backbone(model: nn.Module) -> nn.Module:
     """The module that maps inputs to final (normed) hidden states, images included."""
@@ -29,47 +27,82 @@ def backbone(model: nn.Module) -> nn.Module:
     return inner
 
 
-class LMHead:
-    """A model's output layer as a callable hidden [N, H] -> logits [N, vocab_size].
+class Head:
+    """An output layer as a callable hidden [N, H] -> logits [N, vocab_size] over the common vocabulary.
 
-    Padding rows beyond the common vocabulary are sliced off. When the layer is a plain
-    ``nn.Linear`` whose weight is a whole tensor (not ZeRO-3 partitioned), :attr:`linear` exposes
-    ``(weight, bias)`` so the loss can use the weight directly (fused gradients, top-K target
-    logits from a few weight rows) instead of calling the module on full-vocabulary chunks.
-    A ZeRO-3 partitioned ``nn.Linear`` (:attr:`partitioned_linear`) gets the same fast paths
-    through :meth:`run_as_forward` (trainable head) and :meth:`gathered` (frozen head).
+    Two kinds: :class:`LMHead` (a model's own output module) and :class:`WeightHead` (a weight
+    tensor). The loss takes its fast paths through these members rather than by type tests:
+
+    - :attr:`linear` is ``(weight, bias)`` when the weight can be read directly (not ZeRO-3
+      partitioned, or gathered): top-K target logits then come from K weight rows;
+    - :attr:`is_linear` says the layer is a linear map at all, so the fused loss can take
+      its gradient chunk by chunk through :meth:`with_weight`;
+    - :attr:`partitioned`: every call is a ZeRO-3 collective; :meth:`gathered` makes a frozen
+      partitioned head one gather for a whole block of calls.
     """
 
-    _gathered = False  # True on the view that :meth:`gathered` yields
+    vocab_size: int
+    linear: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    is_linear = False
+    partitioned = False
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def with_weight(self, fn: Callable[..., Any], *args: torch.Tensor) -> Any:
+        """``fn(weight, bias, *args)`` with the layer's full weight; for linear heads only."""
+        raise TypeError(f"{type(self).__name__} is not a linear layer")
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator["Head"]:
+        yield self
+
+
+class WeightHead(Head):
+    """A linear head given by its weight [V', H] (and bias), sliced to the first ``vocab_size`` rows."""
+
+    is_linear = True
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, vocab_size: int | None = None):
+        self.linear = (weight, bias)
+        self.vocab_size = weight.shape[0] if vocab_size is None else vocab_size
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.linear
+        return nn.functional.linear(hidden, weight[: self.vocab_size], None if bias is None else bias[: self.vocab_size])
+
+    def with_weight(self, fn: Callable[..., Any], *args: torch.Tensor) -> Any:
+        return fn(*self.linear, *args)
+
+
+class LMHead(Head):
+    """A model's output module as a :class:`Head`; padding rows beyond the common vocabulary are
+    sliced off. A plain ``nn.Linear`` is :attr:`is_linear`; its ZeRO-3 partitioned weight is reached
+    through :meth:`with_weight` (trainable) and :meth:`gathered` (frozen)."""
 
     def __init__(self, module: nn.Module, vocab_size: int):
         self.module = module
         self.vocab_size = vocab_size
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self._gathered:  # not through the module: its ZeRO-3 post-forward hook would release the weight
-            module = self.module
-            return nn.functional.linear(hidden, module.weight, module.bias)[..., : self.vocab_size]
         return self.module(hidden)[..., : self.vocab_size]
 
     @property
+    def is_linear(self) -> bool:
+        return type(self.module) is nn.Linear
+
+    @property
     def linear(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        module = self.module
-        if type(module) is not nn.Linear or (hasattr(module.weight, "ds_id") and not self._gathered):
+        if not self.is_linear or self.partitioned:
             return None
-        return module.weight, module.bias
+        return self.module.weight, self.module.bias
 
     @property
     def partitioned(self) -> bool:
         """True when the layer's parameters are ZeRO-3 partitioned: every call is then a collective."""
         return any(hasattr(p, "ds_id") for p in self.module.parameters())
 
-    @property
-    def partitioned_linear(self) -> bool:
-        """True for a plain ``nn.Linear`` whose parameters are ZeRO-3 partitioned (see :meth:`run_as_forward`)."""
-        return type(self.module) is nn.Linear and self.partitioned
-
-    def run_as_forward(self, fn: Callable[..., Any], *args: torch.Tensor) -> Any:
+    def with_weight(self, fn: Callable[..., Any], *args: torch.Tensor) -> Any:
         """``fn(weight, bias, *args)`` run as the module's own forward, through ``module(*args)``.
 
         Under ZeRO-3 the module's hooks then gather its parameters for the call and again before
@@ -77,9 +110,11 @@ class LMHead:
         module's outputs), and release them after the gradient w.r.t. ``args`` is computed, so a
         custom autograd Function in ``fn`` may return a full-size gradient for the weight: it
         accumulates into the gathered parameter, and DeepSpeed reduce-scatters it as usual.
-        ``fn`` must return a tensor (or a tuple of tensors) that carries the gradient; anything
-        else it produces should go out through a closure. Without ZeRO-3 this is a plain call.
+        ``fn`` must return one tensor that carries the gradient (a second output would get
+        DeepSpeed's backward hooks too). Without ZeRO-3 this is a plain call.
         """
+        if not self.is_linear:
+            return super().with_weight(fn, *args)
         module = self.module
         missing = object()
         own = module.__dict__.get("forward", missing)
@@ -93,14 +128,11 @@ class LMHead:
                 module.forward = own
 
     @contextlib.contextmanager
-    def gathered(self) -> Iterator["LMHead"]:
-        """This head with its ZeRO-3 partitioned parameters gathered for the block, as a head
-        whose :attr:`linear` is available and whose calls use the gathered weight directly (a call
-        through the module would release it). For frozen heads only (no gradient can reach
-        DeepSpeed through the gathered weight; a trained head goes through :meth:`run_as_forward`);
-        a no-op view for heads that are not partitioned. One gather for many chunks also keeps the
-        number of collectives equal on every rank, whatever number of chunks each rank scores."""
-        if not self.partitioned_linear:
+    def gathered(self) -> Iterator[Head]:
+        """For frozen heads: a :class:`WeightHead` on the ZeRO-3 gathered weight for the block (one
+        gather for many chunks, which also keeps the collectives equal on every rank, whatever number
+        of chunks each rank scores); this head itself when it is not partitioned."""
+        if not (self.is_linear and self.partitioned):
             yield self
             return
         params = list(self.module.parameters())
@@ -108,21 +140,8 @@ class LMHead:
             raise ValueError("LMHead.gathered is for frozen heads; a trainable head's gradient would be lost")
         import deepspeed
 
-        view = LMHead(self.module, self.vocab_size)
-        view._gathered = True
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield view
-
-
-class WeightHead:
-    """A linear head given by its (gathered) weight and bias, sliced to ``vocab_size`` rows."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, vocab_size: int):
-        self.linear, self.vocab_size = (weight, bias), vocab_size
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.linear
-        return nn.functional.linear(hidden, weight[: self.vocab_size], None if bias is None else bias[: self.vocab_size])
+            yield WeightHead(self.module.weight, self.module.bias, self.vocab_size)
 
 
 def output_head(model: nn.Module, vocab_size: int) -> LMHead:
@@ -168,18 +187,18 @@ def token_logprobs_and_lse(
     The log-normaliser is what a loss needs to turn a few target logits (e.g. at the student's
     top-K tokens) into exact log-probs later, without the target's full-vocabulary logits again.
     """
-    if isinstance(head, LMHead) and head.partitioned_linear:
-        # Under ZeRO-3 one gather for all chunks, not one per chunk: ranks score different numbers
-        # of chunks. The trained student's head (privileged pass) is fetched by calling its module
-        # once, as in the loss; a frozen head (teacher) is gathered for the block.
-        if any(p.requires_grad for p in head.module.parameters()):
-            def score(weight, bias, rows, ids):
-                return _token_logprobs_and_lse(rows, WeightHead(weight, bias, head.vocab_size), ids, chunk_size)
+    if not (head.partitioned and head.is_linear):
+        return _token_logprobs_and_lse(hidden, head, token_ids, chunk_size)
+    # Under ZeRO-3 one gather for all chunks, not one per chunk: ranks score different numbers of
+    # chunks. The trained student's head (privileged pass) is fetched by one call of its module, as
+    # in the loss; a frozen head (teacher) is gathered for the block.
+    if any(p.requires_grad for p in head.module.parameters()):
+        def score(weight, bias, rows, ids):
+            return _token_logprobs_and_lse(rows, WeightHead(weight, bias, head.vocab_size), ids, chunk_size)
 
-            return head.run_as_forward(score, hidden, token_ids)
-        with head.gathered() as gathered:
-            return _token_logprobs_and_lse(hidden, gathered, token_ids, chunk_size)
-    return _token_logprobs_and_lse(hidden, head, token_ids, chunk_size)
+        return head.with_weight(score, hidden, token_ids)
+    with head.gathered() as gathered:
+        return _token_logprobs_and_lse(hidden, gathered, token_ids, chunk_size)
 
 
 def _token_logprobs_and_lse(hidden, head, token_ids, chunk_size):
@@ -208,3 +227,19 @@ class ResponseTokens:
     def from_mask(cls, response_ids: torch.Tensor, response_mask: torch.Tensor) -> "ResponseTokens":
         rows, _ = response_mask.nonzero(as_tuple=True)
         return cls(response_ids[response_mask], rows, response_ids.shape[0])
+
+    def to(self, device: torch.device) -> "ResponseTokens":
+        return ResponseTokens(self.token_ids.to(device), self.seq_index.to(device), self.num_sequences)
+
+    def sequence_mean(self, token_values: torch.Tensor) -> torch.Tensor:
+        """The paper's reduction: mean over each sequence's tokens, then over all its sequences."""
+        b = self.num_sequences
+        sums = token_values.new_zeros(b).index_add(0, self.seq_index, token_values)
+        counts = torch.bincount(self.seq_index, minlength=b).clamp(min=1).to(token_values.dtype)
+        return (sums / counts).sum() / b
+
+    def weights(self) -> torch.Tensor:
+        """[N] float64 w with ``sequence_mean(x) == (w * x).sum()`` (the fused loss needs them up front)."""
+        b = self.num_sequences
+        counts = torch.bincount(self.seq_index, minlength=b).clamp(min=1).to(torch.float64)
+        return 1.0 / (counts[self.seq_index] * b)

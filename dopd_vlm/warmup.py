@@ -3,9 +3,10 @@
 Random-init tiny models answer uniformly at random, so distillation needs a teacher that was
 trained first, and a student that at least knows the answer format. `warm_up` is plain
 supervised learning on reference answers, written with the project's own pieces: the
-`DualViewCollator` builds the prompt+answer batch, `scoring.response_hidden_states` and
-`scoring.output_head` give the logits at answer positions, `losses.token_cross_entropy` and
-`methods.sequence_mean` give the loss (the same reduction the distillation methods use).
+`DualViewCollator` builds the prompt+answer batch (the same prompts, with or without p, as
+training and evaluation), `scoring.response_hidden_states` and `scoring.output_head` give the
+logits at answer positions, `losses.token_cross_entropy` and `ResponseTokens.sequence_mean` give
+the loss (the same reduction the distillation methods use), `train.warmup_cosine` the schedule.
 
 Each sample is shown *with* the privileged text (the bounding boxes) with probability
 `privileged_prob`, otherwise plain. Training on both views makes one model good at both: the
@@ -20,8 +21,6 @@ one torch build and thread count reproduces a warm-up bit for bit.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import random
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -32,8 +31,9 @@ from torch import nn
 from dopd_vlm import losses
 from dopd_vlm.collate import DualViewCollator, reference_responses
 from dopd_vlm.data.schema import Sample
-from dopd_vlm.methods import sequence_mean
+from dopd_vlm.models import device_of
 from dopd_vlm.scoring import ResponseTokens, output_head, response_hidden_states
+from dopd_vlm.train import warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -68,33 +68,20 @@ class WarmupConfig:
         if not 0.0 <= self.privileged_prob <= 1.0:
             raise ValueError("privileged_prob must be in [0, 1]")
 
-    def lr_factor(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
+def supervised_loss(model: nn.Module, collator: DualViewCollator, samples: Sequence[Sample],
+                    privileged: bool | Sequence[bool] = False) -> torch.Tensor:
+    """Cross-entropy on the answer tokens (and EOS) of `samples`, each shown plain or with p.
 
-def with_privileged_text(sample: Sample, template: str) -> Sample:
-    """The sample whose question carries the privileged text, as privileged views show it."""
-    return dataclasses.replace(sample, question=template.format(privileged=sample.privileged, question=sample.question))
-
-
-def supervised_loss(model: nn.Module, collator: DualViewCollator, samples: Sequence[Sample]) -> torch.Tensor:
-    """Cross-entropy on the answer tokens (and EOS) of `samples`, shown as they are.
-
-    Per-sequence token mean, then mean over sequences (methods.sequence_mean).
+    Per-sequence token mean, then mean over sequences (ResponseTokens.sequence_mean).
     """
     ids, mask = reference_responses(collator, samples)
-    view = collator.scoring_views(samples, ids, mask, privileged_student=False, teacher=False).student
-    device = next(model.parameters()).device
-    view.inputs = {k: v.to(device) for k, v in view.inputs.items()}
-    view.logit_index = view.logit_index.to(device)
-    tokens = ResponseTokens.from_mask(ids, mask)
+    device = device_of(model)
+    view = collator.response_view(samples, ids, mask, privileged).to(device)
+    tokens = ResponseTokens.from_mask(ids, mask).to(device)
     hidden = response_hidden_states(model, view, mask.to(device))
-    vocab = len(collator.tokenizer)
-    logits = output_head(model, vocab)(hidden)
-    return sequence_mean(losses.token_cross_entropy(logits, tokens.token_ids.to(device)), tokens)
+    logits = output_head(model, len(collator.tokenizer))(hidden)
+    return tokens.sequence_mean(losses.token_cross_entropy(logits, tokens.token_ids))
 
 
 def warm_up(
@@ -115,21 +102,21 @@ def warm_up(
 
     rng = random.Random(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
-    template = collator.privileged_template
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio))
     order: list[int] = []
     history = []
     model.train()
     bar = tqdm(range(cfg.steps), desc=desc, unit="step", disable=not progress, leave=False, mininterval=0.5)
     for step in bar:
-        batch = []
+        batch, shown_p = [], []
         for _ in range(cfg.batch_size):
             if not order:  # epoch-wise shuffles
                 order = list(range(len(samples)))
                 rng.shuffle(order)
-            sample = samples[order.pop()]
-            batch.append(with_privileged_text(sample, template) if rng.random() < cfg.privileged_prob else sample)
-        loss = supervised_loss(model, collator, batch)
+            batch.append(samples[order.pop()])
+            shown_p.append(rng.random() < cfg.privileged_prob)
+        loss = supervised_loss(model, collator, batch, shown_p)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

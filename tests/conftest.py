@@ -1,6 +1,6 @@
 """Shared test setup: no Hub access, and tiny teacher/student pairs of every family.
 
-Everything the tests load is built locally (dopd_vlm.models.make_tiny_pair), so the suite runs
+Everything the tests load is built locally (dopd_vlm.tiny.make_tiny_pair), so the suite runs
 on a machine without internet; HF_HUB_OFFLINE makes any accidental Hub lookup fail fast instead
 of hanging on the network.
 """
@@ -24,12 +24,13 @@ import dopd_vlm  # noqa: E402,F401  (before transformers: makes torchvision impo
 
 @pytest.fixture(scope="session")
 def tiny_pairs(tmp_path_factory) -> dict[str, dict[str, Path]]:
-    """family -> {"teacher": dir, "student": dir} for every family in dopd_vlm.models.FAMILIES.
+    """family -> {"teacher": dir, "student": dir} for every family in dopd_vlm.families.FAMILIES.
 
     Built once per test session with seed 0 and the default sizes (about a second in all).
     Treat the directories as read-only: other tests share them.
     """
-    from dopd_vlm.models import FAMILIES, make_tiny_pair
+    from dopd_vlm.families import FAMILIES
+    from dopd_vlm.tiny import make_tiny_pair
 
     root = tmp_path_factory.mktemp("tiny_pairs")
     return {family: make_tiny_pair(family, root / family, seed=0) for family in FAMILIES}

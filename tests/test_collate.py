@@ -8,7 +8,8 @@ from PIL import Image
 
 from dopd_vlm.collate import DualViewCollator, check_shared_vocab, extract_responses
 from dopd_vlm.data.schema import Sample
-from dopd_vlm.models import FAMILIES, VISION_FAMILIES, load_model, load_processor, vision_special_token_ids
+from dopd_vlm.families import FAMILIES, VISION_FAMILIES
+from dopd_vlm.models import load_model, load_processor, vision_special_token_ids
 from dopd_vlm.rollout import eos_token_ids
 from dopd_vlm.scoring import output_head, response_hidden_states, token_logprobs
 
@@ -45,7 +46,7 @@ def loaded(tiny_pairs):
             student, teacher = load_model(paths["student"]), load_model(paths["teacher"])
             student.eval(), teacher.eval()
             processor = load_processor(paths["student"])
-            collator = DualViewCollator(processor, load_processor(paths["teacher"]), privileged_template=TEMPLATE)
+            collator = DualViewCollator(processor, load_processor(paths["teacher"]), privileged_template=TEMPLATE, max_privileged_tokens=0)
             cache[family] = (student, teacher, collator)
         return cache[family]
 

@@ -187,10 +187,10 @@ def test_text_variant_has_no_image_and_only_a_partial_description():
 def test_recipe_key_errors_name_the_key(tmp_path):
     cases = [
         ({"kind": "synthetic_scenes", "sead": 1}, "unknown key 'sead'"),
-        ({"kind": "synthetic_scenes", "seed": "one"}, "key 'seed' must be an integer"),
+        ({"kind": "synthetic_scenes", "seed": "one"}, "key 'seed': must be an integer"),
         ({"kind": "synthetic_scenes", "splits": {"train": "many"}}, "key 'splits.train'"),
-        ({"kind": "synthetic_scenes", "splits": {"val": 3}}, "key 'splits.val' is not allowed"),
-        ({"kind": "synthetic_scenes", "privileged": "answer"}, "key 'privileged' must be one of"),
+        ({"kind": "synthetic_scenes", "splits": {"val": 3}}, "key 'splits.val': not allowed"),
+        ({"kind": "synthetic_scenes", "privileged": "answer"}, "key 'privileged': 'answer' is not one of"),
         ({"kind": "synthetic_scenes", "objects": {"train": [4, 1]}}, "key 'objects.train'"),
         ({"kind": "scenes"}, "unknown kind 'scenes'"),
         ({"seed": 0}, "missing key 'kind'"),
@@ -206,7 +206,7 @@ def test_recipe_key_errors_name_the_key(tmp_path):
     impossible = [
         ({"objects": {"train": [1, 1]}, "question_types": ["left_of"]}, "'left_of' found no"),
         ({"objects": {"train": [8, 8]}, "object_size": [40, 50]}, "cannot place 8 objects"),
-        ({"objects": {"ood": [5, 6]}}, "key 'objects' has no range for split 'test'"),
+        ({"objects": {"ood": [5, 6]}}, "key 'objects': has no range for split 'test'"),
     ]
     for keys, expected in impossible:
         recipe = {"kind": "synthetic_scenes", "splits": {"test": 2}, **keys}

@@ -62,7 +62,7 @@ def test_short_demo_writes_table_plots_and_sane_numbers(tmp_path):
 def test_shipped_teacher_is_the_current_warmup():
     """The demo only uses demo_assets/ if its manifest matches the warm-up spec and weights;
     otherwise `make demo` would spend ~20 minutes rebuilding it."""
-    teacher_cfg, _ = demo._warmup_configs()
+    teacher_cfg, _ = demo.warmup_configs()
     spec = demo.warmup_spec("teacher", teacher_cfg)
     assert demo.checkpoint_matches(demo.SHIPPED_TEACHER, spec), (
         "demo_assets/qwen2_vl_teacher is stale: run `dopd-vlm demo --rebuild-teacher`"
@@ -73,12 +73,13 @@ def test_shipped_teacher_is_the_current_warmup():
 
 def test_warmup_is_deterministic(tiny_pairs):
     from dopd_vlm.collate import DualViewCollator
+    from dopd_vlm.config import DataConfig
     from dopd_vlm.data.recipes import load_recipe
     from dopd_vlm.models import load_model, load_processor
     from dopd_vlm.warmup import WarmupConfig, warm_up
 
     path = tiny_pairs["qwen2_vl"]["student"]
-    collator = DualViewCollator(load_processor(path), privileged_template="Boxes:\n{privileged}\n{question}")
+    collator = DualViewCollator.from_config(load_processor(path), data=DataConfig())
     samples = list(load_recipe("synthetic_scenes", "train", limit=8))
     cfg = WarmupConfig(steps=2, batch_size=4, warmup_steps=1, seed=3)
     weights = []

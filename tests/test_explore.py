@@ -27,8 +27,7 @@ def routed(request, tiny_pairs):
     paths = tiny_pairs[family]
     student, teacher = load_model(paths["student"]).eval(), load_model(paths["teacher"]).eval()
     processor = load_processor(paths["student"])
-    collator = DualViewCollator(processor, load_processor(paths["teacher"]),
-                                privileged_template=DataConfig().privileged_template)
+    collator = DualViewCollator.from_config(processor, load_processor(paths["teacher"]), data=DataConfig())
     samples = [s for s in load_recipe(RECIPES[family], "test", family=family, limit=3) for _ in range(2)]
     torch.manual_seed(0)
     ids, mask = sample_responses(student, collator, samples, RolloutConfig(max_new_tokens=10),

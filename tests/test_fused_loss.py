@@ -6,10 +6,11 @@ import dataclasses
 import pytest
 import torch
 
-from dopd_vlm import losses
-from dopd_vlm.config import DOPD_ABLATIONS, METHOD_NAMES, MethodConfig
-from dopd_vlm.methods import LossInputs, compute_loss, sequence_mean, token_weights
-from dopd_vlm.scoring import LMHead, ResponseTokens, token_logprobs_and_lse
+from dopd_vlm import chunks, losses
+from dopd_vlm.chunks import LossInputs
+from dopd_vlm.methods import compute_loss
+from dopd_vlm.scoring import LMHead, ResponseTokens, WeightHead, token_logprobs_and_lse
+from helpers.method_configs import config_id, method_configs
 
 V, H, HT_ = 40, 8, 12  # vocabulary, student and teacher hidden sizes
 
@@ -40,29 +41,15 @@ def _run(cfg, fast, seed=0, chunk_size=5, upstream=1.0):
     if fast:
         _, lse["privileged_lse"] = token_logprobs_and_lse(privileged, s_head, tokens.token_ids, 3)
         _, lse["teacher_lse"] = token_logprobs_and_lse(teacher_hidden, t_head, tokens.token_ids, 3)
-    else:  # plain callables: the checkpointed path with full-vocabulary targets
-        s_head = lambda h: student(h)[..., :V]  # noqa: E731
-        t_head = lambda h: teacher(h)  # noqa: E731
+    else:  # heads that are not plain nn.Linear: no weight rows to read, full-vocabulary targets
+        s_head, t_head = LMHead(torch.nn.Sequential(student), V), LMHead(torch.nn.Sequential(teacher), V)
     inputs = LossInputs(tokens, hidden, s_head, privileged, teacher_hidden, t_head, regimes, **lse)
-    loss, stats = compute_loss(cfg, inputs, chunk_size)
+    loss, stats = compute_loss(cfg, inputs, chunk_size, loss_path="fused" if fast else "chunked")
     (loss * upstream).backward()
     return loss.detach(), hidden.grad, student.weight.grad, stats
 
 
-def _configs():
-    for name in METHOD_NAMES:
-        yield MethodConfig(name=name, top_k=6)
-    for ablation in DOPD_ABLATIONS[1:]:
-        yield MethodConfig(name="dopd", ablation=ablation, top_k=6)
-    for divergence in ("sampled", "topk", "full"):
-        yield MethodConfig(name="vanilla_opd", opd_divergence=divergence, top_k=6)
-    for variant in ("renormalized", "tail"):
-        yield MethodConfig(name="dopd", topk_variant=variant, top_k=6)
-    yield MethodConfig(name="dopd", top_k=6, temperature=2.0)
-    yield MethodConfig(name="vanilla_opd", opd_divergence="sampled", temperature=0.5)
-
-
-@pytest.mark.parametrize("cfg", list(_configs()), ids=lambda c: f"{c.name}-{c.ablation}-{c.opd_divergence}-{c.topk_variant}-T{c.temperature}")
+@pytest.mark.parametrize("cfg", list(method_configs(6, variants=True)), ids=config_id)
 def test_fast_path_matches_reference_values_and_gradients(cfg):
     # float64 problem; the scoring pass's logsumexp is float32 by contract, hence ~1e-8 differences
     # where target log-probs come from it (top-K and sampled objectives at temperature 1).
@@ -95,13 +82,13 @@ def test_fused_head_loss_equals_checkpointed_weighted_sum(chunk_size, give_log_p
     def grads(fused):
         h, wt, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
         if fused:
-            loss, cols = losses.fused_head_loss(h, wt, fn, target, token_weights=w, chunk_size=chunk_size, bias=b,
+            loss, cols = chunks.fused_head_loss(h, wt, fn, target, token_weights=w, chunk_size=chunk_size, bias=b,
                                                 vocab_size=V, give_log_probs=give_log_probs)
         else:
             head = lambda x: torch.nn.functional.linear(x, wt[:V], b[:V])  # noqa: E731
             if give_log_probs:
                 head = lambda x: torch.log_softmax(torch.nn.functional.linear(x, wt[:V], b[:V]), -1)  # noqa: E731
-            cols = losses.chunked_head_loss(h, head, fn, target, chunk_size=chunk_size)
+            cols = chunks.chunked_head_loss(h, head, fn, target, chunk_size=chunk_size)
             loss = (cols[:, 0] * w).sum()
         (3.0 * loss).backward()
         return loss.detach(), cols.detach(), h.grad, wt.grad, b.grad
@@ -114,10 +101,10 @@ def test_fused_head_loss_no_grad_and_empty():
     weight = torch.randn(V, H, requires_grad=True)
     fn = lambda logits: losses.entropy(logits)  # noqa: E731
     with torch.no_grad():
-        loss, cols = losses.fused_head_loss(torch.randn(6, H), weight, fn, token_weights=torch.ones(6), chunk_size=4)
+        loss, cols = chunks.fused_head_loss(torch.randn(6, H), weight, fn, token_weights=torch.ones(6), chunk_size=4)
     assert cols.shape == (6,) and not loss.requires_grad
     hidden = torch.randn(0, H, requires_grad=True)
-    loss, cols = losses.fused_head_loss(hidden, weight, fn, token_weights=torch.ones(0), chunk_size=4)
+    loss, cols = chunks.fused_head_loss(hidden, weight, fn, token_weights=torch.ones(0), chunk_size=4)
     loss.backward()
     assert cols.shape == (0,) and loss.item() == 0.0 and weight.grad.abs().sum() == 0
 
@@ -125,24 +112,24 @@ def test_fused_head_loss_no_grad_and_empty():
 def test_token_weights_reproduce_sequence_mean():
     tokens = ResponseTokens(torch.zeros(6, dtype=torch.long), torch.tensor([0, 0, 0, 2, 2, 3]), 4)
     x = torch.arange(6.0)
-    torch.testing.assert_close((token_weights(tokens) * x).sum().float(), sequence_mean(x, tokens))
+    torch.testing.assert_close((tokens.weights() * x).sum().float(), tokens.sequence_mean(x))
 
 
 def test_recompute_flag_is_set_only_in_backward_recompute():
     seen = []
 
     def fn(logits):
-        seen.append(losses.is_recomputing())
+        seen.append(chunks.is_recomputing())
         return losses.entropy(logits)
 
     weight = torch.randn(V, H, requires_grad=True)
-    out = losses.chunked_head_loss(torch.randn(4, H), weight, fn, chunk_size=4)
+    out = chunks.chunked_head_loss(torch.randn(4, H), WeightHead(weight), fn, chunk_size=4)
     out.sum().backward()
-    assert seen == [False, True] and not losses.is_recomputing()
+    assert seen == [False, True] and not chunks.is_recomputing()
 
 
 def test_lmhead_exposes_plain_linear_only():
     linear = torch.nn.Linear(H, V, bias=False)
-    assert LMHead(linear, V).linear[0] is linear.weight
-    assert LMHead(torch.nn.Sequential(linear), V).linear is None
+    assert LMHead(linear, V).linear[0] is linear.weight and LMHead(linear, V).is_linear
+    assert LMHead(torch.nn.Sequential(linear), V).linear is None and not LMHead(torch.nn.Sequential(linear), V).is_linear
     torch.testing.assert_close(LMHead(linear, V - 3)(torch.ones(2, H)), linear(torch.ones(2, H))[:, : V - 3])

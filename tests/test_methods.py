@@ -7,10 +7,12 @@ import torch
 from torch import nn
 
 from dopd_vlm import losses
-from dopd_vlm.config import DOPD_ABLATIONS, METHOD_NAMES, MethodConfig
-from dopd_vlm.methods import SPECS, LossInputs, compute_loss, sequence_mean, summarize
+from dopd_vlm.chunks import LossInputs, check_partitioned_heads, use_fused
+from dopd_vlm.config import MethodConfig
+from dopd_vlm.methods import compute_loss, summarize
 from dopd_vlm.router import HS, HT, LH, LL, route
-from dopd_vlm.scoring import LMHead, ResponseTokens
+from dopd_vlm.scoring import Head, LMHead, ResponseTokens, WeightHead
+from helpers.method_configs import config_id, method_configs
 
 V, H = 40, 8
 
@@ -26,27 +28,19 @@ def make_inputs(regimes=None, n_per_seq=(3, 5, 1), seed=0, k_heads=True):
     return LossInputs(
         tokens=tokens,
         student_hidden=hidden,
-        student_head=lambda h: (h @ student_w.T)[..., :V],
+        student_head=WeightHead(student_w, vocab_size=V),
         privileged_hidden=torch.randn(n, H, generator=g),
         teacher_hidden=torch.randn(n, H, generator=g),
-        teacher_head=lambda h: h @ teacher_w.T,
+        teacher_head=WeightHead(teacher_w),
         regimes=regimes if regimes is not None else torch.randint(0, 4, (n,), generator=g),
     ), student_w
 
 
-def all_configs():
-    for name in METHOD_NAMES:
-        yield MethodConfig(name=name, top_k=8)
-    for ablation in DOPD_ABLATIONS[1:]:
-        yield MethodConfig(name="dopd", ablation=ablation, top_k=8)
-    for divergence in ("sampled", "topk", "full"):
-        yield MethodConfig(name="vanilla_opd", opd_divergence=divergence, top_k=8)
-
-
-@pytest.mark.parametrize("cfg", list(all_configs()), ids=lambda c: f"{c.name}-{c.ablation}-{c.opd_divergence}")
-def test_every_method_is_finite_and_trains_only_the_student(cfg):
+@pytest.mark.parametrize("loss_path", ["fused", "chunked"])
+@pytest.mark.parametrize("cfg", list(method_configs(8)), ids=config_id)
+def test_every_method_is_finite_and_trains_only_the_student(cfg, loss_path):
     inputs, student_w = make_inputs()
-    loss, stats = compute_loss(cfg, inputs, chunk_size=4)
+    loss, stats = compute_loss(cfg, inputs, chunk_size=4, loss_path=loss_path)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     assert inputs.student_hidden.grad is not None and inputs.student_hidden.grad.abs().sum() > 0
@@ -81,7 +75,7 @@ def test_dopd_regime_targets_and_weights_match_the_table():
     torch.testing.assert_close(stats.loss, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-linear-heads", "callable-heads"])
+@pytest.mark.parametrize("fused", [True, False], ids=["module-heads-fused", "weight-heads-chunked"])
 def test_a_frozen_privileged_head_is_the_target_of_the_privileged_regimes(fused):
     # method.privileged_target=initial: LL/HS (and OPSD) read a separate frozen head, not the student's
     regimes = torch.tensor([LL, HS, LH, HT, LL, HS])
@@ -95,10 +89,10 @@ def test_a_frozen_privileged_head_is_the_target_of_the_privileged_regimes(fused)
         frozen.weight.data.copy_(frozen_w)
         inputs.privileged_head = LMHead(frozen, V)
     else:
-        inputs.privileged_head = lambda h: h @ frozen_w.T
-    cfg = MethodConfig(top_k=8)
-    _, stats = compute_loss(cfg, inputs, chunk_size=4)
-    _, opsd_stats = compute_loss(MethodConfig(name="opsd"), inputs, chunk_size=4)
+        inputs.privileged_head = WeightHead(frozen_w)
+    path = "fused" if fused else "chunked"
+    _, stats = compute_loss(MethodConfig(top_k=8), inputs, chunk_size=4, loss_path=path)
+    _, opsd_stats = compute_loss(MethodConfig(name="opsd"), inputs, chunk_size=4, loss_path=path)
     with torch.no_grad():
         s = inputs.student_hidden @ student_w[:V].T
         p = inputs.privileged_hidden @ frozen_w.T
@@ -134,7 +128,7 @@ def test_dopd_ablations_swap_sources_or_objective(ablation, teacher_regimes):
 def test_sequence_mean_is_mean_of_per_sequence_means():
     token_loss = torch.tensor([1.0, 2.0, 3.0, 10.0, 4.0])
     tokens = ResponseTokens(torch.zeros(5, dtype=torch.long), torch.tensor([0, 0, 0, 1, 2]), 3)
-    assert sequence_mean(token_loss, tokens).item() == pytest.approx((2.0 + 10.0 + 4.0) / 3)
+    assert tokens.sequence_mean(token_loss).item() == pytest.approx((2.0 + 10.0 + 4.0) / 3)
 
 
 def test_loss_does_not_depend_on_chunk_size():
@@ -156,7 +150,7 @@ def test_dopd_loss_is_zero_when_all_three_passes_agree():
     inputs, student_w = make_inputs()
     same = inputs.student_hidden.detach()
     inputs = dataclasses.replace(
-        inputs, privileged_hidden=same, teacher_hidden=same, teacher_head=lambda h: (h @ student_w.T)[..., :V]
+        inputs, privileged_hidden=same, teacher_hidden=same, teacher_head=WeightHead(student_w.detach(), vocab_size=V)
     )
     loss, stats = compute_loss(MethodConfig(top_k=V), inputs, chunk_size=5)
     assert loss.abs().item() < 1e-6
@@ -171,10 +165,6 @@ def test_missing_pass_is_a_clear_error():
         compute_loss(MethodConfig(name="opsd"), dataclasses.replace(inputs, privileged_hidden=None), 8)
 
 
-def test_specs_cover_every_method():
-    assert set(SPECS) == set(METHOD_NAMES)
-
-
 def test_router_output_feeds_dopd_and_shares_sum_to_one():
     inputs, _ = make_inputs(regimes=torch.zeros(9, dtype=torch.long))
     g = torch.Generator().manual_seed(3)
@@ -186,18 +176,21 @@ def test_router_output_feeds_dopd_and_shares_sum_to_one():
     assert sum(summary[f"share/{r}"] for r in ("LH", "LL", "HT", "HS")) == pytest.approx(1.0)
 
 
-def test_a_partitioned_head_that_is_not_linear_is_refused_on_several_ranks(monkeypatch):
+def test_a_partitioned_head_that_is_not_linear_is_refused_on_several_ranks():
     # its per-chunk calls would be collectives in numbers that differ between ranks (a hang)
-    import dopd_vlm.methods as methods
-
-    class PartitionedNonLinearHead:
-        partitioned, partitioned_linear, module = True, False, nn.Sequential()
-
-        def __call__(self, hidden):
-            raise AssertionError("never called: refused first")
+    class PartitionedNonLinearHead(Head):
+        partitioned, vocab_size, module = True, V, nn.Sequential()
 
     inputs, _ = make_inputs()
     inputs.student_head = PartitionedNonLinearHead()
+    check_partitioned_heads(inputs, fused=False, world_size=1)  # one rank: no collectives to match
     with pytest.raises(ValueError, match="student's output layer .* ZeRO-3 partitioned across 2 ranks"):
-        monkeypatch.setattr(methods, "world_size", lambda: 2)
-        compute_loss(MethodConfig(top_k=8), inputs, chunk_size=4)
+        check_partitioned_heads(inputs, fused=False, world_size=2)
+
+
+def test_loss_path_auto_fuses_linear_heads_and_fused_needs_one():
+    linear, other = LMHead(nn.Linear(H, V, bias=False), V), LMHead(nn.Sequential(nn.Linear(H, V)), V)
+    assert use_fused("auto", linear) and use_fused("fused", WeightHead(torch.ones(V, H)))
+    assert not use_fused("auto", other) and not use_fused("chunked", linear)
+    with pytest.raises(ValueError, match="loss_path=fused needs a linear output layer; this student's is Sequential"):
+        use_fused("fused", other)

@@ -22,21 +22,9 @@ from transformers import (
     LlamaConfig,
 )
 
-from dopd_vlm.models import (
-    FAMILIES,
-    STUDENT_SIZE,
-    TEACHER_SIZE,
-    VISION_FAMILIES,
-    VISION_SPECIAL_TOKENS,
-    TinySize,
-    build_tiny_tokenizer,
-    count_parameters,
-    load_model,
-    load_processor,
-    make_tiny_pair,
-    model_family,
-    vision_special_token_ids,
-)
+from dopd_vlm.families import FAMILIES, VISION_FAMILIES
+from dopd_vlm.models import VISION_SPECIAL_TOKENS, count_parameters, load_model, load_processor, model_family, vision_special_token_ids
+from dopd_vlm.tiny import STUDENT_SIZE, TEACHER_SIZE, TinySize, build_tiny_tokenizer, make_tiny_pair
 
 EXPECTED_CLASSES = {
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),

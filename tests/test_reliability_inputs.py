@@ -20,10 +20,11 @@ import torch
 import yaml
 from PIL import Image
 
-from dopd_vlm.collate import DualViewCollator, check_shared_vocab
+from dopd_vlm.collate import DualViewCollator, check_shared_vocab, reference_responses
 from dopd_vlm.config import ConfigError, DataConfig, load_config, load_deepspeed_config
 from dopd_vlm.data import RecipeError, Sample, load_recipe
-from dopd_vlm.models import VISION_FAMILIES, load_model, load_processor, model_family
+from dopd_vlm.families import VISION_FAMILIES
+from dopd_vlm.models import load_model, load_processor, model_family
 from test_data import MAPPING, png, row, write_local
 from test_train import REPO, write_config
 
@@ -159,7 +160,7 @@ def test_wrong_field_mapping_is_named_even_with_skip_bad_rows(tmp_path):
     with pytest.raises(RecipeError) as error:
         load_recipe(bad_key, "train")
     message = one_line(error.value)
-    assert "local.yaml: key 'fields.prompt' is not allowed (allowed: id, question" in message
+    assert "local.yaml: key 'fields.prompt': not allowed (allowed: id, question" in message
 
 
 # -- image paths relative to the data file -----------------------------------------------------
@@ -236,7 +237,7 @@ def test_odd_images_go_through_the_real_processor(odd_dataset, tiny_pairs, famil
     pixels for Qwen2-VL); 8000x6000 is downsampled to their maximum pixel budget."""
     samples, _ = odd_dataset
     processor = load_processor(tiny_pairs[family]["student"])
-    collator = DualViewCollator(processor, privileged_template=TEMPLATE)
+    collator = DualViewCollator(processor, privileged_template=TEMPLATE, max_privileged_tokens=0)
     batch = collator.rollout_batch(samples)
     grids = batch["image_grid_thw"]
     assert grids.shape == (len(samples), 3)
@@ -257,7 +258,7 @@ def test_odd_images_go_through_the_real_processor(odd_dataset, tiny_pairs, famil
 def test_image_placeholders_place_images_in_the_text(tmp_path, tiny_pairs):
     rows = [row(0, ["img/a.png", "img/b.png"], prompt="Left: <image> Right: <image> Which is redder?")]
     sample = load_recipe(write_local(tmp_path, rows), "train")[0]
-    collator = DualViewCollator(load_processor(tiny_pairs["qwen2_vl"]["student"]), privileged_template=TEMPLATE)
+    collator = DualViewCollator(load_processor(tiny_pairs["qwen2_vl"]["student"]), privileged_template=TEMPLATE, max_privileged_tokens=0)
     for privileged in (False, True):
         text = collator.prompt_text(sample, privileged)
         assert "<image>" not in text
@@ -280,7 +281,7 @@ def test_max_privileged_tokens_is_a_validated_config_key(tmp_path, tiny_pairs):
     assert DataConfig().max_privileged_tokens == 1024
     config = write_config(tmp_path / "c.yaml", tiny_pairs)
     assert load_config(config, ["data.max_privileged_tokens=0"]).data.max_privileged_tokens == 0
-    for value, expected in [("-1", "must be >= 0"), ("many", "expected int")]:
+    for value, expected in [("-1", "must be >= 0"), ("many", "must be an integer")]:
         with pytest.raises(ConfigError) as error:
             load_config(config, [f"data.max_privileged_tokens={value}"])
         assert f"config key 'data.max_privileged_tokens': {expected}" in one_line(error.value)
@@ -318,6 +319,32 @@ def test_overlong_privileged_text_is_truncated_counted_and_logged_once(tiny_pair
     assert "Count them." in tokenizer.decode(views.privileged_student.inputs["input_ids"][2])
     plain = DualViewCollator(processor, privileged_template=TEMPLATE, max_privileged_tokens=0)
     assert plain.privileged_text(samples[0]) == long_p and plain.truncated_privileged == 0
+
+
+def test_training_evaluation_and_warm_up_see_the_same_truncated_privileged_prompt(tiny_pairs):
+    # One builder for every prompt with p: the step-0 teacher-with-p baseline (evaluation) and the
+    # warm-ups must see exactly the privileged view training scores, truncation included.
+    from dopd_vlm.warmup import supervised_loss
+
+    model = load_model(tiny_pairs["qwen3"]["student"]).eval()
+    processor = load_processor(tiny_pairs["qwen3"]["student"])
+    collator = DualViewCollator(processor, privileged_template=TEMPLATE, max_privileged_tokens=12)
+    long_p = " ".join(f"step {i}: add {i}" for i in range(60))
+    sample = Sample("long", "What is the total?", "7", long_p, ())
+    response, mask = torch.tensor([[7, 8, 9]]), torch.tensor([[True, True, True]])
+    training = collator.scoring_views([sample], response, mask).privileged_student
+    prompt_length = int(training.logit_index[0, 0]) + 1
+    training_prompt = training.inputs["input_ids"][0, :prompt_length]
+    evaluation_prompt = collator.rollout_batch([sample], privileged=True)["input_ids"][0]  # what evaluation generates from
+    assert evaluation_prompt.tolist() == training_prompt.tolist()
+    assert len(training_prompt) < len(processor(long_p)["input_ids"])  # p was cut
+    with torch.no_grad():  # the warm-up's loss with p is the loss on that same view
+        warm = supervised_loss(model, collator, [sample], privileged=[True])
+        ids, answer_mask = reference_responses(collator, [sample])
+        view = collator.scoring_views([sample], ids, answer_mask).privileged_student
+        logits = model(**view.inputs).logits[0, view.logit_index[0]]
+        expected = torch.nn.functional.cross_entropy(logits.float(), ids[0])
+    torch.testing.assert_close(warm, expected, rtol=1e-5, atol=1e-6)
 
 
 # -- models: tokenizer mismatch, unsupported family ---------------------------------------------

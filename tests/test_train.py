@@ -63,7 +63,7 @@ def test_config_overrides_and_validation_errors_name_the_key(tmp_path, tiny_pair
         "method.nme=dopd": "unknown config key 'method.nme'",
         "method.name=dpod": "config key 'method.name'",
         "method.beta_w=0.9": "config key 'method.beta_w'",
-        "train.steps=many": "config key 'train.steps': expected int",
+        "train.steps=many": "config key 'train.steps': must be an integer",
         "train.prompts_per_micro_batch=3": "config key 'train.prompts_per_step'",
         "rollout.top_p=0": "config key 'rollout.top_p'",
         "data.privileged_template=no placeholders": "config key 'data.privileged_template'",
@@ -132,7 +132,8 @@ def test_two_ranks_zero3_every_method_trains_and_exports(tmp_path, tiny_pairs):
         lines = metrics_lines(tmp_path / name)
         assert lines[0]["step"] == 0 and "student/test" in lines[0]
         assert [line["step"] for line in lines[1:]] == [1, 2]
-        for key in ("loss", "entropy", "time/rollout", "time/score", "time/update", "tokens_per_second", "lr"):
+        for key in ("loss", "entropy", "time/rollout", "time/student_pass", "time/loss", "time/backward",
+                    "time/optimizer", "tokens_per_second", "lr"):
             assert key in lines[-1], (name, key)
         assert "student/test" in lines[-1]
     dopd = metrics_lines(tmp_path / "dopd")[-1]
@@ -159,17 +160,17 @@ def test_two_ranks_zero3_every_method_trains_and_exports(tmp_path, tiny_pairs):
 
 
 @pytest.mark.slow
-def test_two_zero3_ranks_with_uneven_loss_chunks_match_one_rank_on_the_fallback_path(tmp_path, tiny_pairs):
-    # The same global batch on 1 rank (checkpointed fallback loss: the reference) and on 2 ranks
+def test_two_zero3_ranks_with_uneven_loss_chunks_match_one_rank_on_the_chunked_path(tmp_path, tiny_pairs):
+    # The same global batch on 1 rank (checkpointed chunked loss: the reference) and on 2 ranks
     # (ZeRO-3 partitioned heads: fused loss run as the head's forward, teacher gathered once).
     # Chunks of 3 tokens: ranks hold different numbers of chunks and of HT rows, which must not
     # change the number of collectives (a hang or a crash if it did).
     config = write_config(tmp_path / "c.yaml", tiny_pairs, train={"steps": 1, "loss_chunk_size": 3},
                           rollout={"num_rollouts": 2, "max_new_tokens": 8})
-    one = launch(tmp_path, config, [{"name": "r", "overrides": [f"train.output_dir={tmp_path / 'one'}"],
-                                     "loss_path": "fallback"}], nproc=1)["r"]
-    two = launch(tmp_path, config, [{"name": "r", "overrides": [f"train.output_dir={tmp_path / 'two'}"]}])["r"]
-    assert one["loss_paths"] == [None] and two["loss_paths"] == ["module"]
+    one = launch(tmp_path, config, [{"name": "r", "overrides": [f"train.output_dir={tmp_path / 'one'}",
+                                                                "train.loss_path=chunked"]}], nproc=1)["r"]
+    two = launch(tmp_path, config, [{"name": "r", "overrides": [f"train.output_dir={tmp_path / 'two'}",
+                                                                "train.loss_path=fused"]}])["r"]
     assert one["metrics"]["loss"] == pytest.approx(two["metrics"]["loss"], abs=1e-5)
     assert one["metrics"]["threshold_gap"] == pytest.approx(two["metrics"]["threshold_gap"], abs=1e-9)
     assert one["metrics"]["response_tokens"] == two["metrics"]["response_tokens"] > 2 * 3 * 4

@@ -7,7 +7,6 @@ expected schema of local JSONL/Parquet files.
 from dopd_vlm.data.dataset import SampleDataset
 from dopd_vlm.data.images import to_rgb
 from dopd_vlm.data.recipes import (
-    FAMILIES,
     builtin_recipes,
     load_recipe,
     parse_recipe,
@@ -16,7 +15,6 @@ from dopd_vlm.data.recipes import (
 from dopd_vlm.data.schema import RecipeError, Sample, answers_match, normalize_answer
 
 __all__ = [
-    "FAMILIES",
     "RecipeError",
     "Sample",
     "SampleDataset",

@@ -12,20 +12,20 @@ import binascii
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import datasets
 
-from dopd_vlm.data._keys import boolean, int_range, key, mapping, string
 from dopd_vlm.data.dataset import rows_to_hf, sample_features
 from dopd_vlm.data.images import ImageProblem, check_image
 from dopd_vlm.data.schema import IMAGE_PLACEHOLDER, RecipeError
+from dopd_vlm.validation import INTERNAL, IntRange, NonEmpty
 
 logger = logging.getLogger(__name__)
 
-FIELDS = ("id", "question", "answer", "privileged", "images")
+Field = Literal["id", "question", "answer", "privileged", "images"]
 FORMATS = {".jsonl": "json", ".parquet": "parquet"}
 FEATURES = sample_features({"source": datasets.Value("string"), "row": datasets.Value("int64")})
 
@@ -34,14 +34,14 @@ FEATURES = sample_features({"source": datasets.Value("string"), "row": datasets.
 class LocalFilesRecipe:
     """Keys of a `kind: local_files` recipe (see data_recipes/README.md)."""
 
-    description: str = key("", string())
-    files: dict = key({}, mapping(string()))
-    fields: dict = key({}, mapping(string(), FIELDS))
-    allow_empty_privileged: bool = key(False, boolean())
-    skip_bad_rows: bool = key(False, boolean())
-    images_per_row: tuple = key((0, 8), int_range(0))
-    source: str = "<recipe>"
-    base_dir: Path = Path(".")
+    description: str = ""
+    files: Annotated[dict[str, str], NonEmpty()] = field(default_factory=dict)
+    fields: dict[Field, str] = field(default_factory=dict)
+    allow_empty_privileged: bool = False
+    skip_bad_rows: bool = False
+    images_per_row: Annotated[tuple[int, int], IntRange(0)] = (0, 8)
+    source: str = field(default="<recipe>", metadata=INTERNAL)
+    base_dir: Path = field(default=Path("."), metadata=INTERNAL)
 
     def __post_init__(self) -> None:
         if not self.files:
@@ -49,7 +49,7 @@ class LocalFilesRecipe:
         for split, name in self.files.items():
             if Path(name).suffix.lower() not in FORMATS:
                 raise RecipeError(
-                    f"recipe {self.source}: key 'files.{split}' must end in "
+                    f"recipe {self.source}: key 'files.{split}': must end in "
                     f"{' or '.join(FORMATS)}, got {name!r}"
                 )
 

@@ -14,15 +14,15 @@ from typing import Any, Mapping, Union
 import yaml
 
 from dopd_vlm.data import local_files, synthetic_scenes
-from dopd_vlm.data._keys import parse_keys
 from dopd_vlm.data.dataset import SampleDataset
 from dopd_vlm.data.local_files import LocalFilesRecipe, display_path
 from dopd_vlm.data.schema import RecipeError
-from dopd_vlm.data.synthetic_scenes import BOX_COORDINATES, SyntheticScenesRecipe
+from dopd_vlm.data.synthetic_scenes import SyntheticScenesRecipe
+from dopd_vlm.families import FAMILIES
+from dopd_vlm.validation import Invalid, build, keys
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "data_recipes"
 KINDS = {"synthetic_scenes": SyntheticScenesRecipe, "local_files": LocalFilesRecipe}
-FAMILIES = tuple(BOX_COORDINATES)
 Recipe = Union[SyntheticScenesRecipe, LocalFilesRecipe]
 
 
@@ -89,9 +89,15 @@ def parse_recipe(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Rec
         raise RecipeError(f"recipe {source}: missing key 'kind' (one of {', '.join(KINDS)})")
     if kind not in KINDS:
         raise RecipeError(f"recipe {source}: unknown kind {kind!r} (known: {', '.join(KINDS)})")
-    keys = {name: value for name, value in data.items() if name != "kind"}
-    extra = {"base_dir": base_dir} if kind == "local_files" else {}
-    return parse_keys(KINDS[kind], keys, kind=kind, source=source, **extra)
+    cls = KINDS[kind]
+    internal = {"source": source, **({"base_dir": base_dir} if kind == "local_files" else {})}
+    try:
+        return build(cls, {name: value for name, value in data.items() if name != "kind"}, **internal)
+    except Invalid as err:
+        if err.known is not None:
+            allowed = ", ".join(["kind", *sorted(keys(cls))])
+            raise RecipeError(f"recipe {source}: unknown key '{err.path}' for kind '{kind}' (allowed: {allowed})") from None
+        raise RecipeError(f"recipe {source}: {err}") from None
 
 
 def builtin_recipes() -> list[str]:

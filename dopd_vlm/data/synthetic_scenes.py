@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
-from typing import Callable
+import typing
+from dataclasses import dataclass, field
+from typing import Annotated, Callable, Literal
 
 import datasets
 from PIL import Image, ImageDraw
 
-from dopd_vlm.data._keys import choice, int_range, integer, key, mapping, sequence, string
 from dopd_vlm.data.dataset import rows_to_hf, sample_features
 from dopd_vlm.data.images import png_bytes
 from dopd_vlm.data.schema import RecipeError
+from dopd_vlm.families import family_info
+from dopd_vlm.validation import INTERNAL, AtLeast, IntRange, NonEmpty
 
 SHAPES = ("circle", "square", "triangle")
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
@@ -36,26 +38,12 @@ COLORS = {
     "yellow": (240, 200, 40),
 }
 BACKGROUND = (255, 255, 255)
-QUESTION_TYPES = (
-    "count",
-    "count_color",
-    "count_shape",
-    "color_of_shape",
-    "shape_of_color",
-    "leftmost",
-    "rightmost",
-    "largest",
-    "left_of",
-)
-SPLITS = ("train", "test", "ood")
-# Box coordinates each family was pretrained on: absolute pixels (x1, y1, x2, y2) or integers
-# relative to the image size on a 0..1000 scale.
-BOX_COORDINATES = {
-    "qwen2_vl": "absolute",
-    "qwen2_5_vl": "absolute",
-    "qwen3_vl": "relative",
-    "qwen3": "relative",
-}
+QuestionType = Literal[
+    "count", "count_color", "count_shape", "color_of_shape", "shape_of_color", "leftmost", "rightmost",
+    "largest", "left_of",
+]
+QUESTION_TYPES = typing.get_args(QuestionType)
+Split = Literal["train", "test", "ood"]
 MAX_OBJECTS = 8
 GAP = 4  # px between any two objects, so every shape is fully visible and separable
 MARGIN = 6  # px by which a spatial comparison must win to be asked about
@@ -68,29 +56,31 @@ MAX_TRIES = 2000
 class SyntheticScenesRecipe:
     """Keys of a `kind: synthetic_scenes` recipe (see data_recipes/README.md)."""
 
-    description: str = key("", string())
-    modality: str = key("image", choice("image", "text"))
-    privileged: str = key("boxes", choice("boxes", "caption"))
-    image_size: int = key(112, integer(minimum=32))
-    seed: int = key(0, integer())
-    splits: dict = key({"train": 2000, "test": 200, "ood": 200}, mapping(integer(0), SPLITS))
-    objects: dict = key(
-        {"train": (1, 4), "ood": (5, 6)}, mapping(int_range(1, MAX_OBJECTS), SPLITS)
+    description: str = ""
+    modality: Literal["image", "text"] = "image"
+    privileged: Literal["boxes", "caption"] = "boxes"
+    image_size: Annotated[int, AtLeast(32)] = 112
+    seed: int = 0
+    splits: Annotated[dict[Split, Annotated[int, AtLeast(0)]], NonEmpty()] = field(
+        default_factory=lambda: {"train": 2000, "test": 200, "ood": 200}
     )
-    object_size: tuple = key((16, 34), int_range(4))
-    question_types: tuple = key(QUESTION_TYPES, sequence(choice(*QUESTION_TYPES)))
-    source: str = "<recipe>"
+    objects: Annotated[dict[Split, Annotated[tuple[int, int], IntRange(1, MAX_OBJECTS)]], NonEmpty()] = field(
+        default_factory=lambda: {"train": (1, 4), "ood": (5, 6)}
+    )
+    object_size: Annotated[tuple[int, int], IntRange(4)] = (16, 34)
+    question_types: Annotated[tuple[QuestionType, ...], NonEmpty()] = QUESTION_TYPES
+    source: str = field(default="<recipe>", metadata=INTERNAL)
 
     def __post_init__(self) -> None:
         if self.object_size[1] > self.image_size // 2:
             raise RecipeError(
-                f"recipe {self.source}: key 'object_size' must be at most image_size / 2 "
+                f"recipe {self.source}: key 'object_size': must be at most image_size / 2 "
                 f"= {self.image_size // 2}, got {list(self.object_size)}"
             )
         for split in self.splits:
             if split not in self.objects and not (split == "test" and "train" in self.objects):
                 raise RecipeError(
-                    f"recipe {self.source}: key 'objects' has no range for split '{split}'"
+                    f"recipe {self.source}: key 'objects': has no range for split '{split}'"
                 )
 
     def object_range(self, split: str) -> tuple[int, int]:
@@ -298,8 +288,9 @@ _ASK = {
 
 
 def family_box(box: tuple[int, int, int, int], image_size: int, family: str) -> tuple[int, ...]:
-    """`box` in the coordinates `family` was trained on (see BOX_COORDINATES)."""
-    if BOX_COORDINATES[family] == "absolute":
+    """`box` in the coordinates `family` was trained on: absolute pixels (x1, y1, x2, y2) or
+    integers relative to the image size on a 0..1000 scale (`families.FamilyInfo.box_coordinates`)."""
+    if family_info(family).box_coordinates == "absolute":
         return box
     return tuple(round(v * 1000 / image_size) for v in box)
 

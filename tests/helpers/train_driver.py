@@ -3,14 +3,12 @@
 Usage: torchrun --nproc_per_node N tests/helpers/train_driver.py SPEC.json RESULT.json
 SPEC: {"config": path, "runs": [{"name", "overrides": [...], "resume": bool, "stop_after_step": int|null,
                                  "fault": {...} | absent, "loss_path": "fallback" | absent}]}
-RESULT (rank 0): {name: {"metrics": {...}, "teacher_unchanged": bool, "finished": bool, "error": str|null,
-                         "loss_paths": [...]}}
-"loss_paths" lists the paths `methods.compute_loss` took on rank 0 ("direct" / "module": the fused loss
-on a plain or a ZeRO-3 partitioned head, null: the checkpointed fallback); "loss_path": "fallback"
-forces the fallback for that run (by patching this process only).
-Several runs share one process start-up (torch + DeepSpeed imports dominate on CPU).
+RESULT (rank 0): {name: {"metrics": {...}, "teacher_unchanged": bool, "finished": bool, "error": str|null}}
+Several runs share one process start-up (torch + DeepSpeed imports dominate on CPU). Code paths
+(e.g. train.loss_path) are chosen by config overrides.
 
-Faults are injected by patching this process only (the product code has no test hooks):
+Faults are injected by wrapping public functions in this process only (the product code has no
+test hooks):
   {"nan_loss_steps": [k, ...]}        the loss of step k is NaN on every rank
   {"nan_grad_steps": [k, ...]}        the loss is finite but the gradients of step k are NaN
   {"kill_at_step": k, "rank": r}      rank r is SIGKILLed when step k starts
@@ -29,13 +27,14 @@ import dopd_vlm  # noqa: F401  (before transformers)
 import torch
 import torch.distributed as dist
 
+import dopd_vlm.step as step_module
+import dopd_vlm.train as train_module
 from dopd_vlm.config import load_config
 from dopd_vlm.distributed import exit_process
+from dopd_vlm.engine import CheckpointError, NonFiniteTraining
 from dopd_vlm.models import load_model
 from dopd_vlm.rollout import gathered_parameters
-import dopd_vlm.methods as methods_module
-import dopd_vlm.train as train_module
-from dopd_vlm.train import NonFiniteTraining, train
+from dopd_vlm.train import train
 
 
 def teacher_unchanged(teacher, path) -> bool:
@@ -47,7 +46,7 @@ def teacher_unchanged(teacher, path) -> bool:
 def inject(fault: dict) -> None:
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     current = {"step": 0}
-    real_step, real_loss, real_save = train_module.dopd_step, train_module.compute_loss, torch.save
+    real_step, real_loss, real_save = train_module.dopd_step, step_module.compute_loss, torch.save
 
     def dopd_step(models, micro_batches, cfg, seeds):
         current["step"] += 1
@@ -58,8 +57,8 @@ def inject(fault: dict) -> None:
             os._exit(17)
         return real_step(models, micro_batches, cfg, seeds)
 
-    def compute_loss(cfg, inputs, chunk_size):
-        loss, stats = real_loss(cfg, inputs, chunk_size)
+    def compute_loss(cfg, inputs, chunk_size, loss_path):
+        loss, stats = real_loss(cfg, inputs, chunk_size, loss_path)
         if current["step"] in fault.get("nan_loss_steps", ()):
             loss = loss * float("nan")
         if current["step"] in fault.get("nan_grad_steps", ()):
@@ -76,35 +75,24 @@ def inject(fault: dict) -> None:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real_save(obj, path, *args, **kwargs)
 
-    train_module.dopd_step, train_module.compute_loss, torch.save = dopd_step, compute_loss, save
+    train_module.dopd_step, step_module.compute_loss, torch.save = dopd_step, compute_loss, save
 
 
 def main(spec_path: str, result_path: str) -> None:
     spec = json.load(open(spec_path))
     results = {}
-    real_mode = methods_module._fused_mode
     for run in spec["runs"]:
         cfg = load_config(spec["config"], run["overrides"])
         if "fault" in run:
             inject(run["fault"])
-        paths = []
-
-        def fused_mode(head, force_fallback=run.get("loss_path") == "fallback", paths=paths):
-            mode = None if force_fallback else real_mode(head)
-            paths.append(mode)
-            return mode
-
-        methods_module._fused_mode = fused_mode
         try:
             result = train(cfg, resume=run.get("resume", False), stop_after_step=run.get("stop_after_step"))
-        except (NonFiniteTraining, train_module.CheckpointError) as err:
+        except (NonFiniteTraining, CheckpointError) as err:
             results[run["name"]] = {"error": f"{type(err).__name__}: {err}", "finished": False}
             continue
-        finally:
-            methods_module._fused_mode = real_mode
         unchanged = teacher_unchanged(result.teacher, cfg.model.teacher) if result.teacher is not None else None
         results[run["name"]] = {"metrics": result.metrics, "teacher_unchanged": unchanged,
-                                "finished": result.finished, "error": None, "loss_paths": sorted(set(paths), key=str)}
+                                "finished": result.finished, "error": None}
     if not dist.is_initialized() or dist.get_rank() == 0:
         json.dump(results, open(result_path, "w"), indent=1)
 

@@ -12,21 +12,21 @@ import dopd_vlm  # noqa: F401  (before transformers)
 import deepspeed
 import torch
 import torch.distributed as dist
-from transformers.integrations import HfDeepSpeedConfig
 
+from dopd_vlm.distributed import exit_process, init_distributed
+from dopd_vlm.engine import zero3_loading
 from dopd_vlm.models import load_model
 from dopd_vlm.scoring import output_head, token_logprobs_and_lse
-from dopd_vlm.distributed import exit_process, init_distributed
 
 
 def main(path: str) -> None:
     init_distributed(timeout_s=60)
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-    keep_alive = HfDeepSpeedConfig(config)  # noqa: F841  (partition at load)
-    model = load_model(path).requires_grad_(False)  # a frozen teacher, as train() sets it up
+    with zero3_loading(config):
+        model = load_model(path).requires_grad_(False)  # a frozen teacher, as train() sets it up
     engine, *_ = deepspeed.initialize(model=model, config=config)
     head = output_head(engine.module, 500)
-    assert head.partitioned_linear
+    assert head.partitioned and head.is_linear
     rank = dist.get_rank()
     n = 11 if rank == 0 else 3  # 6 chunks of 2 on rank 0, 2 on rank 1
     hidden = torch.randn(n, engine.module.config.text_config.hidden_size, generator=torch.Generator().manual_seed(rank))

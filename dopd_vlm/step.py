@@ -1,0 +1,306 @@
+"""One DOPD optimizer step, in pipeline order: batches -> rollout -> score -> route -> loss -> update.
+
+    dopd_step(models, micro_batches, cfg, seeds):
+        for each micro-batch:  rollout_views  (the student samples from x)             no grad
+                               score_targets  (privileged student x+p, teacher x+p)   no grad
+        step_thresholds        over every micro-batch and rank (router, a collective)
+        update_student         per micro-batch: student_loss (the pass with grad + the
+                               method's loss), backward; one optimizer step at the end
+        step_metrics
+
+Randomness is derived, not carried: rollouts of global micro-batch g at step s are sampled with
+seed (seed, s, g), and the prompts of step s are a pure function of (seed, s) (`step_batches`). A
+run therefore gives the same batches on 1 or N ranks, and resuming needs only the step number.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dopd_vlm.chunks import LossInputs
+from dopd_vlm.collate import DualViewCollator, ScoringViews, reference_responses
+from dopd_vlm.data.schema import Sample
+from dopd_vlm.distributed import all_ranks_sum, all_ranks_true, world_size
+from dopd_vlm.engine import gradients_finite
+from dopd_vlm.methods import METHODS, TokenStats, compute_loss, summarize
+from dopd_vlm.models import device_of
+from dopd_vlm.rollout import sample_responses
+from dopd_vlm.router import Thresholds, assign_regimes, compute_thresholds
+from dopd_vlm.scoring import ResponseTokens, output_head, response_hidden_states, token_logprobs_and_lse
+
+if TYPE_CHECKING:
+    from dopd_vlm.config import RunConfig
+
+
+@dataclass
+class Models:
+    """What a step touches. `student` is the DeepSpeed engine training `ResponseHiddenStates(model)`."""
+
+    student: Any
+    teacher: nn.Module | None
+    collator: DualViewCollator
+    vocab_size: int
+    optimizer: Any = None  # SkippableAdamW, or DeepSpeed's own (then a non-finite step stops the run)
+    suppress_token_ids: list[int] = field(default_factory=list)
+    frozen_privileged: nn.Module | None = None  # method.privileged_target=initial: the starting student
+
+    @property
+    def privileged_student(self) -> nn.Module:
+        """The model of the privileged-student pass: the trained student, or its frozen initial copy."""
+        return self.frozen_privileged if self.frozen_privileged is not None else self.student_module
+
+    @property
+    def student_module(self) -> nn.Module:
+        """The student model itself (the engine trains it wrapped in ``ResponseHiddenStates``)."""
+        return self.student.module.model
+
+
+@dataclass
+class ScoredMicroBatch:
+    """One micro-batch after rollout and the no-grad passes (phase 1 of a step)."""
+
+    views: ScoringViews
+    tokens: ResponseTokens
+    privileged_hidden: torch.Tensor | None = None
+    teacher_hidden: torch.Tensor | None = None
+    teacher_logprobs: torch.Tensor | None = None
+    privileged_logprobs: torch.Tensor | None = None
+    teacher_lse: torch.Tensor | None = None  # logsumexp of the target logits: top-K losses reuse it
+    privileged_lse: torch.Tensor | None = None
+
+
+def dopd_step(models: Models, micro_batches: Sequence[Sequence[Sample]], cfg: RunConfig,
+              seeds: Sequence[int]) -> dict[str, float]:
+    """One optimizer step: rollout -> score -> route -> loss -> backward/step (see module doc)."""
+    timer = PhaseTimer()
+    scored = []
+    for samples, seed in zip(micro_batches, seeds):
+        with timer("rollout"):
+            views = rollout_views(models, samples, cfg, seed)
+        scored.append(score_targets(models, views, cfg, timer))
+    thresholds = step_thresholds(scored, cfg) if METHODS[cfg.method.name].routes else None
+    losses, stats, applied = update_student(models, scored, cfg, thresholds, timer)
+    metrics = step_metrics(scored, losses, stats, applied, thresholds, timer)
+    grad_norm = models.student.get_global_grad_norm()
+    if applied and grad_norm is not None:  # DeepSpeed's global norm before clipping
+        metrics["grad_norm"] = float(grad_norm)
+    return metrics
+
+
+# -- batches ------------------------------------------------------------------------------------
+
+
+def step_batches(data: Sequence[Sample], cfg: RunConfig, step: int, rank: int, world: int):
+    """This rank's micro-batches of step `step` and their sampling seeds (see module docstring).
+
+    The step's prompts come from an epoch-wise permutation seeded by (seed, epoch); micro-batch
+    g of the step goes to rank g // (micro-batches per rank).
+    """
+    t = cfg.train
+    per_step = t.prompts_per_step
+    first = step * per_step
+    indices = [epoch_order(len(data), t.seed, (first + i) // len(data))[(first + i) % len(data)] for i in range(per_step)]
+    per_micro = t.prompts_per_micro_batch
+    per_rank = per_step // per_micro // world
+    micro_batches, seeds = [], []
+    for g in range(rank * per_rank, (rank + 1) * per_rank):
+        micro_batches.append([data[i] for i in indices[g * per_micro : (g + 1) * per_micro]])
+        seeds.append(derive_seed(t.seed, step, g))
+    return micro_batches, seeds
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(derive_seed(seed, epoch, -1)).shuffle(order)
+    return order
+
+
+def derive_seed(*parts: int) -> int:
+    """A seed that is a pure function of `parts` (e.g. (seed, step, micro-batch))."""
+    value = 0x9E3779B9
+    for part in parts:
+        value = (value * 1_000_003 + part + 1) % (2**31 - 1)
+    return value
+
+
+# -- rollout and the no-grad passes -----------------------------------------------------------------
+
+
+def rollout_views(models: Models, samples: Sequence[Sample], cfg: RunConfig, seed: int) -> ScoringViews:
+    """Sample cfg.rollout.num_rollouts responses per prompt; build the views the method needs."""
+    method = METHODS[cfg.method.name]
+    repeated = [s for s in samples for _ in range(cfg.rollout.num_rollouts)]
+    if method.on_policy:
+        torch.manual_seed(seed)
+        response_ids, response_mask = sample_responses(
+            models.student_module, models.collator, repeated, cfg.rollout,
+            suppress_token_ids=models.suppress_token_ids, synced_gpus=world_size() > 1,
+        )
+    else:
+        response_ids, response_mask = reference_responses(models.collator, repeated)
+    return models.collator.scoring_views(
+        repeated, response_ids, response_mask,
+        privileged_student=method.needs_privileged_student,
+        teacher=method.needs_teacher,
+        teacher_privileged=cfg.method.teacher_privileged,
+    )
+
+
+@torch.no_grad()
+def score_targets(models: Models, views: ScoringViews, cfg: RunConfig, timer: "PhaseTimer") -> ScoredMicroBatch:
+    """The no-grad passes: hidden states at response positions, and the router's log-probs."""
+    device = device_of(models.student_module)
+    tokens = ResponseTokens.from_mask(views.response_ids, views.response_mask).to(device)
+    scored = ScoredMicroBatch(views=views, tokens=tokens)
+    chunk, mask = cfg.train.loss_chunk_size, views.response_mask.to(device)
+    if views.privileged_student is not None:
+        model = models.privileged_student
+        with timer("score/privileged"):
+            scored.privileged_hidden = response_hidden_states(model, views.privileged_student.to(device), mask)
+        with timer("score/router"):
+            scored.privileged_logprobs, scored.privileged_lse = token_logprobs_and_lse(
+                scored.privileged_hidden, output_head(model, models.vocab_size), tokens.token_ids, chunk)
+    if views.teacher is not None:
+        with timer("score/teacher"):
+            scored.teacher_hidden = response_hidden_states(models.teacher, views.teacher.to(device), mask)
+        with timer("score/router"):
+            scored.teacher_logprobs, scored.teacher_lse = token_logprobs_and_lse(
+                scored.teacher_hidden, output_head(models.teacher, models.vocab_size), tokens.token_ids, chunk)
+    return scored
+
+
+# -- route -------------------------------------------------------------------------------------------
+
+
+def step_thresholds(scored: Sequence[ScoredMicroBatch], cfg: RunConfig) -> Thresholds:
+    """The router's thresholds over every micro-batch of the step and every rank (a collective)."""
+    return compute_thresholds(
+        [s.teacher_logprobs for s in scored],
+        [s.privileged_logprobs for s in scored],
+        [torch.ones_like(s.tokens.token_ids, dtype=torch.bool) for s in scored],  # all valid tokens
+        trim=cfg.method.trim,
+        normalize=cfg.method.normalize,
+    )
+
+
+# -- loss and update ---------------------------------------------------------------------------------
+
+
+def student_loss(models: Models, scored: ScoredMicroBatch, cfg: RunConfig, thresholds: Thresholds | None,
+                 timer: "PhaseTimer"):
+    """The only pass with gradient, and the method's loss on it: (loss, token stats, hidden states)."""
+    device = device_of(models.student_module)
+    views = scored.views
+    regimes = None
+    if thresholds is not None:
+        everything = torch.ones_like(scored.tokens.token_ids, dtype=torch.bool)
+        regimes = assign_regimes(scored.teacher_logprobs, scored.privileged_logprobs, everything, thresholds)
+    with timer("student_pass"):  # through the engine's forward: ZeRO counts its micro-steps there
+        student_hidden = models.student(views.student.to(device), views.response_mask.to(device))
+    inputs = LossInputs(
+        tokens=scored.tokens,
+        student_hidden=student_hidden,
+        student_head=output_head(models.student_module, models.vocab_size),
+        privileged_hidden=scored.privileged_hidden,
+        privileged_head=_head(models.frozen_privileged, models.vocab_size),
+        teacher_hidden=scored.teacher_hidden,
+        teacher_head=_head(models.teacher, models.vocab_size),
+        regimes=regimes,
+        privileged_lse=scored.privileged_lse,
+        teacher_lse=scored.teacher_lse,
+    )
+    with timer("loss"):
+        loss, stats = compute_loss(cfg.method, inputs, cfg.train.loss_chunk_size, cfg.train.loss_path)
+    return loss, stats, student_hidden
+
+
+def _head(model: nn.Module | None, vocab_size: int):
+    return None if model is None else output_head(model, vocab_size)
+
+
+def update_student(models: Models, scored: Sequence[ScoredMicroBatch], cfg: RunConfig,
+                   thresholds: Thresholds | None, timer: "PhaseTimer"):
+    """Student pass with gradient, loss and backward per micro-batch; one optimizer step.
+
+    A non-finite loss still runs a (zero) backward so every rank keeps DeepSpeed's micro-step
+    bookkeeping in lockstep; if any loss or gradient was non-finite on any rank, the optimizer
+    step is called off everywhere. Returns (micro-batch losses, token stats, step applied).
+    """
+    losses, stats, finite = [], [], True
+    for index, s in enumerate(scored):
+        loss, token_stats, student_hidden = student_loss(models, s, cfg, thresholds, timer)
+        loss_finite = all_ranks_true(bool(torch.isfinite(loss)))
+        finite &= loss_finite
+        with timer("backward"):
+            models.student.backward(loss if loss_finite else 0.0 * student_hidden.sum())
+        if index == len(scored) - 1:  # the accumulation boundary: decide before stepping
+            finite &= all_ranks_true(gradients_finite(models.student_module))
+            models.optimizer.skip_next_step = not finite
+        with timer("optimizer"):
+            models.student.step()
+        models.optimizer.skip_next_step = False
+        losses.append(loss.item())
+        stats.append(token_stats)
+    return losses, stats, finite
+
+
+# -- metrics -----------------------------------------------------------------------------------------
+
+
+def step_metrics(scored, losses, stats, applied: bool, thresholds: Thresholds | None,
+                 timer: "PhaseTimer") -> dict[str, float]:
+    """Step metrics over all ranks: token-level means from every rank's tokens, sums of counts."""
+    loss_sum, tokens, sequences = all_ranks_sum(
+        [sum(losses), sum(s.tokens.token_ids.numel() for s in scored), sum(s.tokens.num_sequences for s in scored)]
+    )
+    metrics = {"loss": loss_sum / (len(losses) * world_size()), **summarize(all_ranks_stats(stats))}
+    metrics.update(timer.seconds(), skipped_step=float(not applied), response_tokens=tokens,
+                   response_length=tokens / sequences)
+    if thresholds is not None:
+        metrics.update(threshold_gap=thresholds.gap, threshold_prob_sum=thresholds.prob_sum)
+    return metrics
+
+
+def all_ranks_stats(stats: list[TokenStats]) -> list[TokenStats]:
+    """Every rank's per-token stats (small: a few floats per token), for exact global means."""
+    if world_size() == 1:
+        return stats
+    local = [TokenStats(*(t.cpu() if t is not None else None for t in (s.loss, s.entropy, s.kl_to_teacher, s.regimes)))
+             for s in stats]
+    gathered: list[list[TokenStats]] = [None] * world_size()  # type: ignore[list-item]
+    dist.all_gather_object(gathered, local)
+    return [s for rank_stats in gathered for s in rank_stats]
+
+
+class PhaseTimer:
+    """Wall time per phase of a step (`time/<phase>` metrics). On CUDA each phase boundary
+    synchronises the device, so asynchronous kernels are charged to the phase that launched them."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        _synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _synchronize()
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+
+    def seconds(self) -> dict[str, float]:
+        return {f"time/{name}": value for name, value in self.totals.items()}
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
