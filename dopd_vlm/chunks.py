@@ -305,19 +305,20 @@ def evaluate(objective: PerToken, cfg: "MethodConfig", inputs: LossInputs, chunk
     The loss is the paper's reduction (``ResponseTokens.sequence_mean``); the columns are each
     token's loss, student entropy and KL to the teacher (zeros without a teacher pass).
     """
-    with contextlib.ExitStack() as stack:  # frozen ZeRO-3 target heads: gathered once, not needed in backward
-        teacher_head = _gathered(stack, inputs.teacher_head if inputs.teacher_hidden is not None else None)
-        frozen_privileged = _gathered(stack, inputs.privileged_head if inputs.privileged_hidden is not None else None)
-        if fused:
-            call = FusedLossCall(objective, cfg, inputs, teacher_head, frozen_privileged, chunk_size)
-            loss = inputs.student_head.with_weight(call, inputs.student_hidden, *per_token_tensors(inputs))
-            return loss, call.columns
+    teacher_head = inputs.teacher_head if inputs.teacher_hidden is not None else None
+    frozen_privileged = inputs.privileged_head if inputs.privileged_hidden is not None else None
+    if not fused:  # every head is called per chunk, again in the backward's recompute: nothing gathered
         own_head = inputs.student_head if inputs.privileged_hidden is not None else None
         per_chunk = ChunkObjective(objective, cfg, frozen_privileged or own_head, teacher_head,
                                    inputs.privileged_lse is not None, inputs.teacher_lse is not None)
         columns = chunked_head_loss(inputs.student_hidden, inputs.student_head, per_chunk,
                                     *per_token_tensors(inputs), chunk_size=chunk_size)
         return inputs.tokens.sequence_mean(columns[:, 0]), columns
+    with contextlib.ExitStack() as stack:  # frozen ZeRO-3 target heads: gathered once, not needed in backward
+        call = FusedLossCall(objective, cfg, inputs, _gathered(stack, teacher_head), _gathered(stack, frozen_privileged),
+                             chunk_size)
+        loss = inputs.student_head.with_weight(call, inputs.student_hidden, *per_token_tensors(inputs))
+    return loss, call.columns
 
 
 def _gathered(stack: contextlib.ExitStack, head: Head | None) -> Head | None:
