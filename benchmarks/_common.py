@@ -29,6 +29,14 @@ def device_and_dtype(dtype: str = "auto"):
     return device, getattr(torch, dtype)
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so a wall-clock timer measures it (a no-op on CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def machine() -> str:
     import torch
 

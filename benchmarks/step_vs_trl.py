@@ -113,11 +113,13 @@ def run_trl(args) -> dict:
     )
     times: list[float] = []
 
-    class StepTimer(TrainerCallback):
+    class StepTimer(TrainerCallback):  # synchronised, as dopd_vlm's own step timer
         def on_step_begin(self, *a, **k):
+            C.synchronize()
             self.start = time.perf_counter()
 
         def on_step_end(self, *a, **k):
+            C.synchronize()
             times.append(time.perf_counter() - self.start)
 
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=dataset,

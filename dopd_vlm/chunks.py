@@ -27,12 +27,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dopd_vlm import losses
 from dopd_vlm.losses import log_probs, upcast
-from dopd_vlm.scoring import Head, ResponseTokens, WeightHead
+from dopd_vlm.scoring import Head, ResponseTokens, WeightHead, linear_float32, matmul_float32
 
 if TYPE_CHECKING:
     from dopd_vlm.config import MethodConfig
@@ -119,7 +118,7 @@ def gathered_logits(
     step = max(1, GATHER_ELEMENTS // max(1, k * hidden.shape[-1]))
     for start in range(0, n, step):
         rows = weight[support[start : start + step]]  # [r, K, H]
-        out[start : start + step] = torch.bmm(rows, hidden[start : start + step, :, None]).squeeze(-1).float()
+        out[start : start + step] = torch.bmm(rows.float(), hidden[start : start + step, :, None].float()).squeeze(-1)
     if bias is not None:
         out += bias[support].float()
     return out
@@ -463,7 +462,8 @@ class _FusedHeadLoss(torch.autograd.Function):
     """Forward computes the loss and, chunk by chunk, its gradients w.r.t. hidden/weight/bias.
 
     The gradients are kept (sizes of the inputs, not of the logits); backward only scales them
-    by the upstream gradient of the scalar loss.
+    by the upstream gradient of the scalar loss. Logits are float32 (`linear_float32`), and the
+    head's gradient sums its chunks in float32 even for a bf16 head (cast once at the end).
     """
 
     @staticmethod
@@ -472,8 +472,8 @@ class _FusedHeadLoss(torch.autograd.Function):
         w = weight[:vocab_size]
         b = bias[:vocab_size] if bias is not None else None
         grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
-        grad_weight = torch.zeros_like(weight) if needs_weight else None
-        grad_bias = torch.zeros_like(bias) if needs_bias else None
+        grad_weight = torch.zeros_like(weight, dtype=upcast(weight).dtype) if needs_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=upcast(bias).dtype) if needs_bias else None
         wants_grad = needs_hidden or needs_weight or needs_bias
         total = torch.zeros((), dtype=upcast(hidden).dtype, device=hidden.device)
         columns = []
@@ -481,7 +481,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         for start in range(0, max(n, 1), chunk_size):
             stop = min(start + chunk_size, n)
             h = hidden[start:stop]
-            x = F.linear(h, w, b)  # grad mode is off in forward: no graph back to the inputs
+            x = linear_float32(h, w, b)  # grad mode is off in forward: no graph back to the inputs
             if give_log_probs:  # in place: the logits' memory becomes the log-probs'
                 x = upcast(x)
                 x -= x.logsumexp(dim=-1, keepdim=True)
@@ -502,14 +502,18 @@ class _FusedHeadLoss(torch.autograd.Function):
                 x = x.detach().exp_().mul_(grad_x.sum(dim=-1, keepdim=True))
                 grad_x -= x
             del x
+            if needs_bias:
+                grad_bias[:vocab_size] += grad_x.sum(dim=0).to(grad_bias.dtype)
             grad_x = grad_x.to(h.dtype)
             if needs_hidden:
                 torch.mm(grad_x, w, out=grad_hidden[start:stop])
-            if needs_weight:
+            if needs_weight and grad_weight.dtype == h.dtype:
                 grad_weight[:vocab_size].addmm_(grad_x.T, h)
-            if needs_bias:
-                grad_bias[:vocab_size] += grad_x.sum(dim=0)
+            elif needs_weight:
+                grad_weight[:vocab_size] += matmul_float32(grad_x.T, h)
             del grad_x
+        grad_weight = grad_weight.to(weight.dtype) if needs_weight else None
+        grad_bias = grad_bias.to(bias.dtype) if needs_bias else None
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         columns = torch.cat(columns)
         ctx.mark_non_differentiable(columns)
@@ -571,7 +575,7 @@ def fused_head_loss(
     if not torch.is_grad_enabled():
 
         def plain(h, _token_weights, *others):
-            x = F.linear(h, weight[:vocab_size], None if bias is None else bias[:vocab_size])
+            x = linear_float32(h, weight[:vocab_size], None if bias is None else bias[:vocab_size])
             return per_chunk_loss_fn(log_probs(x) if give_log_probs else x, *others)
 
         columns = chunked(plain, hidden, token_weights, *per_token_tensors, chunk_size=chunk_size)

@@ -68,6 +68,8 @@ class DualViewCollator:
             in the privileged views (0 = no limit; `data.max_privileged_tokens`). Only p is ever
             cut, never the question or the response. `truncated_privileged` counts the samples
             cut; the first is logged as a warning naming its id, later ones at debug level.
+        min_pixels, max_pixels: Bounds every image is resized into before patching, the same in
+            every processor call (0 = the processor's own; `data.min_pixels` / `data.max_pixels`).
 
     Every prompt with p — training views, evaluation with p, warm-ups — is built by
     :meth:`prompt_text`. A question with one `<image>` placeholder per image gets each image at
@@ -81,6 +83,8 @@ class DualViewCollator:
         *,
         privileged_template: str,
         max_privileged_tokens: int,
+        min_pixels: int = 0,
+        max_pixels: int = 0,
     ):
         if isinstance(max_privileged_tokens, bool) or not isinstance(max_privileged_tokens, int) or max_privileged_tokens < 0:
             raise ValueError(f"max_privileged_tokens must be an integer >= 0, got {max_privileged_tokens!r}")
@@ -88,6 +92,7 @@ class DualViewCollator:
         self.teacher_processor = teacher_processor or processor
         self.privileged_template = privileged_template
         self.max_privileged_tokens = max_privileged_tokens
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.tokenizer = getattr(processor, "tokenizer", processor)
         if self.tokenizer.pad_token_id is None:
             raise ValueError("the student tokenizer has no pad token; set one in its config")
@@ -97,12 +102,14 @@ class DualViewCollator:
     def from_config(cls, processor: Any, teacher_processor: Any = None, *, data: "DataConfig") -> "DualViewCollator":
         """The collator of a run's `data` section."""
         return cls(processor, teacher_processor, privileged_template=data.privileged_template,
-                   max_privileged_tokens=data.max_privileged_tokens)
+                   max_privileged_tokens=data.max_privileged_tokens, min_pixels=data.min_pixels,
+                   max_pixels=data.max_pixels)
 
     def for_processor(self, processor: Any) -> "DualViewCollator":
         """The same prompts for another model's processor (e.g. scoring the teacher's own rollouts)."""
         return DualViewCollator(processor, privileged_template=self.privileged_template,
-                                max_privileged_tokens=self.max_privileged_tokens)
+                                max_privileged_tokens=self.max_privileged_tokens, min_pixels=self.min_pixels,
+                                max_pixels=self.max_pixels)
 
     @property
     def truncated_privileged(self) -> int:
@@ -156,10 +163,18 @@ class DualViewCollator:
         kwargs: dict[str, Any] = dict(return_tensors="pt", padding=True, padding_side=padding_side)
         if images:
             with image_cache.reuse(processor):  # each distinct image is preprocessed once
-                return dict(processor(text=texts, images=images, **kwargs))
+                return dict(processor(text=texts, images=images, **kwargs, **self.image_size(processor)))
         if hasattr(processor, "image_processor"):
             return dict(processor(text=texts, **kwargs))
         return dict(processor(texts, **kwargs))
+
+    def image_size(self, processor: Any) -> dict[str, Any]:
+        """The processor-call argument that bounds image pixels (nothing when neither bound is set)."""
+        if not (self.min_pixels or self.max_pixels):
+            return {}
+        own = processor.image_processor.size
+        return {"size": {"shortest_edge": self.min_pixels or own["shortest_edge"],
+                         "longest_edge": self.max_pixels or own["longest_edge"]}}
 
     def rollout_batch(self, samples: Sequence[Sample], privileged: bool = False) -> dict[str, torch.Tensor]:
         """Left-padded prompts for `generate` (all prompts end at the same column): the plain view,

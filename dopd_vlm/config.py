@@ -26,6 +26,7 @@ from dopd_vlm.validation import Above, AtLeast, Between, Invalid, build
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 PrivilegedTarget = Literal["live", "initial"]
+TeacherEval = Literal["gathered", "sharded", "off"]
 
 Positive = Annotated[int, AtLeast(1)]
 NonNegative = Annotated[int, AtLeast(0)]
@@ -69,6 +70,11 @@ class DataConfig:
         skip_bad_rows: Skip (count and log) rows that fail validation instead of stopping.
         max_privileged_tokens: Privileged texts longer than this many tokens are truncated (p
             only, never the question or the response), counted and logged (0 = no limit).
+        min_pixels: Each image is resized to at least this many pixels before patching (0 = the
+            processor's own bound). The same in every view, the rollout and evaluation.
+        max_pixels: ... and at most this many (0 = the processor's own bound, often thousands of
+            visual tokens per real photo, repeated per rollout and per view). One visual token
+            covers 28x28 pixels in Qwen2/2.5-VL, 32x32 in Qwen3-VL.
     """
 
     recipe: str = "synthetic_scenes"
@@ -78,6 +84,8 @@ class DataConfig:
     privileged_template: str = "Boxes:\n{privileged}\n{question}"
     skip_bad_rows: bool = False
     max_privileged_tokens: Annotated[int, AtLeast(0)] = 1024
+    min_pixels: NonNegative = 0
+    max_pixels: NonNegative = 0
 
 
 @dataclass
@@ -129,12 +137,18 @@ class RolloutConfig:
         max_new_tokens: Response length cap; a response cut here has no EOS.
         temperature: Sampling temperature.
         top_p: Nucleus sampling threshold (1.0 = off).
+        batch_size: Sequences per `generate` call, a multiple of prompts_per_micro_batch x
+            num_rollouts (0 = all of a rank's rollouts for the step in one call). Every call waits
+            for its longest response, so fewer calls are faster; the KV cache of one call's
+            sequences is what limits it. Rollouts are the same on 1 or N ranks when this divides
+            every rank's rollouts.
     """
 
     num_rollouts: Positive = 4
     max_new_tokens: Positive = 16
     temperature: PositiveFloat = 1.0
     top_p: Annotated[float, Between(0.0, 1.0, low_open=True)] = 1.0
+    batch_size: NonNegative = 0
 
 
 @dataclass
@@ -170,6 +184,12 @@ class TrainConfig:
         output_dir: Checkpoints, metrics.jsonl, TensorBoard events and the exported student.
         seed: Seed for data order, sampling and initialisation.
         eval_every: Evaluate every N steps (0 = only at start and end).
+        eval_max_new_tokens: Length cap of the greedy evaluation answers (0 = rollout.max_new_tokens).
+        teacher_eval: The teacher's step-0 accuracy (plain and with p): `gathered` generates with
+            the whole teacher gathered on every rank (fast; under ZeRO-3 a full copy of the
+            teacher per rank while it evaluates), `sharded` keeps it sharded and gathers layer by
+            layer for every generated token (no full copy; slow for long answers), `off` skips it
+            (no teacher baseline, no gap recovered).
         save_every: Checkpoint every N steps (0 = only at the end).
         loss_chunk_size: Response tokens per LM-head chunk in the loss.
         loss_path: How the loss runs over the chunks: `fused` (each chunk's gradient taken in the
@@ -189,6 +209,8 @@ class TrainConfig:
     output_dir: str = "runs/dopd"
     seed: int = 0
     eval_every: NonNegative = 0
+    eval_max_new_tokens: NonNegative = 0
+    teacher_eval: TeacherEval = "gathered"
     save_every: NonNegative = 0
     loss_chunk_size: Positive = 1024
     loss_path: LossPath = "auto"
@@ -281,9 +303,15 @@ def validate(cfg: RunConfig) -> None:
         "data.privileged_template",
         "must contain {privileged} and {question}",
     )
+    _check(not (d.min_pixels and d.max_pixels) or d.min_pixels <= d.max_pixels, "data.max_pixels",
+           f"{d.max_pixels} is below data.min_pixels ({d.min_pixels})")
     _check(IMAGE_PLACEHOLDER not in d.privileged_template, "data.privileged_template",
            f"must not contain {IMAGE_PLACEHOLDER} (image placeholders belong in the questions)")
     _check(bool(t.output_dir), "train.output_dir", "is required")
+    per_micro = t.prompts_per_micro_batch * cfg.rollout.num_rollouts
+    _check(cfg.rollout.batch_size % per_micro == 0, "rollout.batch_size",
+           f"{cfg.rollout.batch_size} is not a multiple of prompts_per_micro_batch x num_rollouts = {per_micro} "
+           "(a generate call covers whole micro-batches; 0 = a rank's whole step)")
 
 
 def load_deepspeed_config(

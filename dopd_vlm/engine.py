@@ -1,7 +1,8 @@
 """The DeepSpeed-facing plumbing: engines, a skippable optimizer, checkpoints and export.
 
-- `student_engine` / `frozen_engine_module`: the trained student (wrapped in
+- `student_engine` / `frozen_engine`: the trained student (wrapped in
   `scoring.ResponseHiddenStates`) and the frozen models, sharded alike under ZeRO-3;
+  `gathered_for_generation`: `generate` with the weights gathered once, not per layer and token;
 - `SkippableAdamW`, `gradients_finite`: a step with non-finite loss or gradients is called off on
   every rank (DeepSpeed itself only skips fp16 overflows);
 - `save_checkpoint` / `load_latest_checkpoint`: DeepSpeed's format, made atomic by a pointer file;
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dopd_vlm.distributed import all_ranks_true, rank
+from dopd_vlm.distributed import all_ranks_true, rank, world_size
 from dopd_vlm.scoring import ResponseHiddenStates
 
 log = logging.getLogger("dopd_vlm.engine")
@@ -110,7 +111,7 @@ def student_engine(student: nn.Module, ds_config: dict, optim, lr_lambda: Callab
     return engine, scheduler, optimizer or UnskippableOptimizer()
 
 
-def frozen_engine_module(model: nn.Module | None, ds_config: dict) -> nn.Module | None:
+def frozen_engine(model: nn.Module | None, ds_config: dict):
     """A frozen model (the teacher, a frozen privileged student) in its own DeepSpeed engine."""
     import deepspeed
 
@@ -118,7 +119,43 @@ def frozen_engine_module(model: nn.Module | None, ds_config: dict) -> nn.Module 
         return None
     model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=frozen_ds_config(ds_config))
-    return engine.module.eval()
+    engine.module.eval()
+    return engine
+
+
+@contextlib.contextmanager
+def gathered_for_generation(engine, gather: bool = True) -> Iterator[bool]:
+    """Within the block the engine's model runs as a plain model: under ZeRO-3 every parameter is
+    gathered once, and the engine's per-module hooks are taken off (they would release each layer
+    after its forward, inside any GatheredParameters block, and gather it again for the next
+    token: about one copy of the model per generated token). A no-op without ZeRO-3.
+
+    The price is a full copy of the model on every rank for the block. With `gather=False` the
+    model stays sharded and gathers layer by layer (a large teacher's evaluation, `train.teacher_eval`).
+    Yields `synced_gpus` for `generate`: True when forwards are still collectives across ranks (a
+    rank that finished must keep joining the others' forwards), False when each rank may stop alone.
+    """
+    if engine.zero_optimization_stage() != 3:
+        yield False
+        return
+    if not gather:
+        yield world_size() > 1
+        return
+    import deepspeed
+    from deepspeed.runtime.zero import parameter_offload
+
+    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)  # frozen engines: the offload itself
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        offload._remove_module_hooks()
+        try:
+            yield False
+        finally:
+            offload.forward_hooks.clear()
+            offload.backward_hooks.clear()
+            offload.setup_zero_stage3_hooks()  # DeepSpeed re-records its prefetch trace at the next forward
+            stack = parameter_offload.FWD_MODULE_STACK
+            if stack and stack[-1] is offload.module:  # set-up pushed the root again; it is still at the bottom
+                stack.pop()
 
 
 def frozen_ds_config(ds_config: dict) -> dict:
@@ -136,16 +173,17 @@ def frozen_ds_config(ds_config: dict) -> dict:
 
 
 def gradients_finite(module: nn.Module) -> bool:
-    """Whether this rank's (partition of the) accumulated gradients is finite; call at the boundary."""
+    """Whether this rank's (partition of the) accumulated gradients is finite; call at the boundary.
+    One device-to-host transfer for all parameters, not one per parameter."""
     from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
 
+    checks = []
     for param in module.parameters():
-        if not param.requires_grad:
-            continue
-        grad = safe_get_local_grad(param) if hasattr(param, "ds_id") else safe_get_full_grad(param)
-        if grad is not None and not bool(torch.isfinite(grad).all()):
-            return False
-    return True
+        if param.requires_grad:
+            grad = safe_get_local_grad(param) if hasattr(param, "ds_id") else safe_get_full_grad(param)
+            if grad is not None:
+                checks.append(torch.isfinite(grad).all())
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 # -- checkpoints: DeepSpeed's format, written atomically --------------------------------------------
@@ -156,8 +194,10 @@ LATEST = "latest_complete"
 def save_checkpoint(engine, out: Path, step: int) -> None:
     """Save step `step`; `latest_complete` moves to it only once every rank has finished.
 
-    DeepSpeed writes the tag directory; the pointer file is replaced atomically afterwards, so
-    a crash mid-save leaves the previous pointer, which still names a complete checkpoint.
+    DeepSpeed writes the tag directory (every rank its shards); rank 0 then replaces the pointer
+    file atomically and durably, so a crash mid-save leaves the previous pointer, which still names
+    a complete checkpoint. Every rank reads that pointer on resume: on several nodes `output_dir`
+    must be a filesystem all of them share.
     Older checkpoints are deleted only after the pointer has moved. A failed write (disk
     full, ...) removes the partial directory and raises CheckpointError on every rank.
     """
@@ -179,13 +219,27 @@ def save_checkpoint(engine, out: Path, step: int) -> None:
         )
     barrier()
     if rank() == 0:
-        tmp = checkpoints / f".{LATEST}.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, checkpoints / LATEST)
+        write_durably(checkpoints / LATEST, tag)
         for old in checkpoints.glob("step_*"):
             if old.name != tag and old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Replace `path`'s content atomically and durably: a crash (or a power cut) leaves the old
+    content or the new, and the new one is on disk before the call returns."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself
+    finally:
+        os.close(directory)
 
 
 def latest_tag(out: Path) -> str | None:

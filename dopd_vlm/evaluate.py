@@ -43,12 +43,14 @@ def evaluate_accuracy(
     batch_size: int,
     privileged: bool = False,
     suppress_token_ids: Sequence[int] = (),
+    synced_gpus: bool = False,
 ) -> EvalResult:
     """Greedy-decode every sample (plain view, or privileged view for a teacher-with-p score).
 
     Under torch.distributed each rank decodes every world_size-th sample and the counts are
     summed, so every rank returns the same result. Ranks run the same number of generate calls
-    (padding the last batch by repetition, not counted) so synced ZeRO-3 forwards line up.
+    (padding the last batch by repetition, not counted), so with `synced_gpus` (a model whose
+    forwards are collectives, see `rollout.sample_responses`) they line up.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = [samples[i] for i in range(rank, len(samples), world)]
@@ -62,7 +64,7 @@ def evaluate_accuracy(
         padded = batch + [samples[0]] * fill
         ids, mask = sample_responses(
             model, collator, padded, rollout, greedy=True,
-            suppress_token_ids=suppress_token_ids, synced_gpus=world > 1, privileged=privileged,
+            suppress_token_ids=suppress_token_ids, synced_gpus=synced_gpus, privileged=privileged,
         )
         predictions = decode_responses(collator.tokenizer, ids[:count], mask[:count])
         correct += sum(answers_match(p, s.answer) for p, s in zip(predictions, batch))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -26,17 +26,20 @@ def eos_token_ids(model: nn.Module, tokenizer) -> list[int]:
     return ids
 
 
-def gathered_parameters(model: nn.Module) -> contextlib.AbstractContextManager:
-    """Gather ZeRO-3 partitioned weights once for a whole `generate` call.
-
-    Without it DeepSpeed gathers every layer for every generated token (measured 3-5x slower).
-    A no-op for models that are not ZeRO-3 partitioned.
-    """
-    if not any(hasattr(p, "ds_id") for p in model.parameters()):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+@contextlib.contextmanager
+def plain_generation_defaults(model: nn.Module) -> Iterator[None]:
+    """Within the block, `generate` fills the settings a call leaves unset from transformers'
+    neutral defaults, not from the checkpoint's `generation_config.json`: real checkpoints set
+    `top_k`, `top_p`, `repetition_penalty`, ..., which would silently turn on-policy sampling into
+    something else. Only the special-token ids are kept."""
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=saved.bos_token_id, eos_token_id=saved.eos_token_id, pad_token_id=saved.pad_token_id
+    )
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 @torch.no_grad()
@@ -57,8 +60,10 @@ def sample_responses(
     (a model's answers given p, for evaluation).
 
     Returns (response_ids [B, R], response_mask [B, R]); the mask ends at the first EOS,
-    inclusive. `synced_gpus` must be True when world size > 1 under ZeRO-3: ranks that stop
-    early keep joining the collective forwards of the others, or the run deadlocks.
+    inclusive. Sampling is plain: `cfg`'s temperature and top-p, no top-k cut, nothing from the
+    checkpoint's generation config (`plain_generation_defaults`). `synced_gpus` must be True when
+    the model's forwards are collectives (ZeRO-3 without `engine.gathered_for_generation` on several
+    ranks): ranks that stop early keep joining the others' forwards, or the run deadlocks.
     Vision special tokens are suppressed: a sampled <|image_pad|> has no image features to
     match and breaks re-scoring.
     """
@@ -78,7 +83,7 @@ def sample_responses(
     )
     was_training = model.training
     model.eval()
-    with gathered_parameters(model):
+    with plain_generation_defaults(model):
         sequences = model.generate(**batch, generation_config=generation, synced_gpus=synced_gpus)
     model.train(was_training)
     return extract_responses(sequences.cpu(), batch["input_ids"].shape[1], eos_ids, tokenizer.pad_token_id)

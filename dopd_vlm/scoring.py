@@ -10,6 +10,7 @@ than the logits they stand for.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -17,6 +18,37 @@ import torch
 from torch import nn
 
 from dopd_vlm.collate import ModelView
+
+
+def matmul_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with float32 accumulation and a float32 result, whatever the inputs' precision.
+
+    bf16 logits of 16-32 are rounded in steps of 0.125 (up to 0.1 nat in a log-prob), and a sum
+    of chunk gradients kept in bf16 loses its small terms: the loss computes in float32 from
+    low-precision weights and hidden states. On CUDA the product runs in the inputs' precision
+    with a float32 output (`torch.mm(..., out_dtype=)`); elsewhere the operands are upcast.
+    """
+    if a.dtype in (torch.float32, torch.float64) and b.dtype == a.dtype:
+        return a @ b
+    if a.is_cuda and a.dtype == b.dtype and _mm_out_dtype_supported(a.device):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def linear_float32(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """hidden [..., H] @ weight.T (+ bias) -> [..., V] in float32 (see `matmul_float32`)."""
+    out = matmul_float32(hidden.reshape(-1, hidden.shape[-1]), weight.T).reshape(*hidden.shape[:-1], weight.shape[0])
+    return out if bias is None else out + bias.float()
+
+
+@functools.cache
+def _mm_out_dtype_supported(device: torch.device) -> bool:
+    try:
+        probe = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+        torch.mm(probe, probe, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
 
 
 def backbone(model: nn.Module) -> nn.Module:
@@ -28,7 +60,8 @@ def backbone(model: nn.Module) -> nn.Module:
 
 
 class Head:
-    """An output layer as a callable hidden [N, H] -> logits [N, vocab_size] over the common vocabulary.
+    """An output layer as a callable hidden [N, H] -> float32 logits [N, vocab_size] over the common
+    vocabulary (linear layers compute them with float32 accumulation, `linear_float32`).
 
     Two kinds: :class:`LMHead` (a model's own output module) and :class:`WeightHead` (a weight
     tensor). The loss takes its fast paths through these members rather than by type tests:
@@ -69,7 +102,7 @@ class WeightHead(Head):
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         weight, bias = self.linear
-        return nn.functional.linear(hidden, weight[: self.vocab_size], None if bias is None else bias[: self.vocab_size])
+        return linear_float32(hidden, weight[: self.vocab_size], None if bias is None else bias[: self.vocab_size])
 
     def with_weight(self, fn: Callable[..., Any], *args: torch.Tensor) -> Any:
         return fn(*self.linear, *args)
@@ -85,7 +118,11 @@ class LMHead(Head):
         self.vocab_size = vocab_size
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.module(hidden)[..., : self.vocab_size]
+        linear = self.linear
+        if linear is not None:
+            weight, bias = linear
+            return linear_float32(hidden, weight[: self.vocab_size], None if bias is None else bias[: self.vocab_size])
+        return self.module(hidden)[..., : self.vocab_size].float()
 
     @property
     def is_linear(self) -> bool:

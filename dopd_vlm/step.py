@@ -1,16 +1,19 @@
 """One DOPD optimizer step, in pipeline order: batches -> rollout -> score -> route -> loss -> update.
 
     dopd_step(models, micro_batches, cfg, seeds):
-        for each micro-batch:  rollout_views  (the student samples from x)             no grad
-                               score_targets  (privileged student x+p, teacher x+p)   no grad
+        rollout_views          the student samples from x, rollout.batch_size         no grad
+                               sequences per generate call
+        for each micro-batch:  score_targets  (privileged student x+p, teacher x+p)   no grad
         step_thresholds        over every micro-batch and rank (router, a collective)
         update_student         per micro-batch: student_loss (the pass with grad + the
                                method's loss), backward; one optimizer step at the end
         step_metrics
 
-Randomness is derived, not carried: rollouts of global micro-batch g at step s are sampled with
-seed (seed, s, g), and the prompts of step s are a pure function of (seed, s) (`step_batches`). A
-run therefore gives the same batches on 1 or N ranks, and resuming needs only the step number.
+Randomness is derived, not carried: a generate call covering global micro-batches g, g+1, ... of
+step s is seeded with (seed, s, g), and the prompts of step s are a pure function of (seed, s)
+(`step_batches`). A run therefore gives the same rollouts on 1 or N ranks whenever each rank's
+micro-batches fall into the same generate calls (`rollout.batch_size` a divisor of a rank's
+rollouts), and resuming needs only the step number.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from dopd_vlm.chunks import LossInputs
 from dopd_vlm.collate import DualViewCollator, ScoringViews, reference_responses
 from dopd_vlm.data.schema import Sample
 from dopd_vlm.distributed import all_ranks_sum, all_ranks_true, world_size
-from dopd_vlm.engine import gradients_finite
+from dopd_vlm.engine import gathered_for_generation, gradients_finite
 from dopd_vlm.methods import METHODS, TokenStats, compute_loss, summarize
 from dopd_vlm.models import device_of
 from dopd_vlm.rollout import sample_responses
@@ -42,25 +45,34 @@ if TYPE_CHECKING:
 
 @dataclass
 class Models:
-    """What a step touches. `student` is the DeepSpeed engine training `ResponseHiddenStates(model)`."""
+    """What a step touches: DeepSpeed engines (the student's trains `ResponseHiddenStates(model)`;
+    the frozen ones are inference engines sharded like it), the collator and the shared vocabulary."""
 
     student: Any
-    teacher: nn.Module | None
+    teacher_engine: Any | None
     collator: DualViewCollator
     vocab_size: int
     optimizer: Any = None  # SkippableAdamW, or DeepSpeed's own (then a non-finite step stops the run)
     suppress_token_ids: list[int] = field(default_factory=list)
-    frozen_privileged: nn.Module | None = None  # method.privileged_target=initial: the starting student
-
-    @property
-    def privileged_student(self) -> nn.Module:
-        """The model of the privileged-student pass: the trained student, or its frozen initial copy."""
-        return self.frozen_privileged if self.frozen_privileged is not None else self.student_module
+    frozen_privileged_engine: Any | None = None  # method.privileged_target=initial: the starting student
 
     @property
     def student_module(self) -> nn.Module:
         """The student model itself (the engine trains it wrapped in ``ResponseHiddenStates``)."""
         return self.student.module.model
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return None if self.teacher_engine is None else self.teacher_engine.module
+
+    @property
+    def frozen_privileged(self) -> nn.Module | None:
+        return None if self.frozen_privileged_engine is None else self.frozen_privileged_engine.module
+
+    @property
+    def privileged_student(self) -> nn.Module:
+        """The model of the privileged-student pass: the trained student, or its frozen initial copy."""
+        return self.frozen_privileged if self.frozen_privileged is not None else self.student_module
 
 
 @dataclass
@@ -82,10 +94,10 @@ def dopd_step(models: Models, micro_batches: Sequence[Sequence[Sample]], cfg: Ru
     """One optimizer step: rollout -> score -> route -> loss -> backward/step (see module doc)."""
     timer = PhaseTimer()
     scored = []
-    for samples, seed in zip(micro_batches, seeds):
+    for group in rollout_groups(len(micro_batches), cfg):
         with timer("rollout"):
-            views = rollout_views(models, samples, cfg, seed)
-        scored.append(score_targets(models, views, cfg, timer))
+            views = rollout_views(models, [micro_batches[i] for i in group], cfg, seeds[group[0]])
+        scored += [score_targets(models, v, cfg, timer) for v in views]
     thresholds = step_thresholds(scored, cfg) if METHODS[cfg.method.name].routes else None
     losses, stats, applied = update_student(models, scored, cfg, thresholds, timer)
     metrics = step_metrics(scored, losses, stats, applied, thresholds, timer)
@@ -134,24 +146,42 @@ def derive_seed(*parts: int) -> int:
 # -- rollout and the no-grad passes -----------------------------------------------------------------
 
 
-def rollout_views(models: Models, samples: Sequence[Sample], cfg: RunConfig, seed: int) -> ScoringViews:
-    """Sample cfg.rollout.num_rollouts responses per prompt; build the views the method needs."""
+def rollout_groups(num_micro_batches: int, cfg: RunConfig) -> list[range]:
+    """This rank's micro-batches in groups sampled by one `generate` call (`rollout.batch_size`
+    sequences, 0 = all of them): one call waits for its longest response, so fewer calls are faster."""
+    per_micro = cfg.train.prompts_per_micro_batch * cfg.rollout.num_rollouts
+    size = cfg.rollout.batch_size // per_micro or num_micro_batches
+    return [range(start, min(start + size, num_micro_batches)) for start in range(0, num_micro_batches, size)]
+
+
+def rollout_views(models: Models, micro_batches: Sequence[Sequence[Sample]], cfg: RunConfig,
+                  seed: int) -> list[ScoringViews]:
+    """Sample cfg.rollout.num_rollouts responses per prompt of every micro-batch, in one `generate`
+    call seeded by `seed`; the views each micro-batch's method needs."""
     method = METHODS[cfg.method.name]
-    repeated = [s for s in samples for _ in range(cfg.rollout.num_rollouts)]
+    repeated = [[s for s in samples for _ in range(cfg.rollout.num_rollouts)] for samples in micro_batches]
+    everything = [s for rows in repeated for s in rows]
     if method.on_policy:
         torch.manual_seed(seed)
-        response_ids, response_mask = sample_responses(
-            models.student_module, models.collator, repeated, cfg.rollout,
-            suppress_token_ids=models.suppress_token_ids, synced_gpus=world_size() > 1,
-        )
+        with gathered_for_generation(models.student) as synced_gpus:
+            response_ids, response_mask = sample_responses(
+                models.student_module, models.collator, everything, cfg.rollout,
+                suppress_token_ids=models.suppress_token_ids, synced_gpus=synced_gpus,
+            )
     else:
-        response_ids, response_mask = reference_responses(models.collator, repeated)
-    return models.collator.scoring_views(
-        repeated, response_ids, response_mask,
-        privileged_student=method.needs_privileged_student,
-        teacher=method.needs_teacher,
-        teacher_privileged=cfg.method.teacher_privileged,
-    )
+        response_ids, response_mask = reference_responses(models.collator, everything)
+    views, start = [], 0
+    for rows in repeated:
+        ids, mask = response_ids[start : start + len(rows)], response_mask[start : start + len(rows)]
+        width = max(int(mask.sum(dim=1).max()), 1)  # this micro-batch's longest response
+        start += len(rows)
+        views.append(models.collator.scoring_views(
+            rows, ids[:, :width], mask[:, :width],
+            privileged_student=method.needs_privileged_student,
+            teacher=method.needs_teacher,
+            teacher_privileged=cfg.method.teacher_privileged,
+        ))
+    return views
 
 
 @torch.no_grad()

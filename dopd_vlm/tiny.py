@@ -186,6 +186,8 @@ class TinySize:
 
     `vocab_multiple` rounds the embedding/LM-head rows up to a multiple (real Qwen checkpoints pad
     their vocab, and differently per size); 1 means exactly the tokenizer's length.
+    `tie_word_embeddings` shares one weight between the input embedding and the LM head, as the
+    small real checkpoints do (Qwen2-VL-2B, Qwen2.5-VL-3B, Qwen3-VL-2B, Qwen3-1.7B).
     Text head_dim is hidden_size // num_heads; vision head_dim is vision_hidden_size //
     vision_num_heads and must be a multiple of 4 (2-D rotary embedding).
     """
@@ -201,6 +203,7 @@ class TinySize:
     vision_intermediate_size: int = 64
     vision_num_position_embeddings: int = 64  # Qwen3-VL only: a perfect square (8x8 grid)
     vocab_multiple: int = 1
+    tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -276,7 +279,7 @@ def _text_config(size: TinySize, vocab_size: int, tokens: dict[str, int]) -> dic
         bos_token_id=tokens["bos"],
         eos_token_id=tokens["eos"],
         pad_token_id=tokens["pad"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=size.tie_word_embeddings,
     )
 
 
@@ -347,7 +350,7 @@ def build_tiny_config(family: str, size: TinySize, tokenizer) -> PreTrainedConfi
         text_config=text,
         vision_config=vision,
         **_vision_token_ids(tokenizer),
-        tie_word_embeddings=False,
+        tie_word_embeddings=size.tie_word_embeddings,
         dtype="float32",
     )
 

@@ -33,7 +33,8 @@ from dopd_vlm.distributed import init_distributed, rank, world_size
 from dopd_vlm.engine import (
     NonFiniteTraining,
     export_student,
-    frozen_engine_module,
+    frozen_engine,
+    gathered_for_generation,
     latest_tag,
     load_latest_checkpoint,
     save_checkpoint,
@@ -108,8 +109,8 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     check_first_samples(collator, cfg, {cfg.data.train_split: data, **eval_sets})
 
     engine, scheduler, optimizer = student_engine(student, ds_config, cfg.optim, lambda step: lr_factor(step, cfg))
-    models = Models(engine, frozen_engine_module(teacher, ds_config), collator, vocab_size, optimizer,
-                    vision_special_token_ids(collator.tokenizer), frozen_engine_module(frozen_privileged, ds_config))
+    models = Models(engine, frozen_engine(teacher, ds_config), collator, vocab_size, optimizer,
+                    vision_special_token_ids(collator.tokenizer), frozen_engine(frozen_privileged, ds_config))
     start_step = load_latest_checkpoint(engine, out) if resume else 0
     return Run(cfg, models, scheduler, collator.processor, data, eval_sets, out, start_step)
 
@@ -243,29 +244,35 @@ def every(step: int, period: int) -> bool:
 def baseline_accuracies(models: Models, eval_sets, cfg: RunConfig) -> dict[str, float]:
     """The initial student's and the teacher's accuracy, once, so a run reports the gap it closed.
 
-    The teacher is scored on the plain input (what the gap is measured against) and with p.
+    The teacher is scored on the plain input (what the gap is measured against) and with p, as
+    `train.teacher_eval` says (gathered, sharded or not at all).
     """
     metrics = accuracies(models, eval_sets, cfg, prefix="student")
-    if models.teacher is not None:
+    if models.teacher_engine is not None and cfg.train.teacher_eval != "off":
         teacher_view = models.collator.for_processor(models.collator.teacher_processor)
         for prefix, privileged in (("teacher", False), ("teacher_privileged", True)):
-            metrics.update(accuracies(models, eval_sets, cfg, prefix=prefix, model=models.teacher,
-                                      collator=teacher_view, privileged=privileged))
+            metrics.update(accuracies(models, eval_sets, cfg, prefix=prefix, engine=models.teacher_engine,
+                                      collator=teacher_view, privileged=privileged,
+                                      gather=cfg.train.teacher_eval == "gathered"))
     return metrics
 
 
-def accuracies(models: Models, eval_sets, cfg: RunConfig, *, prefix: str, model=None, collator=None,
-               privileged=False) -> dict[str, float]:
-    """Greedy exact-match accuracy per eval split (the student's by default)."""
-    model = model if model is not None else models.student_module
+def accuracies(models: Models, eval_sets, cfg: RunConfig, *, prefix: str, engine=None, collator=None,
+               privileged: bool = False, gather: bool = True) -> dict[str, float]:
+    """Greedy exact-match accuracy per eval split (the student's by default), the model gathered
+    once for all splits unless `gather` is False (see `engine.gathered_for_generation`)."""
+    engine = engine if engine is not None else models.student
+    model = models.student_module if engine is models.student else engine.module
     batch = cfg.train.prompts_per_micro_batch * cfg.rollout.num_rollouts
-    return {
-        f"{prefix}/{split}": evaluate_accuracy(
-            model, collator or models.collator, samples, max_new_tokens=cfg.rollout.max_new_tokens,
-            batch_size=batch, privileged=privileged, suppress_token_ids=models.suppress_token_ids,
-        ).accuracy
-        for split, samples in eval_sets.items()
-    }
+    max_new_tokens = cfg.train.eval_max_new_tokens or cfg.rollout.max_new_tokens
+    with gathered_for_generation(engine, gather) as synced_gpus:
+        return {
+            f"{prefix}/{split}": evaluate_accuracy(
+                model, collator or models.collator, samples, max_new_tokens=max_new_tokens, batch_size=batch,
+                privileged=privileged, suppress_token_ids=models.suppress_token_ids, synced_gpus=synced_gpus,
+            ).accuracy
+            for split, samples in eval_sets.items()
+        }
 
 
 # -- metrics: metrics.jsonl, TensorBoard, optional Weights & Biases ------------------------------

@@ -34,3 +34,17 @@ def tiny_pairs(tmp_path_factory) -> dict[str, dict[str, Path]]:
 
     root = tmp_path_factory.mktemp("tiny_pairs")
     return {family: make_tiny_pair(family, root / family, seed=0) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tied_pairs(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """Like `tiny_pairs`, but the students tie their LM head to the input embedding, as the small
+    real checkpoints of every family do (Qwen2-VL-2B, Qwen2.5-VL-3B, Qwen3-VL-2B, Qwen3-1.7B)."""
+    import dataclasses
+
+    from dopd_vlm.families import FAMILIES
+    from dopd_vlm.tiny import STUDENT_SIZE, make_tiny_pair
+
+    root = tmp_path_factory.mktemp("tied_pairs")
+    student = dataclasses.replace(STUDENT_SIZE, tie_word_embeddings=True)
+    return {family: make_tiny_pair(family, root / family, seed=0, student=student) for family in FAMILIES}

@@ -174,3 +174,22 @@ def test_padded_lm_heads_are_sliced_and_real_tokenizer_mismatch_is_an_error(tiny
     other.add_tokens(["<extra_token>"])
     with pytest.raises(ValueError, match="tokenizers differ"):
         check_shared_vocab(other, student_proc, teacher_rows, student_rows)
+
+
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+def test_pixel_bounds_apply_to_every_view_and_the_rollout(tiny_pairs, family):
+    processor = load_processor(tiny_pairs[family]["student"])
+    token_side = 32 if family == "qwen3_vl" else 28  # pixels per visual token, per side
+    big = Sample("big", "How many shapes?", "1", "red circle [10, 10, 40, 40]", (image(5, (448, 448)),))
+    bounded = DualViewCollator(processor, load_processor(tiny_pairs[family]["teacher"]), privileged_template=TEMPLATE,
+                               max_privileged_tokens=0, max_pixels=16 * token_side**2)
+    own = DualViewCollator(processor, privileged_template=TEMPLATE, max_privileged_tokens=0)
+
+    def visual_tokens(grid):  # image_grid_thw rows: patches; 2x2 patches make one token
+        return int(grid.prod(dim=-1).sum()) // 4
+
+    views = bounded.scoring_views([big], torch.tensor([[7, 8]]), torch.tensor([[True, True]]))
+    counts = {visual_tokens(view.inputs["image_grid_thw"]) for view in (views.student, views.privileged_student, views.teacher)}
+    counts.add(visual_tokens(bounded.rollout_batch([big])["image_grid_thw"]))
+    assert counts == {16}  # the bound, in every view and the rollout
+    assert visual_tokens(own.rollout_batch([big])["image_grid_thw"]) == 64  # the tiny processor's own maximum

@@ -133,3 +133,76 @@ def test_lmhead_exposes_plain_linear_only():
     assert LMHead(linear, V).linear[0] is linear.weight and LMHead(linear, V).is_linear
     assert LMHead(torch.nn.Sequential(linear), V).linear is None and not LMHead(torch.nn.Sequential(linear), V).is_linear
     torch.testing.assert_close(LMHead(linear, V - 3)(torch.ones(2, H)), linear(torch.ones(2, H))[:, : V - 3])
+
+
+def _bf16_problem(n=256, vocab=64, hidden_size=32, seed=3):
+    """bf16 hidden states and heads whose logits reach 16-32, where bf16 rounds in steps of 0.125."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = ResponseTokens(torch.randint(0, vocab, (n,), generator=g), torch.arange(n) // 8, n // 8)
+    student = (torch.randn(vocab, hidden_size, generator=g) * 0.9).bfloat16()
+    teacher = (torch.randn(vocab, hidden_size, generator=g) * 0.9).bfloat16()
+    hidden, privileged, teacher_hidden = ((torch.randn(n, hidden_size, generator=g) * 0.9).bfloat16() for _ in range(3))
+    return tokens, student, teacher, hidden, privileged, teacher_hidden
+
+
+def _dopd_loss_and_head_grad(dtype, chunk_size):
+    tokens, student, teacher, hidden, privileged, teacher_hidden = _bf16_problem()
+    student, teacher, hidden, privileged, teacher_hidden = (t.to(dtype) for t in (student, teacher, hidden, privileged, teacher_hidden))
+    student.requires_grad_(True)
+    s_head, t_head = WeightHead(student), WeightHead(teacher)
+    lp, lp_lse = token_logprobs_and_lse(privileged, s_head, tokens.token_ids, chunk_size)
+    lt, lt_lse = token_logprobs_and_lse(teacher_hidden, t_head, tokens.token_ids, chunk_size)
+    from dopd_vlm.router import route
+
+    regimes = route(lt, lp, torch.ones_like(lt, dtype=torch.bool)).regimes
+    inputs = LossInputs(tokens, hidden, s_head, privileged, teacher_hidden, t_head, regimes,
+                        privileged_lse=lp_lse, teacher_lse=lt_lse)
+    from dopd_vlm.config import MethodConfig
+
+    loss, _ = compute_loss(MethodConfig(top_k=8), inputs, chunk_size, loss_path="fused")
+    loss.backward()
+    return lt, lp, loss.detach(), student.grad
+
+
+def test_bf16_heads_give_float32_logits_and_a_float32_accumulated_head_gradient():
+    # bf16 weights and hidden states as on a GPU; the reference computes in float64 from the same values
+    lt, lp, loss, grad = _dopd_loss_and_head_grad(torch.bfloat16, chunk_size=1)  # 256 chunks to accumulate
+    ref_lt, ref_lp, ref_loss, ref_grad = _dopd_loss_and_head_grad(torch.float64, chunk_size=1)
+    assert lt.dtype == torch.float32 and ref_lt.abs().max() > 10  # log-probs where bf16 logits round by 0.1 nat
+    assert (lt.double() - ref_lt).abs().max() < 1e-4 and (lp.double() - ref_lp).abs().max() < 1e-4
+    assert abs(loss.item() - ref_loss.item()) < 1e-4 * abs(ref_loss.item()) + 1e-5
+    # one final bf16 rounding (relative 2^-9 per element), not one per chunk
+    error = (grad.double() - ref_grad).norm() / ref_grad.norm()
+    assert grad.dtype == torch.bfloat16 and error < 4e-3, error
+
+
+@pytest.mark.parametrize("loss_path", ["fused", "chunked"])
+def test_a_tied_head_gets_the_gradient_of_both_its_uses(tmp_path, loss_path):
+    # Qwen3-VL-2B, Qwen2-VL-2B, Qwen3-1.7B tie lm_head to embed_tokens: the shared weight's gradient
+    # is the embedding's plus the loss's, whichever loss path produced the latter.
+    import dataclasses
+
+    from dopd_vlm.config import MethodConfig
+    from dopd_vlm.models import load_model
+    from dopd_vlm.scoring import backbone, output_head
+    from dopd_vlm.tiny import STUDENT_SIZE, make_tiny_pair
+
+    path = make_tiny_pair("qwen3", tmp_path, student=dataclasses.replace(STUDENT_SIZE, tie_word_embeddings=True))["student"]
+    model = load_model(path, dtype=torch.float64)
+    weight = model.get_output_embeddings().weight
+    assert weight is model.get_input_embeddings().weight
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, 480, (3, 9), generator=g)
+    targets = torch.randint(0, 480, (3, 9), generator=g)
+    tokens = ResponseTokens(targets.reshape(-1), torch.arange(3).repeat_interleave(9), 3)
+    hidden = backbone(model)(input_ids=input_ids).last_hidden_state.reshape(-1, weight.shape[1])
+    inputs = LossInputs(tokens, hidden, output_head(model, weight.shape[0]))
+    loss, _ = compute_loss(MethodConfig(name="sft"), inputs, chunk_size=4, loss_path=loss_path)
+    loss.backward()
+    got = weight.grad.clone()
+    model.zero_grad()
+    logits = model(input_ids=input_ids).logits  # plain autograd through the tied model
+    reference = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    reference.backward()  # equal sequence lengths: the sequence mean is the token mean
+    torch.testing.assert_close(loss.detach(), reference.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, weight.grad, rtol=1e-9, atol=1e-12)

@@ -101,6 +101,21 @@ def test_deepspeed_auto_values_are_filled_and_conflicts_rejected(tmp_path, tiny_
         load_deepspeed_config(REPO / "ds_configs" / "zero3.json", cfg, world_size=3, bf16_enabled=False)
 
 
+def test_the_checkpoint_pointer_is_replaced_atomically_and_durably(tmp_path, monkeypatch):
+    from dopd_vlm.engine import write_durably
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.fstat(fd).st_mode) or real_fsync(fd))
+    pointer = tmp_path / "latest_complete"
+    pointer.write_text("step_1")
+    write_durably(pointer, "step_2")
+    assert pointer.read_text() == "step_2" and [p.name for p in tmp_path.iterdir()] == ["latest_complete"]
+    import stat
+
+    assert [stat.S_ISREG(mode) for mode in synced] == [True, False]  # the file's content, then the directory entry
+
+
 def test_exit_process_keeps_the_exit_code_and_flushes_output():
     script = ("from dopd_vlm.distributed import init_distributed, exit_process; import logging; init_distributed(); "
               "print('printed', end=''); logging.getLogger('x').warning('logged'); exit_process(3)")
@@ -119,8 +134,8 @@ def test_two_ranks_zero3_every_method_trains_and_exports(tmp_path, tiny_pairs):
         "dopd": ["method.name=dopd"],
         "dopd_frozen_target": ["method.name=dopd", "method.privileged_target=initial"],
         "vanilla_opd": ["method.name=vanilla_opd", "method.opd_divergence=sampled"],
-        "opsd": ["method.name=opsd"],
-        "gkd": ["method.name=gkd"],
+        "opsd": ["method.name=opsd", "train.teacher_eval=off"],
+        "gkd": ["method.name=gkd", "train.teacher_eval=sharded", "train.eval_max_new_tokens=2"],
         "sft": ["method.name=sft"],
     }
     runs = [{"name": name, "overrides": [*o, f"train.output_dir={tmp_path / name}"]} for name, o in methods.items()]
@@ -131,6 +146,7 @@ def test_two_ranks_zero3_every_method_trains_and_exports(tmp_path, tiny_pairs):
         assert result["teacher_unchanged"] in (True, None)
         lines = metrics_lines(tmp_path / name)
         assert lines[0]["step"] == 0 and "student/test" in lines[0]
+        assert ("teacher_privileged/test" in lines[0]) == (name != "opsd")  # train.teacher_eval=off
         assert [line["step"] for line in lines[1:]] == [1, 2]
         for key in ("loss", "entropy", "time/rollout", "time/student_pass", "time/loss", "time/backward",
                     "time/optimizer", "tokens_per_second", "lr"):
@@ -166,7 +182,7 @@ def test_two_zero3_ranks_with_uneven_loss_chunks_match_one_rank_on_the_chunked_p
     # Chunks of 3 tokens: ranks hold different numbers of chunks and of HT rows, which must not
     # change the number of collectives (a hang or a crash if it did).
     config = write_config(tmp_path / "c.yaml", tiny_pairs, train={"steps": 1, "loss_chunk_size": 3},
-                          rollout={"num_rollouts": 2, "max_new_tokens": 8})
+                          rollout={"num_rollouts": 2, "max_new_tokens": 8, "batch_size": 2})
     one = launch(tmp_path, config, [{"name": "r", "overrides": [f"train.output_dir={tmp_path / 'one'}",
                                                                 "train.loss_path=chunked"]}], nproc=1)["r"]
     two = launch(tmp_path, config, [{"name": "r", "overrides": [f"train.output_dir={tmp_path / 'two'}",
@@ -199,6 +215,22 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(tmp_path, t
 
 
 @pytest.mark.slow
+def test_one_generate_call_for_the_step_splits_into_the_same_micro_batches(tmp_path, tiny_pairs):
+    # Near-greedy sampling makes the rollouts independent of how they are grouped into generate
+    # calls: a whole step in one call (rollout.batch_size=0) and one call per micro-batch must then
+    # give the same micro-batches, hence the same loss and gradient.
+    config = write_config(tmp_path / "c.yaml", tiny_pairs, train={"steps": 1}, data={"eval_splits": []},
+                          rollout={"num_rollouts": 2, "max_new_tokens": 6, "temperature": 1e-4})
+    runs = [{"name": str(size), "overrides": [f"rollout.batch_size={size}", f"train.output_dir={tmp_path / str(size)}"]}
+            for size in (0, 2)]
+    results = launch(tmp_path, config, runs, nproc=1)
+    whole, per_micro = results["0"]["metrics"], results["2"]["metrics"]
+    assert whole["response_tokens"] == per_micro["response_tokens"]
+    assert whole["loss"] == pytest.approx(per_micro["loss"], rel=1e-6)
+    assert whole["grad_norm"] == pytest.approx(per_micro["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_stop_and_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, tiny_pairs):
     config = write_config(tmp_path / "c.yaml", tiny_pairs, train={"steps": 4, "save_every": 1})
     full, parts = tmp_path / "full", tmp_path / "parts"
@@ -226,6 +258,53 @@ def test_text_only_and_other_vision_families_train_under_zero3(tmp_path, tiny_pa
         result = launch(tmp_path, config, [{"name": family, "overrides": [f"train.output_dir={tmp_path / family}"]}])
         assert result[family]["finished"] and result[family]["teacher_unchanged"]
 
+
+
+@pytest.mark.slow
+def test_tied_bf16_checkpointed_students_on_two_zero3_ranks_match_one_rank(tmp_path, tied_pairs):
+    # The shapes of the paper's real students: LM head tied to the embedding, bf16, gradient
+    # checkpointing; ZeRO-3 over 2 ranks (fused loss on the partitioned tied head) against 1 rank.
+    recipes = {"qwen2_vl": "synthetic_scenes", "qwen3_vl": "synthetic_scenes", "qwen3": "synthetic_text"}
+    config = write_config(tmp_path / "c.yaml", tied_pairs, model={"dtype": "bfloat16", "gradient_checkpointing": True},
+                          train={"steps": 1}, data={"eval_splits": [], "max_eval_samples": 0},
+                          rollout={"batch_size": 2})  # one micro-batch per generate call on 1 and 2 ranks
+
+    def runs(where):
+        return [{"name": family, "overrides": [
+            f"model.student={tied_pairs[family]['student']}", f"model.teacher={tied_pairs[family]['teacher']}",
+            f"data.recipe={recipe}", f"train.output_dir={tmp_path / where / family}"]} for family, recipe in recipes.items()]
+
+    one, two = launch(tmp_path, config, runs("one"), nproc=1), launch(tmp_path, config, runs("two"))
+    code = ("import dopd_vlm, sys; from dopd_vlm.models import load_model\n"
+            "m = load_model(sys.argv[1]); head, embedding = m.get_output_embeddings().weight, m.get_input_embeddings().weight\n"
+            "assert m.config.get_text_config().tie_word_embeddings and head.data_ptr() == embedding.data_ptr(), 'not tied'\n"
+            "assert str(head.dtype) == 'torch.bfloat16'\n")
+    for family in recipes:
+        a, b = one[family]["metrics"], two[family]["metrics"]
+        assert one[family]["finished"] and two[family]["finished"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-2, abs=1e-3), family  # bf16 forwards on 1 and 2 ranks
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=3e-2), family
+        for where in ("one", "two"):  # the export reloads with transformers, still tied
+            subprocess.run([sys.executable, "-c", code, str(tmp_path / where / family / "final")], check=True, cwd=REPO,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+
+
+@pytest.mark.slow
+def test_zero3_generate_gathers_each_parameter_once(tmp_path, tiny_pairs):
+    # DeepSpeed's per-module hooks release each layer after its forward, even inside a
+    # GatheredParameters block: per-layer gathering re-gathers the model for every new token.
+    script, result = REPO / "tests" / "helpers" / "generate_gathers.py", tmp_path / "gathers.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+         str(tiny_pairs["qwen2_vl"]["student"]), str(result)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    counts = json.loads(result.read_text())
+    assert counts["gathered"] == counts["parameters"] == counts["gathered_after_step"]  # once, also after a step
+    assert counts["per_layer"] > 3 * counts["parameters"]  # what it replaces (the counter sees the gathers)
+    assert counts["same_tokens"] and counts["train_step_ok"]
 
 
 @pytest.mark.slow

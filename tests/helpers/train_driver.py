@@ -33,13 +33,15 @@ from dopd_vlm.config import load_config
 from dopd_vlm.distributed import exit_process
 from dopd_vlm.engine import CheckpointError, NonFiniteTraining
 from dopd_vlm.models import load_model
-from dopd_vlm.rollout import gathered_parameters
 from dopd_vlm.train import train
 
 
 def teacher_unchanged(teacher, path) -> bool:
+    import deepspeed
+
     reference = load_model(path).state_dict()
-    with gathered_parameters(teacher):
+    params = list(teacher.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
         return all(torch.equal(p.detach().cpu(), reference[name]) for name, p in teacher.named_parameters())
 
 
