@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dopd_vlm import losses
 from dopd_vlm.losses import log_probs, upcast
-from dopd_vlm.scoring import Head, ResponseTokens, WeightHead, linear_float32, matmul_float32
+from dopd_vlm.scoring import Head, ResponseTokens, WeightHead, at_least_float32, linear_float32, matmul_float32
 
 if TYPE_CHECKING:
     from dopd_vlm.config import MethodConfig
@@ -112,15 +112,17 @@ class Target:
 def gathered_logits(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, support: torch.Tensor
 ) -> torch.Tensor:
-    """logits[n, k] = hidden[n] · weight[support[n, k]] (+ bias), in float32, without [n, V]."""
+    """logits[n, k] = hidden[n] · weight[support[n, k]] (+ bias), in float32 (float64 for float64
+    inputs), without [n, V]."""
     n, k = support.shape
-    out = torch.empty((n, k), dtype=torch.float32, device=hidden.device)
+    dtype = at_least_float32(hidden.dtype)
+    out = torch.empty((n, k), dtype=dtype, device=hidden.device)
     step = max(1, GATHER_ELEMENTS // max(1, k * hidden.shape[-1]))
     for start in range(0, n, step):
         rows = weight[support[start : start + step]]  # [r, K, H]
-        out[start : start + step] = torch.bmm(rows.float(), hidden[start : start + step, :, None].float()).squeeze(-1)
+        out[start : start + step] = torch.bmm(rows.to(dtype), hidden[start : start + step, :, None].to(dtype)).squeeze(-1)
     if bias is not None:
-        out += bias[support].float()
+        out += bias[support].to(dtype)
     return out
 
 

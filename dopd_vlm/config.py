@@ -26,7 +26,7 @@ from dopd_vlm.validation import Above, AtLeast, Between, Invalid, build
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 PrivilegedTarget = Literal["live", "initial"]
-TeacherEval = Literal["gathered", "sharded", "off"]
+TeacherEval = Literal["gathered", "sharded", "skip"]
 
 Positive = Annotated[int, AtLeast(1)]
 NonNegative = Annotated[int, AtLeast(0)]
@@ -188,7 +188,7 @@ class TrainConfig:
         teacher_eval: The teacher's step-0 accuracy (plain and with p): `gathered` generates with
             the whole teacher gathered on every rank (fast; under ZeRO-3 a full copy of the
             teacher per rank while it evaluates), `sharded` keeps it sharded and gathers layer by
-            layer for every generated token (no full copy; slow for long answers), `off` skips it
+            layer for every generated token (no full copy; slow for long answers), `skip` skips it
             (no teacher baseline, no gap recovered).
         save_every: Checkpoint every N steps (0 = only at the end).
         loss_chunk_size: Response tokens per LM-head chunk in the loss.

@@ -28,17 +28,23 @@ def matmul_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     low-precision weights and hidden states. On CUDA the product runs in the inputs' precision
     with a float32 output (`torch.mm(..., out_dtype=)`); elsewhere the operands are upcast.
     """
-    if a.dtype in (torch.float32, torch.float64) and b.dtype == a.dtype:
+    dtype = at_least_float32(torch.promote_types(a.dtype, b.dtype))
+    if a.dtype == b.dtype == dtype:
         return a @ b
     if a.is_cuda and a.dtype == b.dtype and _mm_out_dtype_supported(a.device):
         return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
+    return a.to(dtype) @ b.to(dtype)
+
+
+def at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """float32 for low-precision floats; float32 and float64 stay as they are."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def linear_float32(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """hidden [..., H] @ weight.T (+ bias) -> [..., V] in float32 (see `matmul_float32`)."""
+    """hidden [..., H] @ weight.T (+ bias) -> [..., V] in float32 or float64 (see `matmul_float32`)."""
     out = matmul_float32(hidden.reshape(-1, hidden.shape[-1]), weight.T).reshape(*hidden.shape[:-1], weight.shape[0])
-    return out if bias is None else out + bias.float()
+    return out if bias is None else out + bias.to(out.dtype)
 
 
 @functools.cache
@@ -122,7 +128,8 @@ class LMHead(Head):
         if linear is not None:
             weight, bias = linear
             return linear_float32(hidden, weight[: self.vocab_size], None if bias is None else bias[: self.vocab_size])
-        return self.module(hidden)[..., : self.vocab_size].float()
+        logits = self.module(hidden)[..., : self.vocab_size]
+        return logits.to(at_least_float32(logits.dtype))
 
     @property
     def is_linear(self) -> bool:

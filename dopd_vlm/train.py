@@ -248,7 +248,7 @@ def baseline_accuracies(models: Models, eval_sets, cfg: RunConfig) -> dict[str, 
     `train.teacher_eval` says (gathered, sharded or not at all).
     """
     metrics = accuracies(models, eval_sets, cfg, prefix="student")
-    if models.teacher_engine is not None and cfg.train.teacher_eval != "off":
+    if models.teacher_engine is not None and cfg.train.teacher_eval != "skip":
         teacher_view = models.collator.for_processor(models.collator.teacher_processor)
         for prefix, privileged in (("teacher", False), ("teacher_privileged", True)):
             metrics.update(accuracies(models, eval_sets, cfg, prefix=prefix, engine=models.teacher_engine,

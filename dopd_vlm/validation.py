@@ -134,7 +134,8 @@ def _convert_plain(value: Any, hint: Any, path: str) -> Any:
     if origin is Literal:
         options = typing.get_args(hint)
         if value not in options or isinstance(value, bool) != isinstance(options[0], bool):
-            raise Invalid(path, f"{value!r} is not one of {', '.join(map(str, options))}")
+            hint = " (YAML reads yes/no/on/off as booleans: quote the word)" if isinstance(value, bool) else ""
+            raise Invalid(path, f"{value!r} is not one of {', '.join(map(str, options))}{hint}")
         return value
     if origin in (list, tuple):
         return _convert_sequence(value, hint, path)

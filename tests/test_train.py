@@ -134,7 +134,7 @@ def test_two_ranks_zero3_every_method_trains_and_exports(tmp_path, tiny_pairs):
         "dopd": ["method.name=dopd"],
         "dopd_frozen_target": ["method.name=dopd", "method.privileged_target=initial"],
         "vanilla_opd": ["method.name=vanilla_opd", "method.opd_divergence=sampled"],
-        "opsd": ["method.name=opsd", "train.teacher_eval=off"],
+        "opsd": ["method.name=opsd", "train.teacher_eval=skip"],
         "gkd": ["method.name=gkd", "train.teacher_eval=sharded", "train.eval_max_new_tokens=2"],
         "sft": ["method.name=sft"],
     }
@@ -146,7 +146,7 @@ def test_two_ranks_zero3_every_method_trains_and_exports(tmp_path, tiny_pairs):
         assert result["teacher_unchanged"] in (True, None)
         lines = metrics_lines(tmp_path / name)
         assert lines[0]["step"] == 0 and "student/test" in lines[0]
-        assert ("teacher_privileged/test" in lines[0]) == (name != "opsd")  # train.teacher_eval=off
+        assert ("teacher_privileged/test" in lines[0]) == (name != "opsd")  # train.teacher_eval=skip
         assert [line["step"] for line in lines[1:]] == [1, 2]
         for key in ("loss", "entropy", "time/rollout", "time/student_pass", "time/loss", "time/backward",
                     "time/optimizer", "tokens_per_second", "lr"):
