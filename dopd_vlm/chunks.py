@@ -63,6 +63,7 @@ class LossInputs:
     privileged_lse: torch.Tensor | None = None  # [N] logsumexp of the privileged logits (optional)
     teacher_lse: torch.Tensor | None = None  # [N] logsumexp of the teacher logits (optional)
     privileged_head: Head | None = None  # a frozen privileged student's head; None: the student's own
+    kept: torch.Tensor | None = None  # [N] bool: tokens the loss keeps (method.token_drop); None: all
 
 
 # -- one chunk ----------------------------------------------------------------------------------
@@ -177,6 +178,16 @@ class Chunk:
         log_p_s = self.log_p_s if rows is None else self.log_p_s[rows]
         return losses.generalized_jsd_from_logprobs(log_p_s, target.log_probs(rows), beta)
 
+    def full_divergence(self, use_teacher: torch.Tensor, beta: float) -> torch.Tensor:
+        """Full-vocabulary generalised JSD per row (beta 0.5: JS, 1: reverse KL) to the teacher
+        where ``use_teacher``, else to the privileged student; each target's rows only."""
+        loss = self.log_p_s.sum(dim=-1) * 0.0  # [n], keeps the graph even without rows
+        for source, rows in ((self.teacher, use_teacher), (self.privileged, ~use_teacher)):
+            index = rows.nonzero(as_tuple=True)[0]
+            if index.numel():
+                loss = loss.index_put((index,), self.jsd(source, beta, index))
+        return loss
+
     def token_logprobs(self, target: Target | None = None) -> torch.Tensor:
         """log P(y_n) of the sampled tokens under the student (with grad) or a target."""
         ids = self.token_ids[:, None]
@@ -233,7 +244,8 @@ class ChunkObjective:
     has_teacher_lse: bool
     scores_are_log_probs: bool = False
 
-    def __call__(self, student_scores, token_ids, regimes, privileged_hidden, teacher_hidden, privileged_lse, teacher_lse):
+    def __call__(self, student_scores, token_ids, regimes, kept, privileged_hidden, teacher_hidden, privileged_lse,
+                 teacher_lse):
         temperature = self.cfg.temperature
         privileged = teacher = None
         if self.privileged_head is not None:
@@ -244,6 +256,7 @@ class ChunkObjective:
         chunk = Chunk(self.cfg, student_scores, token_ids, regimes, privileged=privileged, teacher=teacher,
                       scores_are_log_probs=self.scores_are_log_probs)
         loss = self.objective(chunk)
+        loss = loss * kept.to(loss.dtype)  # method.token_drop: dropped tokens get no loss
         if is_recomputing():  # backward recompute: only the loss's graph is needed
             zeros = torch.zeros_like(loss)
             return torch.stack([loss, zeros, zeros], dim=-1)
@@ -253,8 +266,9 @@ class ChunkObjective:
 
 
 def per_token_tensors(inputs: LossInputs) -> tuple[torch.Tensor, ...]:
-    """The [N]-row tensors sliced with the student's hidden states: token ids, regimes, the targets'
-    hidden states and logsumexps (absent ones as [N, 0] / zeros, so every chunk has the same arguments)."""
+    """The [N]-row tensors sliced with the student's hidden states: token ids, regimes, the kept-token
+    mask, the targets' hidden states and logsumexps (absent ones as [N, 0] / zeros / all kept, so
+    every chunk has the same arguments)."""
     n = inputs.tokens.token_ids.shape[0]
     empty = inputs.student_hidden.new_zeros(n, 0)
     no_lse = inputs.student_hidden.new_zeros(n, dtype=torch.float32)
@@ -263,7 +277,8 @@ def per_token_tensors(inputs: LossInputs) -> tuple[torch.Tensor, ...]:
     def present(tensor, absent):
         return tensor if tensor is not None else absent
 
-    return (inputs.tokens.token_ids, regimes, present(inputs.privileged_hidden, empty),
+    kept = present(inputs.kept, torch.ones_like(inputs.tokens.token_ids, dtype=torch.bool))
+    return (inputs.tokens.token_ids, regimes, kept, present(inputs.privileged_hidden, empty),
             present(inputs.teacher_hidden, empty), present(inputs.privileged_lse, no_lse),
             present(inputs.teacher_lse, no_lse))
 

@@ -20,8 +20,8 @@ import yaml
 from dopd_vlm.chunks import LossPath
 from dopd_vlm.data.schema import IMAGE_PLACEHOLDER
 from dopd_vlm.losses import TopKVariant
-from dopd_vlm.methods import METHODS, Ablation, OpdDivergence
-from dopd_vlm.router import Normalization
+from dopd_vlm.methods import METHODS, Ablation, Divergence, OpdDivergence, RegimeWeights
+from dopd_vlm.router import Normalization, TokenDrop
 from dopd_vlm.validation import Above, AtLeast, Between, Invalid, build
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -94,8 +94,16 @@ class MethodConfig:
 
     Attributes:
         name: A row of the method table `methods.METHODS`: dopd | vanilla_opd | opsd | gkd | sft.
-        ablation: DOPD ablations: none | no_routing (one uniform objective) | no_teacher |
-            no_student | single_objective (same divergence in every regime).
+        ablation: DOPD's sources: none | no_routing (both sources on every token, half weight
+            each) | no_teacher | no_student (every regime distils from the other source).
+        regime_weights: DOPD's regime weights: paper (beta_l, beta_w, ht_weight) | equal (all 1)
+            | ht_only (HT tokens alone; the paper's Table 6).
+        divergence: DOPD's divergence per regime: routed (the paper: top-K reverse KL, full JS in
+            HT) | topk_rkl | js | reverse_kl (that one in every regime; the paper's Table 7).
+        token_drop: Drop the token_drop_fraction of the step's tokens with the highest (`top`),
+            lowest (`bottom`) or random (`random`) privileged advantage gap from the loss (the
+            paper's Fig. 4; any method with a teacher; adds the privileged-student pass).
+        token_drop_fraction: Share of the step's tokens method.token_drop drops.
         beta_l: Weight of the LH and HS regimes (DOPD).
         beta_w: Weight of the LL regime; must be smaller than beta_l.
         ht_weight: Weight of the HT regime (full-vocabulary JS to the teacher).
@@ -114,6 +122,10 @@ class MethodConfig:
 
     name: str = "dopd"
     ablation: Ablation = "none"
+    regime_weights: RegimeWeights = "paper"
+    divergence: Divergence = "routed"
+    token_drop: TokenDrop = "none"
+    token_drop_fraction: Annotated[float, Between(0.0, 1.0, high_open=True)] = 0.2
     beta_l: float = 0.6
     beta_w: float = 0.3
     ht_weight: Annotated[float, AtLeast(0.0)] = 1.0
@@ -287,7 +299,10 @@ def validate(cfg: RunConfig) -> None:
     """Checks across keys, which the field types alone cannot express. Raises ConfigError."""
     m, t, d = cfg.method, cfg.train, cfg.data
     _check(m.name in METHODS, "method.name", f"{m.name!r} is not one of {', '.join(METHODS)}")
-    _check(m.ablation == "none" or m.name == "dopd", "method.ablation", "only applies to dopd")
+    for key, neutral in (("ablation", "none"), ("regime_weights", "paper"), ("divergence", "routed")):
+        _check(getattr(m, key) == neutral or m.name == "dopd", f"method.{key}", "only applies to dopd")
+    _check(m.token_drop == "none" or METHODS[m.name].needs_teacher, "method.token_drop",
+           f"needs a method with a teacher (the gap is |lT - lP|); {m.name} has none")
     _check(0 <= m.beta_w < m.beta_l, "method.beta_w", "must satisfy 0 <= beta_w < beta_l")
     _check(bool(cfg.model.student), "model.student", "is required")
     _check(bool(cfg.model.teacher) or not METHODS[m.name].needs_teacher, "model.teacher",

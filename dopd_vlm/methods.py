@@ -11,10 +11,13 @@ tokens). Everything else — chunking, the fused LM-head gradient, ZeRO-3 — is
     gkd          teacher on every token, generalised JSD (full vocabulary)
     sft          cross-entropy to reference tokens (warm-up / baseline)
 
-DOPD ablations (method.ablation): `no_routing` gives every token both sources at half weight
-with the top-K reverse KL; `no_teacher` / `no_student` send the regimes that would use that
-source to the other one; `single_objective` keeps the routing but uses the top-K reverse KL in
-every regime (HT included).
+The paper's diagnostics are options of these methods: DOPD's sources (`method.ablation`:
+`no_routing` gives every token both sources at half weight with the top-K reverse KL,
+`no_teacher` / `no_student` send the regimes that would use that source to the other one), its
+weights (`method.regime_weights`: paper / equal / ht_only) and its divergence per regime
+(`method.divergence`); for any method with a teacher, dropping the top / random / bottom share of
+the step's tokens by privileged advantage gap (`method.token_drop`, the paper's Fig. 4; the step
+computes which tokens, `chunks` gives them zero loss).
 
 Loss reduction (paper): mean over each sequence's valid tokens, then mean over sequences.
 """
@@ -35,22 +38,41 @@ from dopd_vlm.router import HS, HT, LH, LL, REGIME_NAMES
 if TYPE_CHECKING:
     from dopd_vlm.config import MethodConfig
 
-Ablation = Literal["none", "no_routing", "no_teacher", "no_student", "single_objective"]
+Ablation = Literal["none", "no_routing", "no_teacher", "no_student"]
+RegimeWeights = Literal["paper", "equal", "ht_only"]
+Divergence = Literal["routed", "topk_rkl", "js", "reverse_kl"]
 OpdDivergence = Literal["sampled", "topk", "full"]
 
 
 # -- per-token objectives: MethodConfig -> (Chunk -> [n]) -------------------------------------------
 
 
-def dopd(cfg: MethodConfig) -> PerToken:
-    """The routed objective: top-K reverse KL to the regime's target, full JS to the teacher in HT."""
-    weights = {LH: cfg.beta_l, LL: cfg.beta_w, HT: cfg.ht_weight, HS: cfg.beta_l}
-    uses_teacher = {LH: True, LL: False, HT: True, HS: False}
+def regime_weights(cfg: MethodConfig) -> dict[int, float]:
+    """Each regime's weight: the paper's (beta_l, beta_w, ht_weight, beta_l), all 1 (`equal`, the
+    paper's "equal weighting" baseline) or HT alone (`ht_only`, its Table 6)."""
+    if cfg.regime_weights == "equal":
+        return {LH: 1.0, LL: 1.0, HT: 1.0, HS: 1.0}
+    if cfg.regime_weights == "ht_only":
+        return {LH: 0.0, LL: 0.0, HT: 1.0, HS: 0.0}
+    return {LH: cfg.beta_l, LL: cfg.beta_w, HT: cfg.ht_weight, HS: cfg.beta_l}
+
+
+def regime_targets(cfg: MethodConfig) -> dict[int, bool]:
+    """Whether each regime distils from the teacher (else the privileged student); the
+    `no_teacher` / `no_student` ablations send every regime to the other source."""
     if cfg.ablation == "no_teacher":
-        uses_teacher = dict.fromkeys(uses_teacher, False)
-    elif cfg.ablation == "no_student":
-        uses_teacher = dict.fromkeys(uses_teacher, True)
-    full_js_in_ht = cfg.ablation not in ("single_objective", "no_teacher")
+        return dict.fromkeys((LH, LL, HT, HS), False)
+    if cfg.ablation == "no_student":
+        return dict.fromkeys((LH, LL, HT, HS), True)
+    return {LH: True, LL: False, HT: True, HS: False}
+
+
+def dopd(cfg: MethodConfig) -> PerToken:
+    """The routed objective. `method.divergence=routed` (the paper): top-K reverse KL to the
+    regime's target, full-vocabulary JS in HT where HT distils from the teacher; `topk_rkl`, `js`,
+    `reverse_kl`: that divergence in every regime (the paper's Table 7 compares them)."""
+    weights, uses_teacher = regime_weights(cfg), regime_targets(cfg)
+    full_js_in_ht = cfg.divergence == "routed" and uses_teacher[HT]
 
     def per_token(c: Chunk) -> torch.Tensor:
         if cfg.ablation == "no_routing":
@@ -62,6 +84,8 @@ def dopd(cfg: MethodConfig) -> PerToken:
             in_regime = regimes == regime
             teacher_rows |= in_regime & use_teacher
             weight[in_regime] = weights[regime]
+        if cfg.divergence in ("js", "reverse_kl"):
+            return weight * c.full_divergence(teacher_rows, beta=0.5 if cfg.divergence == "js" else 1.0)
         loss = c.topk_rkl(teacher_rows)
         if full_js_in_ht:
             ht = (regimes == HT).nonzero(as_tuple=True)[0]
@@ -123,7 +147,16 @@ METHODS: dict[str, Method] = {
     "gkd": Method(gkd, needs_teacher=True, needs_privileged_student=False),
     "sft": Method(sft, needs_teacher=False, needs_privileged_student=False, on_policy=False),
 }
+def scoring_passes(cfg: MethodConfig) -> tuple[bool, bool]:
+    """(teacher pass, privileged-student pass) the step must run for `cfg`: the method's own, plus
+    the privileged pass the token-drop ablation ranks tokens by."""
+    method = METHODS[cfg.name]
+    return method.needs_teacher, method.needs_privileged_student or cfg.token_drop != "none"
+
+
 ABLATIONS = typing.get_args(Ablation)
+REGIME_WEIGHTS = typing.get_args(RegimeWeights)
+DIVERGENCES = typing.get_args(Divergence)
 OPD_DIVERGENCES = typing.get_args(OpdDivergence)
 
 

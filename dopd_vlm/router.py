@@ -178,8 +178,9 @@ def _check_same_shape(teacher: torch.Tensor, priv: torch.Tensor, mask: torch.Ten
         )
 
 
-def _all_gather_rows(local_rows: torch.Tensor, process_group) -> torch.Tensor:
-    """Concatenation, in rank order, of every rank's ``local_rows`` [n_rank, C] (n varies by rank).
+def _all_gather_rows(local_rows: torch.Tensor, process_group) -> tuple[torch.Tensor, list[int]]:
+    """Concatenation, in rank order, of every rank's ``local_rows`` [n_rank, C] (n varies by rank),
+    and every rank's n.
 
     all_gather needs equal shapes: gather the counts, pad every rank to the largest count
     (at least 1 row, some backends dislike empty tensors), gather, and cut the padding off.
@@ -195,7 +196,7 @@ def _all_gather_rows(local_rows: torch.Tensor, process_group) -> torch.Tensor:
     padded[: local_rows.shape[0]] = local_rows
     gathered = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(gathered, padded, group=process_group)
-    return torch.cat([rows[:n] for rows, n in zip(gathered, counts)])
+    return torch.cat([rows[:n] for rows, n in zip(gathered, counts)]), counts
 
 
 def _is_distributed(process_group) -> bool:
@@ -251,7 +252,7 @@ def compute_thresholds(
 
     valid = _valid_logprobs(teacher_logprobs, priv_student_logprobs, mask)
     if reduce_across_ranks and _is_distributed(process_group):
-        valid = _all_gather_rows(valid, process_group)
+        valid, _ = _all_gather_rows(valid, process_group)
 
     # Sorting first makes every statistic independent of token order (micro-batch split,
     # rank count, padding), hence bitwise reproducible.
@@ -350,6 +351,59 @@ def route_micro_batches(
         regimes = assign_regimes(teacher, priv, mask, thresholds)
         routings.append(Routing(regimes=regimes, thresholds=thresholds, counts=regime_counts(regimes)))
     return routings
+
+
+# --------------------------------------------------------------------------- token ablations
+
+
+TokenDrop = Literal["none", "top", "random", "bottom"]
+TOKEN_DROPS = typing.get_args(TokenDrop)
+
+
+@torch.no_grad()
+def kept_tokens(
+    teacher_logprobs: Sequence[torch.Tensor],
+    priv_student_logprobs: Sequence[torch.Tensor],
+    mode: str,
+    fraction: float,
+    generators: Sequence[torch.Generator] = (),
+    *,
+    process_group: Optional[dist.ProcessGroup] = None,
+) -> list[torch.Tensor]:
+    """The paper's token ablation (its Fig. 4): which tokens of each micro-batch a loss keeps when
+    the `fraction` of the step's tokens with the highest (`top`), lowest (`bottom`) or random
+    (`random`) privileged advantage gap A = |lT − lP| is dropped. One bool [n_i] mask per micro-batch.
+
+    `top` / `bottom` rank the tokens of every micro-batch and every rank together (a collective,
+    like `compute_thresholds`): exactly floor(fraction · n) tokens are dropped globally, ties
+    broken by the order of the gathered values, so the result does not depend on how tokens are
+    split into micro-batches or ranks. `random` draws each token with the micro-batch's generator
+    (seeded per step and global micro-batch by the caller), no communication.
+    """
+    if mode not in TOKEN_DROPS:
+        raise ValueError(f"mode must be one of {TOKEN_DROPS}, got {mode!r}")
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    gaps = [(t.detach().double() - p.detach().double()).abs() for t, p in zip(teacher_logprobs, priv_student_logprobs)]
+    if mode == "none":
+        return [torch.ones_like(g, dtype=torch.bool) for g in gaps]
+    if mode == "random":
+        return [torch.rand(g.shape, generator=gen, dtype=torch.float64, device=g.device) >= fraction
+                for g, gen in zip(gaps, generators)]
+    local = torch.cat(gaps) if gaps else torch.zeros(0, dtype=torch.float64)
+    start, everything = 0, local
+    if _is_distributed(process_group):
+        rows, counts = _all_gather_rows(local[:, None], process_group)
+        everything, start = rows[:, 0], sum(counts[: dist.get_rank(process_group)])
+    n = everything.numel()
+    dropped = math.floor(fraction * n + 1e-9)
+    if dropped == 0:
+        return [torch.ones_like(g, dtype=torch.bool) for g in gaps]
+    order = torch.sort(everything, descending=mode == "top", stable=True).indices
+    keep = torch.ones(n, dtype=torch.bool, device=everything.device)
+    keep[order[:dropped]] = False
+    mine = keep[start : start + local.numel()]
+    return list(mine.split([g.numel() for g in gaps]))
 
 
 # --------------------------------------------------------------------------- metrics

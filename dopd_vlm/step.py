@@ -33,10 +33,10 @@ from dopd_vlm.collate import DualViewCollator, ScoringViews, reference_responses
 from dopd_vlm.data.schema import Sample
 from dopd_vlm.distributed import all_ranks_sum, all_ranks_true, world_size
 from dopd_vlm.engine import gathered_for_generation, gradients_finite
-from dopd_vlm.methods import METHODS, TokenStats, compute_loss, summarize
+from dopd_vlm.methods import METHODS, TokenStats, compute_loss, scoring_passes, summarize
 from dopd_vlm.models import device_of
 from dopd_vlm.rollout import sample_responses
-from dopd_vlm.router import Thresholds, assign_regimes, compute_thresholds
+from dopd_vlm.router import Thresholds, assign_regimes, compute_thresholds, kept_tokens
 from dopd_vlm.scoring import ResponseTokens, output_head, response_hidden_states, token_logprobs_and_lse
 
 if TYPE_CHECKING:
@@ -87,6 +87,7 @@ class ScoredMicroBatch:
     privileged_logprobs: torch.Tensor | None = None
     teacher_lse: torch.Tensor | None = None  # logsumexp of the target logits: top-K losses reuse it
     privileged_lse: torch.Tensor | None = None
+    kept: torch.Tensor | None = None  # [N] bool, method.token_drop: the tokens the loss keeps
 
 
 def dopd_step(models: Models, micro_batches: Sequence[Sequence[Sample]], cfg: RunConfig,
@@ -99,6 +100,8 @@ def dopd_step(models: Models, micro_batches: Sequence[Sequence[Sample]], cfg: Ru
             views = rollout_views(models, [micro_batches[i] for i in group], cfg, seeds[group[0]])
         scored += [score_targets(models, v, cfg, timer) for v in views]
     thresholds = step_thresholds(scored, cfg) if METHODS[cfg.method.name].routes else None
+    if cfg.method.token_drop != "none":
+        mark_kept_tokens(scored, cfg, seeds)
     losses, stats, applied = update_student(models, scored, cfg, thresholds, timer)
     metrics = step_metrics(scored, losses, stats, applied, thresholds, timer)
     grad_norm = models.student.get_global_grad_norm()
@@ -159,6 +162,7 @@ def rollout_views(models: Models, micro_batches: Sequence[Sequence[Sample]], cfg
     """Sample cfg.rollout.num_rollouts responses per prompt of every micro-batch, in one `generate`
     call seeded by `seed`; the views each micro-batch's method needs."""
     method = METHODS[cfg.method.name]
+    teacher, privileged = scoring_passes(cfg.method)
     repeated = [[s for s in samples for _ in range(cfg.rollout.num_rollouts)] for samples in micro_batches]
     everything = [s for rows in repeated for s in rows]
     if method.on_policy:
@@ -177,8 +181,8 @@ def rollout_views(models: Models, micro_batches: Sequence[Sequence[Sample]], cfg
         start += len(rows)
         views.append(models.collator.scoring_views(
             rows, ids[:, :width], mask[:, :width],
-            privileged_student=method.needs_privileged_student,
-            teacher=method.needs_teacher,
+            privileged_student=privileged,
+            teacher=teacher,
             teacher_privileged=cfg.method.teacher_privileged,
         ))
     return views
@@ -221,6 +225,16 @@ def step_thresholds(scored: Sequence[ScoredMicroBatch], cfg: RunConfig) -> Thres
     )
 
 
+def mark_kept_tokens(scored: Sequence[ScoredMicroBatch], cfg: RunConfig, seeds: Sequence[int]) -> None:
+    """method.token_drop: the tokens each micro-batch's loss keeps, ranked by gap over the whole
+    step and every rank (a collective), or drawn per micro-batch from its own seed."""
+    generators = [torch.Generator(s.tokens.token_ids.device).manual_seed(derive_seed(seed, 1)) for s, seed in zip(scored, seeds)]
+    masks = kept_tokens([s.teacher_logprobs for s in scored], [s.privileged_logprobs for s in scored],
+                        cfg.method.token_drop, cfg.method.token_drop_fraction, generators)
+    for s, kept in zip(scored, masks):
+        s.kept = kept
+
+
 # -- loss and update ---------------------------------------------------------------------------------
 
 
@@ -246,6 +260,7 @@ def student_loss(models: Models, scored: ScoredMicroBatch, cfg: RunConfig, thres
         regimes=regimes,
         privileged_lse=scored.privileged_lse,
         teacher_lse=scored.teacher_lse,
+        kept=scored.kept,
     )
     with timer("loss"):
         loss, stats = compute_loss(cfg.method, inputs, cfg.train.loss_chunk_size, cfg.train.loss_path)
@@ -296,6 +311,9 @@ def step_metrics(scored, losses, stats, applied: bool, thresholds: Thresholds | 
                    response_length=tokens / sequences)
     if thresholds is not None:
         metrics.update(threshold_gap=thresholds.gap, threshold_prob_sum=thresholds.prob_sum)
+    if scored and scored[0].kept is not None:
+        dropped, = all_ranks_sum([sum(int((~s.kept).sum()) for s in scored)])
+        metrics["share/dropped"] = dropped / max(tokens, 1)
     return metrics
 
 

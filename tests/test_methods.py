@@ -104,13 +104,14 @@ def test_a_frozen_privileged_head_is_the_target_of_the_privileged_regimes(fused)
 
 
 @pytest.mark.parametrize(
-    "ablation,teacher_regimes",
-    [("no_teacher", set()), ("no_student", {LH, LL, HT, HS}), ("single_objective", {LH, HT})],
+    "options,teacher_regimes",
+    [({"ablation": "no_teacher"}, set()), ({"ablation": "no_student"}, {LH, LL, HT, HS}),
+     ({"divergence": "topk_rkl"}, {LH, HT})],
 )
-def test_dopd_ablations_swap_sources_or_objective(ablation, teacher_regimes):
+def test_dopd_ablations_swap_sources_or_objective(options, teacher_regimes):
     regimes = torch.tensor([LH, LL, HT, HS])
     inputs, _ = make_inputs(regimes, (4,))
-    cfg = MethodConfig(top_k=8, ablation=ablation)
+    cfg = MethodConfig(top_k=8, **options)
     _, stats = compute_loss(cfg, inputs, chunk_size=8)
     weights = {LH: 0.6, LL: 0.3, HT: 1.0, HS: 0.6}
     with torch.no_grad():
@@ -120,9 +121,52 @@ def test_dopd_ablations_swap_sources_or_objective(ablation, teacher_regimes):
         for i, r in enumerate(regimes.tolist()):
             target = t if r in teacher_regimes else p
             value = losses.topk_reverse_kl(s[i : i + 1], target[i : i + 1], 8)[0]
-            if r == HT and ablation == "no_student":
+            if r == HT and options.get("ablation") == "no_student":
                 value = losses.generalized_jsd(s[i : i + 1], t[i : i + 1], 0.5)[0]
             torch.testing.assert_close(stats.loss[i], weights[r] * value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_path", ["fused", "chunked"])
+@pytest.mark.parametrize("regime_weights", ["paper", "equal", "ht_only"])
+@pytest.mark.parametrize("divergence", ["routed", "js", "reverse_kl"])
+def test_dopd_regime_weights_and_divergences_match_brute_force(regime_weights, divergence, loss_path):
+    # the paper's Table 6 (equal weighting, HT tokens alone) and Table 7 (the divergence per regime)
+    regimes = torch.tensor([LH, LL, HT, HS, HT, LL])
+    inputs, _ = make_inputs(regimes, (4, 2))
+    cfg = MethodConfig(top_k=8, regime_weights=regime_weights, divergence=divergence)
+    _, stats = compute_loss(cfg, inputs, chunk_size=4, loss_path=loss_path)
+    weights = {"paper": {LH: 0.6, LL: 0.3, HT: 1.0, HS: 0.6}, "equal": dict.fromkeys((LH, LL, HT, HS), 1.0),
+               "ht_only": {LH: 0.0, LL: 0.0, HT: 1.0, HS: 0.0}}[regime_weights]
+    with torch.no_grad():
+        s = inputs.student_head(inputs.student_hidden)
+        t = inputs.teacher_head(inputs.teacher_hidden)
+        p = inputs.student_head(inputs.privileged_hidden)
+        for i, r in enumerate(regimes.tolist()):
+            target = t if r in (LH, HT) else p
+            row, target_row = s[i : i + 1], target[i : i + 1]
+            if divergence == "js" or (divergence == "routed" and r == HT):
+                value = losses.generalized_jsd(row, target_row, 0.5)[0]
+            elif divergence == "reverse_kl":
+                value = losses.generalized_jsd(row, target_row, 1.0)[0]
+            else:
+                value = losses.topk_reverse_kl(row, target_row, 8)[0]
+            torch.testing.assert_close(stats.loss[i], weights[r] * value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_path", ["fused", "chunked"])
+def test_dropped_tokens_get_no_loss_and_no_gradient(loss_path):
+    # method.token_drop (the paper's Fig. 4): the step marks the dropped tokens; the loss skips them
+    inputs, student_w = make_inputs(n_per_seq=(5, 4))
+    kept = torch.tensor([True, False, True, True, False, True, True, False, True])
+    cfg = MethodConfig(name="vanilla_opd", top_k=8)
+    full, full_stats = compute_loss(cfg, inputs, chunk_size=4, loss_path=loss_path)
+    inputs.kept = kept
+    loss, stats = compute_loss(cfg, inputs, chunk_size=4, loss_path=loss_path)
+    assert (stats.loss[~kept] == 0).all()
+    torch.testing.assert_close(stats.loss[kept], full_stats.loss[kept])
+    inputs.student_hidden.grad = None
+    loss.backward()
+    assert (inputs.student_hidden.grad[~kept] == 0).all() and (inputs.student_hidden.grad[kept] != 0).any()
 
 
 def test_sequence_mean_is_mean_of_per_sequence_means():

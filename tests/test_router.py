@@ -22,6 +22,7 @@ from dopd_vlm.router import (
     Thresholds,
     assign_regimes,
     compute_thresholds,
+    kept_tokens,
     regime_counts,
     regime_shares,
     route,
@@ -298,6 +299,51 @@ def test_empty_mask_and_bad_inputs():
     assert AffineNorm().apply(teacher) is teacher
 
 
+# --------------------------------------------------------------------------- token ablation
+
+
+def _gap_problem(seed=5, sizes=(7, 0, 12, 5)):
+    g = torch.Generator().manual_seed(seed)
+    teacher = [-torch.rand(n, generator=g) * 4 for n in sizes]
+    priv = [-torch.rand(n, generator=g) * 4 for n in sizes]
+    return teacher, priv
+
+
+@pytest.mark.parametrize("mode", ["top", "bottom"])
+@pytest.mark.parametrize("fraction", [0.0, 0.2, 0.5, 0.99])
+def test_token_drop_removes_exactly_the_highest_or_lowest_gap_share_of_the_step(mode, fraction):
+    teacher, priv = _gap_problem()
+    kept = kept_tokens(teacher, priv, mode, fraction)
+    assert [k.shape for k in kept] == [t.shape for t in teacher] and all(k.dtype == torch.bool for k in kept)
+    gaps = torch.cat([(t.double() - p.double()).abs() for t, p in zip(teacher, priv)])
+    keep = torch.cat(kept)
+    dropped = math.floor(fraction * gaps.numel() + 1e-9)
+    assert int((~keep).sum()) == dropped
+    if dropped and dropped < gaps.numel():  # brute force: every dropped gap is beyond every kept one
+        if mode == "top":
+            assert gaps[~keep].min() >= gaps[keep].max()
+        else:
+            assert gaps[~keep].max() <= gaps[keep].min()
+    # micro-batch split does not matter: the same tokens from one concatenated batch
+    single = kept_tokens([torch.cat(teacher)], [torch.cat(priv)], mode, fraction)[0]
+    assert torch.equal(single, keep)
+
+
+def test_random_token_drop_is_seeded_per_micro_batch_and_none_keeps_all():
+    teacher, priv = _gap_problem(sizes=(4000, 3000))
+
+    def draw(seed):
+        return kept_tokens(teacher, priv, "random", 0.2, [torch.Generator().manual_seed(seed + i) for i in range(2)])
+
+    first, again, other = draw(1), draw(1), draw(2)
+    assert all(torch.equal(a, b) for a, b in zip(first, again)) and not torch.equal(first[0], other[0])
+    share = 1 - torch.cat(first).float().mean().item()
+    assert 0.18 < share < 0.22
+    assert all(k.all() for k in kept_tokens(teacher, priv, "none", 0.2))
+    with pytest.raises(ValueError):
+        kept_tokens(teacher, priv, "middle", 0.2)
+
+
 # --------------------------------------------------------------------------- multi-process
 
 
@@ -322,6 +368,10 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, result_dir: 
         local_mask = mask if rank == 1 else torch.zeros_like(mask)
         results["empty_rank"] = compute_thresholds(teacher, priv, local_mask)
         results["local_only"] = compute_thresholds(teacher[:3], priv[:3], mask[:3], reduce_across_ranks=False)
+        # token ablation: each rank's share of the global ranking (rank 1: two micro-batches)
+        t, p = teacher[mask], priv[mask]
+        mine = ([t[:4]], [p[:4]]) if rank == 0 else ([t[4:9], t[9:]], [p[4:9], p[9:]])
+        results["kept_top"] = torch.cat(kept_tokens(*mine, "top", 0.3))
         torch.save(results, f"{result_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -339,3 +389,5 @@ def test_two_process_thresholds_equal_single_process_global(tmp_path):
         assert per_rank[0][normalize] == per_rank[1][normalize] == single
     assert per_rank[0]["empty_rank"] == per_rank[1]["empty_rank"] == compute_thresholds(teacher, priv, mask)
     assert per_rank[0]["local_only"] == compute_thresholds(teacher[:3], priv[:3], mask[:3])
+    single = kept_tokens([teacher[mask]], [priv[mask]], "top", 0.3)[0]
+    assert torch.equal(torch.cat([per_rank[0]["kept_top"], per_rank[1]["kept_top"]]), single)

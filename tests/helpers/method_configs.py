@@ -1,8 +1,9 @@
-"""Every method configuration the loss tests run: each method, each DOPD ablation, each vanilla-OPD
-divergence, plus the top-K variants and temperatures that take other code paths."""
+"""Every method configuration the loss tests run: each method, each DOPD ablation, regime weighting
+and divergence, each vanilla-OPD divergence, plus the top-K variants and temperatures that take
+other code paths."""
 
 from dopd_vlm.config import MethodConfig
-from dopd_vlm.methods import ABLATIONS, METHODS, OPD_DIVERGENCES
+from dopd_vlm.methods import ABLATIONS, DIVERGENCES, METHODS, OPD_DIVERGENCES, REGIME_WEIGHTS
 
 
 def method_configs(top_k: int, *, variants: bool = False):
@@ -12,6 +13,10 @@ def method_configs(top_k: int, *, variants: bool = False):
         yield MethodConfig(name="dopd", ablation=ablation, top_k=top_k)
     for divergence in OPD_DIVERGENCES:
         yield MethodConfig(name="vanilla_opd", opd_divergence=divergence, top_k=top_k)
+    for weights in REGIME_WEIGHTS[1:]:
+        yield MethodConfig(name="dopd", regime_weights=weights, top_k=top_k)
+    for divergence in DIVERGENCES[1:]:
+        yield MethodConfig(name="dopd", divergence=divergence, top_k=top_k)
     if variants:
         for variant in ("renormalized", "tail"):
             yield MethodConfig(name="dopd", topk_variant=variant, top_k=top_k)
@@ -20,4 +25,5 @@ def method_configs(top_k: int, *, variants: bool = False):
 
 
 def config_id(cfg: MethodConfig) -> str:
-    return f"{cfg.name}-{cfg.ablation}-{cfg.opd_divergence}-{cfg.topk_variant}-T{cfg.temperature}"
+    return (f"{cfg.name}-{cfg.ablation}-{cfg.regime_weights}-{cfg.divergence}-{cfg.opd_divergence}-"
+            f"{cfg.topk_variant}-T{cfg.temperature}")
