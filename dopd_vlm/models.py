@@ -342,13 +342,14 @@ class TinySize:
     `vocab_multiple` rounds the embedding/LM-head rows up to a multiple (real Qwen checkpoints pad
     their vocab, and differently per size); 1 means exactly the tokenizer's length.
     Text head_dim is hidden_size // num_heads; vision head_dim is vision_hidden_size //
-    vision_num_heads and must be a multiple of 4 (2-D rotary embedding).
+    vision_num_heads and must be a multiple of 4 (2-D rotary embedding). The default pairs have
+    text head_dim 32, the smallest vLLM's CPU attention accepts (rollout.engine=vllm).
     """
 
     hidden_size: int = 64
     num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
+    num_heads: int = 2
+    num_kv_heads: int = 1
     intermediate_size: int = 128
     vision_hidden_size: int = 32
     vision_depth: int = 2
@@ -389,8 +390,8 @@ STUDENT_SIZE = TinySize()
 TEACHER_SIZE = TinySize(
     hidden_size=96,
     num_layers=3,
-    num_heads=4,
-    num_kv_heads=2,
+    num_heads=3,
+    num_kv_heads=1,
     intermediate_size=192,
     vision_hidden_size=48,
     vision_depth=2,

@@ -25,7 +25,7 @@ import random
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,9 +42,10 @@ from dopd_vlm.distributed import rank as _rank, world_size as _world_size
 from dopd_vlm.evaluate import evaluate_accuracy
 from dopd_vlm.methods import SPECS, LossInputs, TokenStats, compute_loss, summarize
 from dopd_vlm.models import load_model, load_processor, model_family, vision_special_token_ids
-from dopd_vlm.rollout import sample_responses
+from dopd_vlm.rollout import eos_token_ids, sample_responses
 from dopd_vlm.router import Thresholds, compute_thresholds, assign_regimes
-from dopd_vlm.scoring import ResponseHiddenStates, ResponseTokens, output_head, response_hidden_states, token_logprobs_and_lse
+from dopd_vlm.scoring import ResponseHiddenStates, ResponseTokens, output_head, response_hidden_states, token_logprobs, token_logprobs_and_lse
+from dopd_vlm import vllm_rollout
 
 log = logging.getLogger("dopd_vlm.train")
 
@@ -65,6 +66,7 @@ class Models:
     optimizer: Any = None  # SkippableAdamW, or DeepSpeed's own (then a non-finite step stops the run)
     suppress_token_ids: list[int] = field(default_factory=list)
     frozen_privileged: nn.Module | None = None  # method.privileged_target=initial: the starting student
+    rollout_engine: Any = None  # rollout.engine=vllm: this rank's vllm_rollout.VllmRollout
 
     @property
     def privileged_student(self) -> nn.Module:
@@ -89,6 +91,7 @@ class ScoredMicroBatch:
     privileged_logprobs: torch.Tensor | None = None
     teacher_lse: torch.Tensor | None = None  # logsumexp of the target logits: top-K losses reuse it
     privileged_lse: torch.Tensor | None = None
+    rollout_logprob_gap: torch.Tensor | None = None  # vLLM: |engine - student pass| log-prob per token
 
 
 def dopd_step(models: Models, micro_batches: Sequence[Sequence[Sample]], cfg: RunConfig, seeds: Sequence[int]) -> dict[str, float]:
@@ -103,6 +106,11 @@ def dopd_step(models: Models, micro_batches: Sequence[Sequence[Sample]], cfg: Ru
     thresholds = step_thresholds(scored, cfg) if SPECS[cfg.method.name].routes else None
     with timer("update"):
         losses, stats, applied = update_student(models, scored, cfg, thresholds)
+    # --- vLLM seam: an applied step's weights go to the rollout engine (a skipped step changed none)
+    if applied and models.rollout_engine is not None:
+        with timer("weight_sync"):
+            models.rollout_engine.sync_weights(models.student)
+    # --- end of vLLM seam
     metrics = step_metrics(scored, losses, stats, applied, thresholds, timer)
     grad_norm = models.student.get_global_grad_norm()
     if applied and grad_norm is not None:  # DeepSpeed's global norm before clipping
@@ -131,6 +139,8 @@ def update_student(models: Models, scored, cfg: RunConfig, thresholds: Threshold
     losses, stats, finite = [], [], True
     for index, s in enumerate(scored):
         loss, token_stats, student_hidden = student_loss(models, s, cfg, thresholds)
+        if s.views.rollout_logprobs is not None:  # vLLM seam: the engine/trainer drift metric
+            s.rollout_logprob_gap = rollout_logprob_gap(models, s, student_hidden, cfg)
         loss_finite = all_ranks_true(bool(torch.isfinite(loss)))
         finite &= loss_finite
         models.student.backward(loss if loss_finite else 0.0 * student_hidden.sum())
@@ -154,14 +164,29 @@ def step_metrics(scored, losses, stats, applied: bool, thresholds: Thresholds | 
                    response_length=tokens / sequences)
     if thresholds is not None:
         metrics.update(threshold_gap=thresholds.gap, threshold_prob_sum=thresholds.prob_sum)
+    if scored and scored[0].rollout_logprob_gap is not None:  # vLLM seam
+        metrics.update(vllm_rollout.logprob_gap_metrics([s.rollout_logprob_gap for s in scored]))
     return metrics
+
+
+@torch.no_grad()
+def rollout_logprob_gap(models: Models, scored: "ScoredMicroBatch", student_hidden: torch.Tensor, cfg: RunConfig):
+    """|vLLM's log-prob - the student pass's log-prob| of every sampled token (same weights)."""
+    head = output_head(models.student_module, models.vocab_size)
+    student = token_logprobs(student_hidden.detach(), head, scored.tokens.token_ids, cfg.train.loss_chunk_size)
+    views = scored.views
+    return vllm_rollout.logprob_gaps(views.rollout_logprobs, views.response_mask, student)
 
 
 def rollout_views(models: Models, samples: Sequence[Sample], cfg: RunConfig, seed: int) -> ScoringViews:
     """Sample cfg.rollout.num_rollouts responses per prompt; build the views the method needs."""
     spec = SPECS[cfg.method.name]
     repeated = [s for s in samples for _ in range(cfg.rollout.num_rollouts)]
-    if spec.on_policy:
+    rollout_logprobs = None
+    if spec.on_policy and models.rollout_engine is not None:  # vLLM seam: the engine samples
+        sampled = models.rollout_engine.sample(repeated, seed)
+        response_ids, response_mask, rollout_logprobs = sampled.ids, sampled.mask, sampled.logprobs
+    elif spec.on_policy:
         torch.manual_seed(seed)
         response_ids, response_mask = sample_responses(
             models.student_module, models.collator, repeated, cfg.rollout,
@@ -169,12 +194,13 @@ def rollout_views(models: Models, samples: Sequence[Sample], cfg: RunConfig, see
         )
     else:
         response_ids, response_mask = reference_responses(models.collator, repeated)
-    return models.collator.scoring_views(
+    views = models.collator.scoring_views(
         repeated, response_ids, response_mask,
         privileged_student=spec.needs_privileged_student,
         teacher=spec.needs_teacher,
         teacher_privileged=cfg.method.teacher_privileged,
     )
+    return replace(views, rollout_logprobs=rollout_logprobs)
 
 
 @torch.no_grad()
@@ -314,6 +340,8 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after_step: int | None =
     # DeepSpeed calls torch.distributed's renamed collectives on every step
     warnings.filterwarnings("ignore", message=r".*is deprecated. Please use `torch.distributed", category=FutureWarning)
 
+    if cfg.rollout.engine == "vllm":  # vLLM seam: a missing extra fails before anything loads
+        vllm_rollout.require_vllm()
     init_distributed(cfg.train.collective_timeout_s)
     rank, world = _rank(), _world_size()
     out = Path(cfg.train.output_dir)
@@ -325,6 +353,8 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after_step: int | None =
     family = model_family(cfg.model.student)
     if cfg.model.teacher:
         model_family(cfg.model.teacher)  # an unsupported or unreadable teacher fails now, not after data loading
+    if cfg.rollout.engine == "vllm":  # vLLM seam: the engine's constraints, before any model loads
+        vllm_rollout.check_student(cfg, on_gpu, world)
     data = load_recipe(cfg.data.recipe, cfg.data.train_split, family=family, skip_bad_rows=cfg.data.skip_bad_rows)
     eval_sets = {
         split: load_recipe(cfg.data.recipe, split, family=family, skip_bad_rows=cfg.data.skip_bad_rows,
@@ -377,6 +407,11 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after_step: int | None =
     start_step = 0
     if resume:
         start_step = load_latest_checkpoint(engine, out)
+    if cfg.rollout.engine == "vllm" and SPECS[cfg.method.name].on_policy:  # vLLM seam: one engine per rank
+        models.rollout_engine = vllm_rollout.start_engine(cfg, collator, dtype, eos_token_ids(student, collator.tokenizer),
+                                                          models.suppress_token_ids)
+        if start_step:
+            models.rollout_engine.sync_weights(engine)  # the resumed weights, not the checkpoint's initial ones
     logger = MetricsLogger(out, cfg, enabled=rank == 0, append=start_step > 0)
     if start_step == 0:
         logger.write(0, baseline_accuracies(models, eval_sets, cfg))
@@ -390,7 +425,14 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after_step: int | None =
     for step in progress:
         micro_batches, seeds = step_batches(data, cfg, step, rank, world)
         started = time.perf_counter()
-        metrics = dopd_step(models, micro_batches, cfg, seeds)
+        try:
+            metrics = dopd_step(models, micro_batches, cfg, seeds)
+        except vllm_rollout.RolloutEngineError as err:  # vLLM seam: name what is left to resume from
+            logger.close()
+            raise vllm_rollout.RolloutEngineError(
+                f"{err}; the run stopped in step {step + 1}; last complete checkpoint: "
+                f"{_latest_tag(out) or 'none'} under {out / 'checkpoints'}"
+            ) from None
         bad_steps = bad_steps + 1 if metrics["skipped_step"] else 0
         skipped_total += int(metrics["skipped_step"])
         metrics["skipped_steps_total"] = skipped_total
@@ -421,10 +463,10 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after_step: int | None =
         if stopping and not last:
             log.info("stopped after step %d as asked; continue with --resume", done)
             logger.close()
-            return TrainResult(metrics, engine, teacher, finished=False)
+            return TrainResult(metrics, engine, teacher, finished=False, rollout_engine=models.rollout_engine)
     export_student(engine, processor, out / "final", zero3)
     logger.close()
-    return TrainResult(metrics, engine, teacher, finished=True)
+    return TrainResult(metrics, engine, teacher, finished=True, rollout_engine=models.rollout_engine)
 
 
 def _every(step: int, period: int) -> bool:
@@ -440,6 +482,7 @@ class TrainResult:
     student: Any
     teacher: nn.Module | None
     finished: bool
+    rollout_engine: Any = None  # rollout.engine=vllm: the live engine (close it when done)
 
 
 def step_batches(data, cfg: RunConfig, step: int, rank: int, world: int):

@@ -17,6 +17,8 @@ Faults are injected by patching this process only (the product code has no test 
   {"kill_saving_step": k}             SIGKILL in the middle of writing checkpoint step_k
   {"disk_full_saving_step": k}        writing checkpoint step_k fails with ENOSPC on every rank
   {"exit_rank_at_step": k, "rank": r} rank r exits (crash) when step k starts
+  {"vllm_dies_at_step": k, "rank": r} rank r's vLLM engine raises vLLM's EngineDeadError when it
+                                      samples in step k (rollout.engine=vllm)
 """
 
 import errno
@@ -36,6 +38,7 @@ from dopd_vlm.rollout import gathered_parameters
 import dopd_vlm.methods as methods_module
 import dopd_vlm.train as train_module
 from dopd_vlm.train import NonFiniteTraining, train
+from dopd_vlm.vllm_rollout import RolloutEngineError
 
 
 def teacher_unchanged(teacher, path) -> bool:
@@ -77,6 +80,18 @@ def inject(fault: dict) -> None:
         return real_save(obj, path, *args, **kwargs)
 
     train_module.dopd_step, train_module.compute_loss, torch.save = dopd_step, compute_loss, save
+    if "vllm_dies_at_step" in fault:
+        import vllm
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        real_generate = vllm.LLM.generate
+
+        def generate(self, *args, **kwargs):
+            if current["step"] == fault["vllm_dies_at_step"] and fault.get("rank", 0) == rank:
+                raise EngineDeadError("EngineCore encountered an issue (injected)")
+            return real_generate(self, *args, **kwargs)
+
+        vllm.LLM.generate = generate
 
 
 def main(spec_path: str, result_path: str) -> None:
@@ -97,11 +112,13 @@ def main(spec_path: str, result_path: str) -> None:
         methods_module._fused_mode = fused_mode
         try:
             result = train(cfg, resume=run.get("resume", False), stop_after_step=run.get("stop_after_step"))
-        except (NonFiniteTraining, train_module.CheckpointError) as err:
+        except (NonFiniteTraining, train_module.CheckpointError, RolloutEngineError) as err:
             results[run["name"]] = {"error": f"{type(err).__name__}: {err}", "finished": False}
             continue
         finally:
             methods_module._fused_mode = real_mode
+        if result.rollout_engine is not None:  # rollout.engine=vllm: one engine at a time in this process
+            result.rollout_engine.close()
         unchanged = teacher_unchanged(result.teacher, cfg.model.teacher) if result.teacher is not None else None
         results[run["name"]] = {"metrics": result.metrics, "teacher_unchanged": unchanged,
                                 "finished": result.finished, "error": None, "loss_paths": sorted(set(paths), key=str)}
