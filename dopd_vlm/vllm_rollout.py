@@ -249,8 +249,8 @@ class VllmRollout:
 
         Response row b is sampled with its own seed derived from (seed, b).
         """
-        requests = [self._request(sample) for sample in samples]
-        params = [self._sampling_params(row_seed(seed, row), greedy) for row in range(len(samples))]
+        requests = [self.request(sample) for sample in samples]
+        params = [self.sampling_params(row_seed(seed, row), greedy) for row in range(len(samples))]
         requests, params, mine = self._with_group_requests(requests, params)
         outputs, failure = None, None
         try:
@@ -264,13 +264,13 @@ class VllmRollout:
         self._check_prompts(samples, outputs)
         return self._responses(samples, outputs)
 
-    def _request(self, sample: Sample) -> dict[str, Any]:
+    def request(self, sample: Sample) -> dict[str, Any]:
         request: dict[str, Any] = {"prompt": self.collator.prompt_text(sample, privileged=False)}
         if sample.images:
             request["multi_modal_data"] = {"image": list(sample.images)}
         return request
 
-    def _sampling_params(self, seed: int, greedy: bool):
+    def sampling_params(self, seed: int, greedy: bool):
         from vllm import SamplingParams
 
         r = self.rollout

@@ -11,10 +11,16 @@ README = (REPO / "README.md").read_text()
 
 
 def test_every_config_key_is_in_the_configuration_reference():
-    cfg = RunConfig()
-    for section in dataclasses.fields(RunConfig):
-        for field in dataclasses.fields(getattr(cfg, section.name)):
-            assert f"`{section.name}.{field.name}`" in README, f"{section.name}.{field.name} missing from README"
+    def keys(node, prefix):
+        for field in dataclasses.fields(node):
+            value = getattr(node, field.name)
+            if dataclasses.is_dataclass(value):  # a nested section, e.g. rollout.vllm
+                yield from keys(value, f"{prefix}{field.name}.")
+            else:
+                yield f"{prefix}{field.name}"
+
+    for key in keys(RunConfig(), ""):
+        assert f"`{key}`" in README, f"{key} missing from README"
 
 
 def test_readme_commands_and_files_exist():
