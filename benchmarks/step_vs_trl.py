@@ -232,7 +232,7 @@ def main() -> None:
     payload = dict(benchmark="step_vs_trl", command="python benchmarks/step_vs_trl.py", machine=C.machine(),
                    setup=dict(prompts=PROMPTS, rollouts=1, max_new_tokens=args.max_new_tokens, steps=args.steps,
                               warmup=args.warmup, family=args.family, scale=args.scale), rows=rows)
-    C.save("step_vs_trl" + ("" if args.scale == "tiny" else f"_{args.scale}"), payload)
+    C.save("step_vs_trl" + ("" if args.scale == "tiny" else f"_{args.scale}") + ("_vllm" if "_vllm" in args.trainers else ""), payload)
     print(f"machine: {payload['machine']}\nsetup: {payload['setup']}")
     print(C.table(rows, [("mode", "mode"), ("trainer", "trainer"), ("median_s", "s/step (median)"), ("vs_trl", "vs TRL"),
                          ("response_length", "resp. tokens"), ("time/rollout", "rollout s"), ("time/score", "score s"),

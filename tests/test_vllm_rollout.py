@@ -22,6 +22,7 @@ from test_train import REPO, launch, metrics_lines, write_config
 VLLM_DRIVER = REPO / "tests" / "helpers" / "vllm_driver.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 VLLM = {"engine": "vllm", "num_rollouts": 2, "max_new_tokens": 6}
+NO_EVAL = {"eval_splits": []}  # evaluation runs on HF generate either way: not what these tests check
 RECIPES = {"qwen2_vl": "synthetic_scenes", "qwen2_5_vl": "synthetic_scenes", "qwen3_vl": "synthetic_scenes",
            "qwen3": "synthetic_text"}
 
@@ -105,7 +106,7 @@ def test_vllm_and_hf_agree_on_the_trained_student_in_every_family(tmp_path, tiny
     runs = []
     for family, recipe in RECIPES.items():
         config = write_config(tmp_path / f"{family}.yaml", tiny_pairs, family=family, recipe=recipe,
-                              rollout={**VLLM, "max_new_tokens": 8}, optim={"lr": 1e-2}, train={"steps": 3})
+                              rollout={**VLLM, "max_new_tokens": 8}, optim={"lr": 1e-2}, train={"steps": 3}, data=NO_EVAL)
         runs.append({"name": family, "config": str(config), "overrides": [f"train.output_dir={tmp_path / family}"],
                      "num_prompts": 6})
     spec, result = tmp_path / "spec.json", tmp_path / "result.json"
@@ -131,7 +132,7 @@ def vllm_runs(tmp_path_factory, tiny_pairs):
     """One 1-rank ZeRO-3 launch: a vLLM run, the same again, the same stopped and resumed, and one
     whose engine dies in step 2."""
     root = tmp_path_factory.mktemp("vllm_runs")
-    config = write_config(root / "c.yaml", tiny_pairs, rollout=VLLM, train={"steps": 3, "save_every": 1})
+    config = write_config(root / "c.yaml", tiny_pairs, rollout=VLLM, train={"steps": 3, "save_every": 1}, data=NO_EVAL)
     results = launch(root, config, [
         {"name": "full", "overrides": [f"train.output_dir={root / 'full'}"]},
         {"name": "again", "overrides": [f"train.output_dir={root / 'again'}"]},
