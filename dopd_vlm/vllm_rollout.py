@@ -44,7 +44,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from dopd_vlm import _compat
+from dopd_vlm import torchvision_shimmed
 from dopd_vlm.collate import DualViewCollator, extract_responses
 from dopd_vlm.config import ConfigError, RunConfig
 from dopd_vlm.data.schema import Sample
@@ -87,7 +87,7 @@ def require_vllm() -> None:
     """Raise ConfigError (one line, naming the extra) unless vLLM can be imported here."""
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError(f"config key 'rollout.engine': vllm is not installed; {EXTRA_HINT}")
-    if _compat.torchvision_shimmed() and not torchvision_hook_installed():
+    if torchvision_shimmed() and not torchvision_hook_installed():
         raise ConfigError(
             "config key 'rollout.engine': torchvision here is a CUDA build next to CPU torch and vLLM's helper "
             f"processes need dopd_vlm's shim ({TORCHVISION_HOOK_FILE} in site-packages); run make setup-vllm, or "
