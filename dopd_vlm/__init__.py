@@ -5,5 +5,6 @@ Pipeline, one module per stage: data -> collate -> rollout -> scoring -> router 
 """
 
 from dopd_vlm import _compat  # noqa: F401  (must run before the first transformers import)
+from dopd_vlm._compat import torchvision_shimmed  # noqa: F401,E402  (vllm_rollout asks it)
 
 __version__ = "0.1.0"

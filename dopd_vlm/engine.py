@@ -124,6 +124,17 @@ def frozen_engine(model: nn.Module | None, ds_config: dict):
 
 
 @contextlib.contextmanager
+def gathered_weights(module: nn.Module) -> Iterator[nn.Module]:
+    """`module` with every ZeRO-3 partitioned parameter gathered for the block, to read (a weight
+    sync, a comparison); released after it. A no-op for a module that is not partitioned."""
+    import deepspeed
+
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=any(hasattr(p, "ds_id") for p in params)):
+        yield module
+
+
+@contextlib.contextmanager
 def gathered_for_generation(engine, gather: bool = True) -> Iterator[bool]:
     """Within the block the engine's model runs as a plain model: under ZeRO-3 every parameter is
     gathered once, and the engine's per-module hooks are taken off (they would release each layer

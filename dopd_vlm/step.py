@@ -2,11 +2,13 @@
 
     dopd_step(models, micro_batches, cfg, seeds):
         rollout_views          the student samples from x, rollout.batch_size         no grad
-                               sequences per generate call
+                               sequences per call (HF generate, or the vLLM engine)
         for each micro-batch:  score_targets  (privileged student x+p, teacher x+p)   no grad
         step_thresholds        over every micro-batch and rank (router, a collective)
+        mark_kept_tokens       method.token_drop only: the tokens the loss keeps
         update_student         per micro-batch: student_loss (the pass with grad + the
                                method's loss), backward; one optimizer step at the end
+        weight sync            rollout.engine=vllm: an applied step's weights to the engine
         step_metrics
 
 Randomness is derived, not carried: a generate call covering global micro-batches g, g+1, ... of
@@ -21,7 +23,7 @@ from __future__ import annotations
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
@@ -37,7 +39,8 @@ from dopd_vlm.methods import METHODS, TokenStats, compute_loss, scoring_passes, 
 from dopd_vlm.models import device_of
 from dopd_vlm.rollout import sample_responses
 from dopd_vlm.router import Thresholds, assign_regimes, compute_thresholds, kept_tokens
-from dopd_vlm.scoring import ResponseTokens, output_head, response_hidden_states, token_logprobs_and_lse
+from dopd_vlm.scoring import ResponseTokens, output_head, response_hidden_states, token_logprobs, token_logprobs_and_lse
+from dopd_vlm.vllm_rollout import logprob_gap_metrics, logprob_gaps, row_seed
 
 if TYPE_CHECKING:
     from dopd_vlm.config import RunConfig
@@ -55,6 +58,7 @@ class Models:
     optimizer: Any = None  # SkippableAdamW, or DeepSpeed's own (then a non-finite step stops the run)
     suppress_token_ids: list[int] = field(default_factory=list)
     frozen_privileged_engine: Any | None = None  # method.privileged_target=initial: the starting student
+    rollout_engine: Any = None  # rollout.engine=vllm: this rank's vllm_rollout.VllmRollout
 
     @property
     def student_module(self) -> nn.Module:
@@ -88,6 +92,7 @@ class ScoredMicroBatch:
     teacher_lse: torch.Tensor | None = None  # logsumexp of the target logits: top-K losses reuse it
     privileged_lse: torch.Tensor | None = None
     kept: torch.Tensor | None = None  # [N] bool, method.token_drop: the tokens the loss keeps
+    rollout_logprob_gap: torch.Tensor | None = None  # [N] vLLM: |engine - student pass| log-prob per token
 
 
 def dopd_step(models: Models, micro_batches: Sequence[Sequence[Sample]], cfg: RunConfig,
@@ -97,12 +102,15 @@ def dopd_step(models: Models, micro_batches: Sequence[Sequence[Sample]], cfg: Ru
     scored = []
     for group in rollout_groups(len(micro_batches), cfg):
         with timer("rollout"):
-            views = rollout_views(models, [micro_batches[i] for i in group], cfg, seeds[group[0]])
+            views = rollout_views(models, [micro_batches[i] for i in group], cfg, [seeds[i] for i in group])
         scored += [score_targets(models, v, cfg, timer) for v in views]
     thresholds = step_thresholds(scored, cfg) if METHODS[cfg.method.name].routes else None
     if cfg.method.token_drop != "none":
         mark_kept_tokens(scored, cfg, seeds)
     losses, stats, applied = update_student(models, scored, cfg, thresholds, timer)
+    if applied and models.rollout_engine is not None:  # a skipped step changed no weight
+        with timer("weight_sync"):
+            models.rollout_engine.sync_weights(models.student)
     metrics = step_metrics(scored, losses, stats, applied, thresholds, timer)
     grad_norm = models.student.get_global_grad_norm()
     if applied and grad_norm is not None:  # DeepSpeed's global norm before clipping
@@ -158,15 +166,21 @@ def rollout_groups(num_micro_batches: int, cfg: RunConfig) -> list[range]:
 
 
 def rollout_views(models: Models, micro_batches: Sequence[Sequence[Sample]], cfg: RunConfig,
-                  seed: int) -> list[ScoringViews]:
-    """Sample cfg.rollout.num_rollouts responses per prompt of every micro-batch, in one `generate`
-    call seeded by `seed`; the views each micro-batch's method needs."""
+                  seeds: Sequence[int]) -> list[ScoringViews]:
+    """Sample cfg.rollout.num_rollouts responses per prompt of every micro-batch in one call (HF
+    `generate` seeded by the first micro-batch's seed, or the vLLM engine, each row seeded from its
+    own micro-batch's seed); the views each micro-batch's method needs."""
     method = METHODS[cfg.method.name]
     teacher, privileged = scoring_passes(cfg.method)
     repeated = [[s for s in samples for _ in range(cfg.rollout.num_rollouts)] for samples in micro_batches]
     everything = [s for rows in repeated for s in rows]
-    if method.on_policy:
-        torch.manual_seed(seed)
+    rollout_logprobs = None
+    if method.on_policy and models.rollout_engine is not None:
+        row_seeds = [row_seed(seed, row) for rows, seed in zip(repeated, seeds) for row in range(len(rows))]
+        sampled = models.rollout_engine.sample(everything, row_seeds)
+        response_ids, response_mask, rollout_logprobs = sampled.ids, sampled.mask, sampled.logprobs
+    elif method.on_policy:
+        torch.manual_seed(seeds[0])
         with gathered_for_generation(models.student) as synced_gpus:
             response_ids, response_mask = sample_responses(
                 models.student_module, models.collator, everything, cfg.rollout,
@@ -176,15 +190,18 @@ def rollout_views(models: Models, micro_batches: Sequence[Sequence[Sample]], cfg
         response_ids, response_mask = reference_responses(models.collator, everything)
     views, start = [], 0
     for rows in repeated:
-        ids, mask = response_ids[start : start + len(rows)], response_mask[start : start + len(rows)]
-        width = max(int(mask.sum(dim=1).max()), 1)  # this micro-batch's longest response
+        rows_of = slice(start, start + len(rows))
         start += len(rows)
-        views.append(models.collator.scoring_views(
-            rows, ids[:, :width], mask[:, :width],
+        width = max(int(response_mask[rows_of].sum(dim=1).max()), 1)  # this micro-batch's longest response
+        view = models.collator.scoring_views(
+            rows, response_ids[rows_of, :width], response_mask[rows_of, :width],
             privileged_student=privileged,
             teacher=teacher,
             teacher_privileged=cfg.method.teacher_privileged,
-        ))
+        )
+        if rollout_logprobs is not None:
+            view = replace(view, rollout_logprobs=rollout_logprobs[rows_of, :width])
+        views.append(view)
     return views
 
 
@@ -282,6 +299,8 @@ def update_student(models: Models, scored: Sequence[ScoredMicroBatch], cfg: RunC
     losses, stats, finite = [], [], True
     for index, s in enumerate(scored):
         loss, token_stats, student_hidden = student_loss(models, s, cfg, thresholds, timer)
+        if s.views.rollout_logprobs is not None:  # the engine/trainer drift metric
+            s.rollout_logprob_gap = rollout_logprob_gap(models, s, student_hidden, cfg)
         loss_finite = all_ranks_true(bool(torch.isfinite(loss)))
         finite &= loss_finite
         with timer("backward"):
@@ -295,6 +314,14 @@ def update_student(models: Models, scored: Sequence[ScoredMicroBatch], cfg: RunC
         losses.append(loss.item())
         stats.append(token_stats)
     return losses, stats, finite
+
+
+@torch.no_grad()
+def rollout_logprob_gap(models: Models, scored: ScoredMicroBatch, student_hidden: torch.Tensor, cfg: RunConfig):
+    """|the sampling engine's log-prob - the student pass's log-prob| of every sampled token."""
+    head = output_head(models.student_module, models.vocab_size)
+    student = token_logprobs(student_hidden.detach(), head, scored.tokens.token_ids, cfg.train.loss_chunk_size)
+    return logprob_gaps(scored.views.rollout_logprobs, scored.views.response_mask, student)
 
 
 # -- metrics -----------------------------------------------------------------------------------------
@@ -311,6 +338,8 @@ def step_metrics(scored, losses, stats, applied: bool, thresholds: Thresholds | 
                    response_length=tokens / sequences)
     if thresholds is not None:
         metrics.update(threshold_gap=thresholds.gap, threshold_prob_sum=thresholds.prob_sum)
+    if scored and scored[0].rollout_logprob_gap is not None:
+        metrics.update(logprob_gap_metrics([s.rollout_logprob_gap for s in scored]))
     if scored and scored[0].kept is not None:
         dropped, = all_ranks_sum([sum(int((~s.kept).sum()) for s in scored)])
         metrics["share/dropped"] = dropped / max(tokens, 1)

@@ -194,8 +194,8 @@ class TinySize:
 
     hidden_size: int = 64
     num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
+    num_heads: int = 2
+    num_kv_heads: int = 1
     intermediate_size: int = 128
     vision_hidden_size: int = 32
     vision_depth: int = 2
@@ -237,8 +237,8 @@ STUDENT_SIZE = TinySize()
 TEACHER_SIZE = TinySize(
     hidden_size=96,
     num_layers=3,
-    num_heads=4,
-    num_kv_heads=2,
+    num_heads=3,
+    num_kv_heads=1,
     intermediate_size=192,
     vision_hidden_size=48,
     vision_depth=2,

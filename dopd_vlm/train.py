@@ -44,7 +44,9 @@ from dopd_vlm.engine import (
 from dopd_vlm.evaluate import evaluate_accuracy
 from dopd_vlm.methods import METHODS
 from dopd_vlm.models import head_rows, load_model, load_processor, model_family, vision_special_token_ids
+from dopd_vlm.rollout import eos_token_ids
 from dopd_vlm.step import Models, dopd_step, step_batches
+from dopd_vlm import vllm_rollout
 
 log = logging.getLogger("dopd_vlm.train")
 
@@ -72,6 +74,7 @@ class TrainResult:
     student: Any
     teacher: nn.Module | None
     finished: bool
+    rollout_engine: Any = None  # rollout.engine=vllm: the live engine (close it when done)
 
 
 # -- set-up --------------------------------------------------------------------------------------
@@ -85,6 +88,8 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     """
     # DeepSpeed calls torch.distributed's renamed collectives on every step
     warnings.filterwarnings("ignore", message=r".*is deprecated. Please use `torch.distributed", category=FutureWarning)
+    if cfg.rollout.engine == "vllm":  # a missing extra fails before anything loads
+        vllm_rollout.require_vllm()
     init_distributed(cfg.train.collective_timeout_s)
     out = Path(cfg.train.output_dir)
     check_output_dir(out)
@@ -95,6 +100,8 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     family = model_family(cfg.model.student)
     if cfg.model.teacher:
         model_family(cfg.model.teacher)  # an unsupported or unreadable teacher fails now, not after data loading
+    if cfg.rollout.engine == "vllm":  # the engine's constraints, before any model loads
+        vllm_rollout.check_student(cfg, torch.cuda.is_available(), world_size())
     data, eval_sets = load_splits(cfg, family)
 
     method = METHODS[cfg.method.name]
@@ -112,6 +119,11 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     models = Models(engine, frozen_engine(teacher, ds_config), collator, vocab_size, optimizer,
                     vision_special_token_ids(collator.tokenizer), frozen_engine(frozen_privileged, ds_config))
     start_step = load_latest_checkpoint(engine, out) if resume else 0
+    if cfg.rollout.engine == "vllm" and method.on_policy:  # one engine per rank, from the student checkpoint
+        models.rollout_engine = vllm_rollout.start_engine(cfg, collator, dtype, eos_token_ids(student, collator.tokenizer),
+                                                          models.suppress_token_ids)
+        if start_step:
+            models.rollout_engine.sync_weights(engine)  # the resumed weights, not the checkpoint's initial ones
     return Run(cfg, models, scheduler, collator.processor, data, eval_sets, out, start_step)
 
 
@@ -198,7 +210,14 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after_step: int | None =
     for step in progress:
         micro_batches, seeds = step_batches(run.data, cfg, step, rank(), world_size())
         started = time.perf_counter()
-        metrics = dopd_step(models, micro_batches, cfg, seeds)
+        try:
+            metrics = dopd_step(models, micro_batches, cfg, seeds)
+        except vllm_rollout.RolloutEngineError as err:  # name what is left to resume from
+            logger.close()
+            raise vllm_rollout.RolloutEngineError(
+                f"{err}; the run stopped in step {step + 1}; last complete checkpoint: "
+                f"{latest_tag(run.out) or 'none'} under {run.out / 'checkpoints'}"
+            ) from None
         done = step + 1
         bad_steps = bad_steps + 1 if metrics["skipped_step"] else 0
         skipped_total += int(metrics["skipped_step"])
@@ -228,10 +247,10 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after_step: int | None =
         if stopping and not last:
             log.info("stopped after step %d as asked; continue with --resume", done)
             logger.close()
-            return TrainResult(metrics, models.student, models.teacher, finished=False)
+            return TrainResult(metrics, models.student, models.teacher, False, models.rollout_engine)
     export_student(models.student, run.processor, run.out / "final")
     logger.close()
-    return TrainResult(metrics, models.student, models.teacher, finished=True)
+    return TrainResult(metrics, models.student, models.teacher, True, models.rollout_engine)
 
 
 def every(step: int, period: int) -> bool:

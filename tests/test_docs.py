@@ -11,10 +11,16 @@ README = (REPO / "README.md").read_text()
 
 
 def test_every_config_key_is_in_the_configuration_reference():
-    cfg = RunConfig()
-    for section in dataclasses.fields(RunConfig):
-        for field in dataclasses.fields(getattr(cfg, section.name)):
-            assert f"`{section.name}.{field.name}`" in README, f"{section.name}.{field.name} missing from README"
+    def keys(node, prefix):
+        for field in dataclasses.fields(node):
+            value = getattr(node, field.name)
+            if dataclasses.is_dataclass(value):  # a nested section, e.g. rollout.vllm
+                yield from keys(value, f"{prefix}{field.name}.")
+            else:
+                yield f"{prefix}{field.name}"
+
+    for key in keys(RunConfig(), ""):
+        assert f"`{key}`" in README, f"{key} missing from README"
 
 
 def test_readme_commands_and_files_exist():
@@ -36,8 +42,9 @@ def _top_level_imports(path: Path) -> set[str]:
     for node in ast.parse(path.read_text()).body:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dopd_vlm."):
             deps.add(node.module.split(".")[1])
-        elif isinstance(node, ast.ImportFrom) and node.module == "dopd_vlm":
-            deps.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module == "dopd_vlm":  # submodules, not re-exported names
+            package = REPO / "dopd_vlm"
+            deps.update(a.name for a in node.names if (package / f"{a.name}.py").is_file() or (package / a.name).is_dir())
         elif isinstance(node, ast.Import):
             deps.update(a.name.split(".")[1] for a in node.names if a.name.startswith("dopd_vlm."))
     return deps

@@ -15,6 +15,8 @@ test hooks):
   {"kill_saving_step": k}             SIGKILL in the middle of writing checkpoint step_k
   {"disk_full_saving_step": k}        writing checkpoint step_k fails with ENOSPC on every rank
   {"exit_rank_at_step": k, "rank": r} rank r exits (crash) when step k starts
+  {"vllm_dies_at_step": k, "rank": r} rank r's vLLM engine raises vLLM's EngineDeadError when it
+                                      samples in step k (rollout.engine=vllm)
 """
 
 import errno
@@ -31,17 +33,15 @@ import dopd_vlm.step as step_module
 import dopd_vlm.train as train_module
 from dopd_vlm.config import load_config
 from dopd_vlm.distributed import exit_process
-from dopd_vlm.engine import CheckpointError, NonFiniteTraining
+from dopd_vlm.engine import CheckpointError, NonFiniteTraining, gathered_weights
 from dopd_vlm.models import load_model
 from dopd_vlm.train import train
+from dopd_vlm.vllm_rollout import RolloutEngineError
 
 
 def teacher_unchanged(teacher, path) -> bool:
-    import deepspeed
-
     reference = load_model(path).state_dict()
-    params = list(teacher.parameters())
-    with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
+    with gathered_weights(teacher):
         return all(torch.equal(p.detach().cpu(), reference[name]) for name, p in teacher.named_parameters())
 
 
@@ -78,6 +78,18 @@ def inject(fault: dict) -> None:
         return real_save(obj, path, *args, **kwargs)
 
     train_module.dopd_step, step_module.compute_loss, torch.save = dopd_step, compute_loss, save
+    if "vllm_dies_at_step" in fault:
+        import vllm
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        real_generate = vllm.LLM.generate
+
+        def generate(self, *args, **kwargs):
+            if current["step"] == fault["vllm_dies_at_step"] and fault.get("rank", 0) == rank:
+                raise EngineDeadError("EngineCore encountered an issue (injected)")
+            return real_generate(self, *args, **kwargs)
+
+        vllm.LLM.generate = generate
 
 
 def main(spec_path: str, result_path: str) -> None:
@@ -89,9 +101,11 @@ def main(spec_path: str, result_path: str) -> None:
             inject(run["fault"])
         try:
             result = train(cfg, resume=run.get("resume", False), stop_after_step=run.get("stop_after_step"))
-        except (NonFiniteTraining, CheckpointError) as err:
+        except (NonFiniteTraining, CheckpointError, RolloutEngineError) as err:
             results[run["name"]] = {"error": f"{type(err).__name__}: {err}", "finished": False}
             continue
+        if result.rollout_engine is not None:  # rollout.engine=vllm: one engine at a time in this process
+            result.rollout_engine.close()
         unchanged = teacher_unchanged(result.teacher, cfg.model.teacher) if result.teacher is not None else None
         results[run["name"]] = {"metrics": result.metrics, "teacher_unchanged": unchanged,
                                 "finished": result.finished, "error": None}
