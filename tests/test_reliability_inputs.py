@@ -43,7 +43,7 @@ def jsonl_line(value) -> bytes:
 
 # -- row-level cases: strict error and counted skip ------------------------------------------
 
-# name -> (bad row 1 as raw JSONL bytes, what the one-line error must contain)
+# name -> (the bad row, line 2 of the file, as raw JSONL bytes; what the one-line error must contain)
 ROW_CASES = {
     "missing_image_file": (jsonl_line(row(1, ["img/nope.png"])),
                            "field 'pics' (images): image 0 (img/nope.png): file not found: "),
@@ -60,9 +60,9 @@ ROW_CASES = {
     "image_of_wrong_type": (jsonl_line(row(1, [5])),
                             "field 'pics' (images): image 0: expected a path, bytes or a data: URI, got int"),
     "non_utf8_bytes": (b'{"uid": "u1", "prompt": "caf\xe9?", "label": "a", "hint": "p", "pics": []}\n',
-                       "row 1: not valid UTF-8 (byte 0xe9 at offset 28 of the line)"),
-    "malformed_json": (b'{"uid": "u1", "prompt": "q?",\n', "row 1: invalid JSON ("),
-    "not_a_json_object": (b'["u1", "q?"]\n', "row 1: expected a JSON object, got list"),
+                       "line 2: not valid UTF-8 (byte 0xe9 at offset 28 of the line)"),
+    "malformed_json": (b'{"uid": "u1", "prompt": "q?",\n', "line 2: invalid JSON ("),
+    "not_a_json_object": (b'["u1", "q?"]\n', "line 2: expected a JSON object, got list"),
     "lone_surrogate": (b'{"uid": "u1", "prompt": "q\\ud800?", "label": "a", "hint": "p", "pics": []}\n',
                        "field 'prompt' (question): not valid Unicode (unpaired surrogate"),
     "no_question": (jsonl_line({k: v for k, v in row(1, []).items() if k != "prompt"}),
@@ -85,7 +85,7 @@ ROW_CASES = {
 
 
 def write_case(tmp_path, bad_line: bytes, **extra):
-    """Good row 0, the bad row 1, good row 2; the odd image files next to the good ones."""
+    """Good line 1, the bad line 2, good line 3; the odd image files next to the good ones."""
     path = write_local(tmp_path, [row(0, ["img/a.png"]), row(2, [])], extra=extra)
     img = tmp_path / "data" / "img"
     (img / "zero.png").write_bytes(b"")
@@ -104,7 +104,7 @@ def test_bad_row_is_one_line_naming_file_row_and_field(tmp_path, case):
     with pytest.raises(RecipeError) as error:
         load_recipe(write_case(tmp_path, bad_line), "train")
     message = one_line(error.value)
-    assert re.match(r"\S*data/train\.jsonl row 1[: ]", message), message
+    assert re.match(r"\S*data/train\.jsonl line 2[: ]", message), message
     assert expected in message, message
 
 
@@ -141,7 +141,7 @@ def test_decompression_bomb_is_a_row_error(tmp_path, monkeypatch):
     with pytest.raises(RecipeError) as error:
         load_recipe(path, "train")
     message = one_line(error.value)
-    assert "row 0 field 'pics' (images): image 0 (img/a.png): cannot decode: Image size (320 pixels)" in message
+    assert "line 1 field 'pics' (images): image 0 (img/a.png): cannot decode: Image size (320 pixels)" in message
 
 
 # -- recipe / mapping errors (whole file: never skipped) --------------------------------------
@@ -154,7 +154,7 @@ def test_wrong_field_mapping_is_named_even_with_skip_bad_rows(tmp_path):
     with pytest.raises(RecipeError) as error:
         load_recipe(wrong, "train")
     message = one_line(error.value)
-    assert "train.jsonl row 0 field 'pictures' (images): missing (no such column" in message
+    assert "train.jsonl field 'pictures' (images): missing (no such column" in message
     # a mapping key that is not a canonical field
     bad_key = write_local(tmp_path, [row(0, [])], extra={"fields": {"prompt": "question"}})
     with pytest.raises(RecipeError) as error:
@@ -444,14 +444,15 @@ def test_unknown_method_or_key_in_a_config_file_is_one_line(tmp_path, tiny_pairs
 
 
 def test_output_dir_that_cannot_be_written_stops_before_training(tmp_path):
+    from dopd_vlm.errors import InputError
     from dopd_vlm.train import check_output_dir
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     for out, reason in [(blocker / "run", "Not a directory"), (blocker, "File exists")]:
-        with pytest.raises(SystemExit) as error:
+        with pytest.raises(InputError) as error:
             check_output_dir(out)
-        message = one_line(error.value.code)
+        message = one_line(error.value)
         assert message == f"train.output_dir {out}: cannot write there ({reason})", message
     check_output_dir(tmp_path / "fine" / "run")  # creates missing parents
     assert (tmp_path / "fine" / "run").is_dir() and not list((tmp_path / "fine" / "run").iterdir())

@@ -77,6 +77,11 @@ def read_recipe(recipe: str | os.PathLike | Mapping[str, Any]) -> Recipe:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise RecipeError(f"recipe {shown}: invalid YAML: {' '.join(str(error).split())}") from None
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"recipe {shown}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                          f"{error.start})") from None
+    except OSError as error:
+        raise RecipeError(f"recipe {shown}: cannot read: {error.strerror or error}") from None
     if not isinstance(data, Mapping):
         raise RecipeError(f"recipe {shown}: expected a mapping of keys, got {type(data).__name__}")
     return parse_recipe(data, source=shown, base_dir=path.parent.absolute())
