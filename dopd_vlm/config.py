@@ -267,7 +267,11 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(value) if value.strip() else ""
+    try:
+        node[leaf] = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({_one_line(err)}); "
+                          "quote it, e.g. key='{...}'") from None
 
 
 def _check_template_fields(template: str) -> None:

@@ -164,18 +164,16 @@ def text_problem(dataset: SampleDataset, header: SampleHeader, collator: DualVie
 
 def length_problem(dataset: SampleDataset, lengths: Sequence[int], response: int, limits: Limits) -> str | None:
     """The first view that does not fit (`lengths[i]`: the prompt's tokens in `limits.views[i]`), as
-    "field ...: why" (the question when a plain view is too long, else the privileged text)."""
+    "field ...: why": the question when a plain view is too long, else the privileged text."""
     for view, length in zip(limits.views, lengths):
         field = dataset.field_label("privileged" if view.privileged else "question")
         if view.context is not None and length + response > view.context:
             return (f"field {field}: prompt too long: the {view.name} has {length} tokens (images included), "
                     f"plus {response} response tokens (rollout.max_new_tokens or the answer) = {length + response} > "
                     f"{view.context}, the context of {view.model_key} (max_position_embeddings)")
-    longest_view, longest = max(zip(limits.views, lengths), key=lambda item: item[1])
-    if limits.max_prompt_tokens and longest > limits.max_prompt_tokens:
-        field = dataset.field_label("privileged" if longest_view.privileged else "question")
-        return (f"field {field}: prompt too long: the {longest_view.name} has {longest} tokens (images included) "
-                f"> data.max_prompt_tokens = {limits.max_prompt_tokens}")
+        if limits.max_prompt_tokens and length > limits.max_prompt_tokens:
+            return (f"field {field}: prompt too long: the {view.name} has {length} tokens (images included) "
+                    f"> data.max_prompt_tokens = {limits.max_prompt_tokens}")
     return None
 
 

@@ -45,7 +45,8 @@ DATA_CASES = {
     "missing_question": (bad_row(question=None), "line 2 field 'question': missing"),
     "missing_answer": (bad_row(answer=None), "line 2 field 'answer': missing"),
     "images_not_a_list": (bad_row(images={"width": 3}),
-                          "line 2 field 'images': image 0: expected a path, bytes or a data: URI, got dict"),
+                          "line 2 field 'images': image 0: expected a path, bytes or a data: URI, got a mapping without "
+                          "'bytes' or 'path' (keys: width)"),
     "malformed_json": (b'{"id": "r1", "question": "What?",\n', "line 2: invalid JSON ("),
     "non_utf8": (b'{"id": "r1", "question": "caf\xe9?", "answer": "a", "privileged": "p"}\n',
                  "line 2: not valid UTF-8 (byte 0xe9"),
@@ -135,8 +136,11 @@ def other_cases(root: Path, pairs: dict, config: Path) -> dict[str, tuple[list[s
             ["data.recipe=recipes/good.yaml", f"model.student={pairs['qwen3']['student']}",
              f"model.teacher={pairs['qwen3']['teacher']}"],
             "data/test.jsonl line 1 field 'images': 1 image(s), but model.student is a text-only model"),
-        "template_with_another_field": (["data.privileged_template={privileged} {question} {hint}"],
+        "template_with_another_field": (["data.privileged_template='{privileged} {question} {hint}'"],
                                         "config key 'data.privileged_template': unknown field {hint}"),
+        "override_not_yaml": (["data.privileged_template={privileged} {question}"],
+                              "override 'data.privileged_template={privileged} {question}': the value is not valid "
+                              "YAML (expected '<document start>', but found '{'"),
         "special_token_in_template": (["data.privileged_template=<|im_end|>{privileged} {question}"],
                                       "config key 'data.privileged_template': contains the tokenizer's special "
                                       "token '<|im_end|>'"),

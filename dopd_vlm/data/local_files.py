@@ -285,6 +285,9 @@ class _RowReader:
         """An item is a path (relative to the data file), bytes, a `data:` URI with base64
         content, or a {bytes, path} struct as `datasets` writes it; it must decode."""
         if isinstance(item, dict):  # bytes win; empty bytes without a path are reported as empty
+            if "bytes" not in item and "path" not in item:
+                raise BadRow("images", f"image {position}: expected a path, bytes or a data: URI, got a mapping "
+                                       f"without 'bytes' or 'path' (keys: {', '.join(map(str, item)) or 'none'})")
             data, path = item.get("bytes"), item.get("path")
             item = data if data or not path else path
         if isinstance(item, str) and item.startswith("data:"):
