@@ -376,7 +376,22 @@ def load_deepspeed_config(
     for key, value in ds.get("zero_optimization", {}).items():
         if value == "auto":
             raise ConfigError(f"{path}: 'zero_optimization.{key}': auto is not supported here")
+    _check_zero_section(ds.get("zero_optimization", {}), path)
     return ds
+
+
+def _check_zero_section(zero: dict[str, Any], path: Path) -> None:
+    """DeepSpeed's own schema of the ZeRO section (unknown keys, wrong types), checked now rather
+    than inside `deepspeed.initialize`, after the models have loaded."""
+    import pydantic
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except pydantic.ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(map(str, ("zero_optimization", *first["loc"])))
+        raise ConfigError(f"{path}: '{where}': {first['msg']}") from None
 
 
 ZERO_STAGES = (0, 1, 2, 3)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from dopd_vlm import prompt_checks
+from dopd_vlm.chunks import check_heads, use_fused
 from dopd_vlm.collate import DualViewCollator, check_same_tokenizer, check_shared_vocab
 from dopd_vlm.config import RunConfig, load_deepspeed_config
 from dopd_vlm.data.dataset import SampleDataset
@@ -53,6 +54,7 @@ from dopd_vlm.models import (
     model_family,
     vision_special_token_ids,
 )
+from dopd_vlm.scoring import output_head
 from dopd_vlm.step import Models, dopd_step, step_batches
 
 log = logging.getLogger("dopd_vlm.train")
@@ -126,8 +128,16 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     engine, scheduler, optimizer = student_engine(student, ds_config, cfg.optim, lambda step: lr_factor(step, cfg))
     models = Models(engine, frozen_engine_module(teacher, ds_config), collator, vocab_size, optimizer,
                     vision_special_token_ids(collator.tokenizer), frozen_engine_module(frozen_privileged, ds_config))
+    check_loss_path(models, cfg)
     start_step = load_latest_checkpoint(engine, out) if resume else 0
     return Run(cfg, models, scheduler, collator.processor, data, eval_sets, out, start_step)
+
+
+def check_loss_path(models: Models, cfg: RunConfig) -> None:
+    """train.loss_path works with these output layers on this many ranks (else the first step would fail)."""
+    heads = [None if model is None else output_head(model, models.vocab_size)
+             for model in (models.student_module, models.teacher, models.frozen_privileged)]
+    check_heads(*heads, fused=use_fused(cfg.train.loss_path, heads[0]), world_size=world_size())
 
 
 def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:

@@ -381,6 +381,33 @@ def test_unsupported_or_unreadable_checkpoint_is_one_line_naming_it(tmp_path):
             assert message.startswith(f"checkpoint {path}: ") and expected in message, message
 
 
+def test_incomplete_safetensors_are_named_before_any_model_loads(tmp_path, tiny_pairs):
+    import json as json_module
+    import shutil
+
+    from dopd_vlm.errors import InputError
+    from dopd_vlm.models import check_weight_files
+
+    folder = tmp_path / "student"
+    shutil.copytree(tiny_pairs["qwen2_vl"]["student"], folder)
+    check_weight_files(folder)  # complete
+    weights = folder / "model.safetensors"
+    full = weights.read_bytes()
+    for cut, reason in ((len(full) - 100, "incomplete metadata, file not fully covered"), (5, "header too small")):
+        weights.write_bytes(full[:cut])
+        with pytest.raises(InputError) as error:
+            check_weight_files(folder)
+        assert one_line(error.value) == (f"checkpoint {folder}: model.safetensors is damaged or truncated (Error while "
+                                         f"deserializing header: {reason}); re-download or re-export it")
+    weights.write_bytes(full)
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json_module.dumps(index))
+    with pytest.raises(InputError) as error:
+        check_weight_files(folder)
+    assert one_line(error.value) == (f"checkpoint {folder}: model-00001-of-00002.safetensors, listed in "
+                                     "model.safetensors.index.json, is missing")
+
+
 # -- configuration: DeepSpeed JSON, unknown keys and methods, output folder ---------------------
 
 
@@ -402,6 +429,11 @@ def cfg(tmp_path, tiny_pairs):
         ('{"gradient_accumulation_steps": 7}', "'gradient_accumulation_steps' is 7 but the run config implies 4"),
         ('{"scheduler": {"type": "WarmupLR"}}', "'scheduler': remove it"),
         ('{"bf16": {"enabled": true}, "fp16": {"enabled": true}}', "'fp16.enabled' and 'bf16.enabled' are both on"),
+        # DeepSpeed's own ZeRO schema, checked before the models load rather than in deepspeed.initialize
+        ('{"zero_optimization": {"stage": 3, "overlap_comms": true}}',
+         "'zero_optimization.overlap_comms': Extra inputs are not permitted"),
+        ('{"zero_optimization": {"stage": 3, "offload_param": {"device": "gpu"}}}',
+         "'zero_optimization.offload_param.device': Input should be 'none', 'cpu' or 'nvme'"),
     ],
 )
 def test_invalid_deepspeed_config_is_one_line(tmp_path, cfg, content, expected):
