@@ -5,7 +5,8 @@
 A local-files split of `--rows` rows (questions of 5..400 words, boxes as p, 60 % of the rows with
 one or two photos of 8 sizes up to 4032x3024) is loaded once (the existing row validation, which
 decodes every image), then checked by `prompt_checks.check_split` with the tiny Qwen2-VL pair
-(the real Qwen2-VL processor classes; DOPD: four views). Side by side, on the first
+(the real Qwen2-VL processor classes, a 500-token BPE: about one token per 2-3 characters; DOPD:
+four views, the teacher's counted with the student's as they share tokenizer and processor). Side by side, on the first
 `--reference-rows` rows: the exact count by running the processor on every prompt (what the check
 would cost if it tokenised with the images, as a step does). Reports seconds, rows/s and the ratio;
 raw numbers go to benchmarks/results/prompt_checks.json.
@@ -81,6 +82,8 @@ def main() -> None:
         started = time.perf_counter()
         checked = prompt_checks.check_split(subset, collator, limits, skip_bad_rows=True)
         subset_check_s = time.perf_counter() - started
+        student_view = limits.views[0]
+        mean_tokens = sum(prompt_checks.prompt_lengths(collator, subset.headers(0, len(subset)), student_view)) / len(subset)
         started = time.perf_counter()
         for i in range(0, len(subset), 16):  # the processor on every view, images decoded and preprocessed
             samples = [subset[j] for j in range(i, min(i + 16, len(subset)))]
@@ -91,7 +94,7 @@ def main() -> None:
     result = {
         "machine": machine(), "rows": len(data), "views": [v.name for v in limits.views],
         "load_recipe_s": load_s, "check_s": check_s, "check_rows_per_s": len(data) / check_s,
-        "reference_rows": len(subset), "reference_kept": len(checked),
+        "reference_rows": len(subset), "reference_kept": len(checked), "mean_student_prompt_tokens": mean_tokens,
         "subset_check_s": subset_check_s, "subset_processor_s": processor_s,
         "processor_over_check": processor_s / subset_check_s,
         "processor_25k_estimate_s": processor_s * len(data) / len(subset),

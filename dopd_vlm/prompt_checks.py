@@ -22,6 +22,7 @@ rule (`image_tokens`), never from running the image processor.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -47,6 +48,7 @@ class View:
     processor: Any
     model_key: str  # the config key of the model reading it
     context: int | None  # that model's max_position_embeddings (None: unknown, not checked)
+    counts_key: str  # views with equal keys have equal token counts (`counting_key`)
 
 
 @dataclass(frozen=True)
@@ -65,13 +67,29 @@ def run_views(cfg: RunConfig, collator: DualViewCollator, student_context: int |
     evaluation), its x + p when the method scores the privileged student, and the teacher's x and
     x + p (scoring and the baseline evaluations) when there is a teacher."""
     method = METHODS[cfg.method.name]
-    views = [View("student view (x)", False, collator.processor, "model.student", student_context)]
+    student, teacher = counting_key(collator.processor), counting_key(collator.teacher_processor)
+    views = [View("student view (x)", False, collator.processor, "model.student", student_context, student)]
     if method.needs_privileged_student:
-        views.append(View("privileged-student view (x + p)", True, collator.processor, "model.student", student_context))
+        views.append(View("privileged-student view (x + p)", True, collator.processor, "model.student",
+                          student_context, student))
     if cfg.model.teacher:
-        views += [View("teacher view (x + p)", True, collator.teacher_processor, "model.teacher", teacher_context),
-                  View("teacher view (x)", False, collator.teacher_processor, "model.teacher", teacher_context)]
+        views += [View("teacher view (x + p)", True, collator.teacher_processor, "model.teacher", teacher_context, teacher),
+                  View("teacher view (x)", False, collator.teacher_processor, "model.teacher", teacher_context, teacher)]
     return tuple(views)
+
+
+def counting_key(processor: Any) -> str:
+    """What a prompt's token count depends on besides its text: the tokenizer, the chat template
+    and the image processor's settings. A teacher and student of one family share it, so each
+    prompt is counted once for both."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items())),
+             str(getattr(processor, "chat_template", None) or tokenizer.chat_template)]
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is not None:
+        parts.append(image_processor.to_json_string())
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
 def run_limits(cfg: RunConfig, collator: DualViewCollator, student_context: int | None,
@@ -95,6 +113,8 @@ def check_splits(splits: dict[str, SampleDataset], collator: DualViewCollator, l
 
 def check_split(dataset: SampleDataset, collator: DualViewCollator, limits: Limits, *,
                 skip_bad_rows: bool) -> SampleDataset:
+    """One split checked; bad rows are skipped with `skip_bad_rows` or when the split skips them."""
+    skip_bad_rows = skip_bad_rows or dataset.skip_bad_rows
     bad, reasons, escaped = [], [], 0
     for start in range(0, len(dataset), BATCH_ROWS):
         headers = dataset.headers(start, min(start + BATCH_ROWS, len(dataset)))
@@ -126,7 +146,12 @@ def batch_problems(dataset: SampleDataset, headers: Sequence[SampleHeader], coll
             problems[offset] = f"{header.location} {problem}"
     fitting = [offset for offset in range(len(headers)) if offset not in problems]
     rows = [headers[i] for i in fitting]
-    lengths = [prompt_lengths(collator, rows, view) for view in limits.views]  # [view][row]
+    counted: dict[tuple[str, bool], list[int]] = {}  # views that count alike are counted once
+    for view in limits.views:
+        key = (view.counts_key, view.privileged)
+        if key not in counted:
+            counted[key] = prompt_lengths(collator, rows, view)
+    lengths = [counted[(view.counts_key, view.privileged)] for view in limits.views]  # [view][row]
     answers = answer_lengths(collator, rows) if limits.reference_answers else None
     for position, offset in enumerate(fitting):
         per_view = [counts[position] for counts in lengths]

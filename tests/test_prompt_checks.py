@@ -102,6 +102,9 @@ def test_bad_prompts_are_an_error_naming_the_row_or_a_counted_logged_skip(tmp_pa
     warnings = [r.getMessage() for r in caplog.records]
     assert sum(w.startswith("skipping bad row: ") for w in warnings) == 2
     assert any("skipped 2 bad rows of 4 in split 'train'" in w for w in warnings)
+    recipe_skips = load_recipe({"kind": "local_files", "files": {"train": str(tmp_path / "train.jsonl")},
+                                "skip_bad_rows": True}, "train")  # the recipe's own skip_bad_rows is followed too
+    assert [s.id for s in prompt_checks.check_split(recipe_skips, collator, limits, skip_bad_rows=False)] == ["ok", "ok2"]
     escaping = collator_for(tiny_pairs, "qwen2_vl", special_tokens="escape")
     assert [s.id for s in prompt_checks.check_split(data, escaping, limits, skip_bad_rows=True)] == ["ok", "chat", "ok2"]
     # the privileged views are what a long p makes too long (p cut to max_privileged_tokens first)

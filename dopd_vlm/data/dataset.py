@@ -55,6 +55,8 @@ class SampleDataset(Sequence):
         family: Model family the privileged text was formatted for.
         skipped: One line per row skipped by `skip_bad_rows` (file, row, field, problem);
             `len(skipped)` is the count.
+        skip_bad_rows: Whether this split skips bad rows (the `load_recipe` argument or the
+            recipe's key); later checks of its rows (`prompt_checks`) follow it.
     """
 
     hf: datasets.Dataset
@@ -62,6 +64,7 @@ class SampleDataset(Sequence):
     split: str
     family: str
     skipped: tuple[str, ...] = ()
+    skip_bad_rows: bool = False
 
     def __len__(self) -> int:
         return len(self.hf)

@@ -59,12 +59,12 @@ def load_recipe(
             f"recipe {parsed.source} has no split {split!r} (splits: {', '.join(parsed.splits)})"
         )
     skipped: tuple[str, ...] = ()
+    skip = skip_bad_rows or (isinstance(parsed, LocalFilesRecipe) and parsed.skip_bad_rows)
     if isinstance(parsed, SyntheticScenesRecipe):
         hf = synthetic_scenes.build_split(parsed, split, family=family, limit=limit)
     else:
-        skip = skip_bad_rows or parsed.skip_bad_rows
         hf, skipped = local_files.build_split(parsed, split, limit=limit, skip_bad_rows=skip)
-    return SampleDataset(hf=hf, recipe=parsed, split=split, family=family, skipped=skipped)
+    return SampleDataset(hf=hf, recipe=parsed, split=split, family=family, skipped=skipped, skip_bad_rows=skip)
 
 
 def read_recipe(recipe: str | os.PathLike | Mapping[str, Any]) -> Recipe:
