@@ -172,6 +172,7 @@ def env_for(root: Path) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 
 
+@pytest.mark.slow  # one process serves every case, but imports and data still take minutes on CPU
 def test_every_expected_failure_is_one_line_exit_code_2_and_no_traceback(workspace, tiny_pairs):
     root, config = workspace
     cases = {case: ([f"data.recipe=recipes/{case}.yaml"], expected) for case, (_, expected) in DATA_CASES.items()}
