@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dopd_vlm.distributed import all_ranks_true, rank, world_size
+from dopd_vlm.errors import InputError
 from dopd_vlm.scoring import ResponseHiddenStates
 
 log = logging.getLogger("dopd_vlm.engine")
@@ -266,7 +267,7 @@ def load_latest_checkpoint(engine, out: Path) -> int:
         return 0
     path, client_state = engine.load_checkpoint(str(out / "checkpoints"), tag=tag)
     if path is None:
-        raise SystemExit(f"--resume: checkpoint {out / 'checkpoints' / tag} could not be loaded")
+        raise InputError(f"--resume: checkpoint {out / 'checkpoints' / tag} could not be loaded")
     log.info("resumed from %s (step %d)", path, client_state["step"])
     return int(client_state["step"])
 
