@@ -39,7 +39,7 @@ demo: setup
 	$(BIN)/dopd-vlm demo
 
 test: setup-vllm
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 clean:
 	rm -rf $(VENV) runs .cache
