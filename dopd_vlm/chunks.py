@@ -30,6 +30,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dopd_vlm import losses
+from dopd_vlm.errors import InputError
 from dopd_vlm.losses import log_probs, upcast
 from dopd_vlm.lora import LowRank
 from dopd_vlm.scoring import Head, ResponseTokens, WeightHead, at_least_float32, linear_float32, matmul_float32
@@ -292,27 +293,40 @@ def use_fused(loss_path: LossPath, student_head: Head) -> bool:
     if loss_path == "chunked":
         return False
     if loss_path == "fused" and not student_head.is_linear:
-        raise ValueError(f"train.loss_path=fused needs a linear output layer; this student's is "
+        raise InputError(f"train.loss_path=fused needs a linear output layer; this student's is "
                          f"{type(getattr(student_head, 'module', student_head)).__name__} (use auto or chunked)")
     return student_head.is_linear
 
 
 def check_partitioned_heads(inputs: LossInputs, fused: bool, world_size: int) -> None:
+    """`check_heads` for the heads of `inputs`."""
+    check_heads(inputs.student_head, inputs.teacher_head, inputs.privileged_head, fused, world_size)
+
+
+def check_heads(student_head: Head, teacher_head: Head | None, privileged_head: Head | None, fused: bool,
+                world_size: int) -> None:
     """Across ranks, calls of a ZeRO-3 partitioned head are collectives. The fused path makes a
     fixed number per micro-batch (student: its forward and backward; frozen heads: one gather); the
-    chunked path calls heads per chunk and per routed row subset, a count that differs between ranks."""
+    chunked path calls heads per chunk and per routed row subset, a count that differs between ranks.
+    Raises InputError (a config problem: the loss path or the ZeRO stage) otherwise."""
     if world_size == 1:
         return
-    heads = (("student", inputs.student_head, fused),
-             ("teacher", inputs.teacher_head, fused and inputs.teacher_head is not None and inputs.teacher_head.is_linear),
-             ("frozen privileged student", inputs.privileged_head,
-              fused and inputs.privileged_head is not None and inputs.privileged_head.is_linear))
+    heads = (("student", student_head, fused),
+             ("teacher", teacher_head, fused and teacher_head is not None and teacher_head.is_linear),
+             ("frozen privileged student", privileged_head,
+              fused and privileged_head is not None and privileged_head.is_linear))
     for name, head, safe in heads:
-        if head is not None and head.partitioned and not safe:
-            raise ValueError(
-                f"the {name}'s output layer ({type(head.module).__name__}) is ZeRO-3 partitioned across "
-                f"{world_size} ranks but is not a plain nn.Linear; use ZeRO-2 (ds_configs/zero2.json) for this model"
+        if head is None or not head.partitioned or safe:
+            continue
+        if head.is_linear:
+            raise InputError(
+                f"train.loss_path=chunked: the {name}'s output layer is ZeRO-3 partitioned across {world_size} "
+                "ranks, where only the fused loss keeps the ranks' collectives equal; use train.loss_path=auto or fused"
             )
+        raise InputError(
+            f"the {name}'s output layer ({type(head.module).__name__}) is ZeRO-3 partitioned across "
+            f"{world_size} ranks but is not a plain nn.Linear; use ZeRO-2 (ds_configs/zero2.json) for this model"
+        )
 
 
 def evaluate(objective: PerToken, cfg: "MethodConfig", inputs: LossInputs, chunk_size: int,

@@ -179,13 +179,24 @@ def _add_train(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from dopd_vlm.config import ConfigError, load_config
+    """Exit codes: 0 done; 2 an expected failure of the input (config, data, checkpoint, ...: one
+    line, every rank, `errors.InputError`); 1 the run stopped (non-finite training, a checkpoint
+    that could not be written). Anything else is a bug: its traceback is kept."""
+    from dopd_vlm.errors import EXIT_INPUT_ERROR, InputError
 
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
+        return _train(args)
+    except InputError as err:
         print(f"dopd-vlm train: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT_ERROR
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dopd_vlm.config import ConfigError, load_config
+
+    if args.stop_after_step is not None and args.stop_after_step < 1:
+        raise ConfigError(f"--stop-after-step must be >= 1, got {args.stop_after_step}")
+    cfg = load_config(args.config, args.overrides)  # before the heavy imports: a bad config fails fast
     from dopd_vlm.engine import CheckpointError, NonFiniteTraining
     from dopd_vlm.train import train
     from dopd_vlm.vllm_rollout import RolloutEngineError

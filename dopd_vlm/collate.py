@@ -13,25 +13,41 @@ Only this module knows chat templates, padding and multimodal token bookkeeping.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import torch
 
+from PIL import Image
+
 from dopd_vlm import image_cache
 from dopd_vlm.data.schema import IMAGE_PLACEHOLDER, Sample
+from dopd_vlm.errors import InputError
 
 if TYPE_CHECKING:
     from dopd_vlm.config import DataConfig
 
 TEXT_TOKEN_TYPE = 0  # mm_token_type_ids: 0 text, 1 image, 2 video
+# The image of a vision batch's padding row (see DualViewCollator): one object for the whole
+# process, so the image cache preprocesses it once; processors resize it to their minimum budget.
+PADDING_IMAGE = Image.new("RGB", (32, 32))
+# What data text holding a tokenizer's special token gets (`data.special_tokens`): refused at load
+# (prompt_checks), or kept as plain characters, the token broken by ESCAPE_MARK after its first
+# character so that the tokenizer no longer reads it as the token.
+SpecialTokenPolicy = Literal["reject", "escape"]
+ESCAPE_MARK = "\u200b"  # ZERO WIDTH SPACE
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ModelView:
-    """Model inputs for one scoring pass plus where each response token is predicted."""
+    """Model inputs for one scoring pass plus where each response token is predicted.
+
+    `inputs` may hold one row more than `logit_index`: the padding row of a vision batch without
+    images (see `DualViewCollator`), last, which no response position is ever read from.
+    """
 
     inputs: dict[str, torch.Tensor]
     logit_index: torch.Tensor  # [B, R] long; valid where ScoringViews.response_mask
@@ -56,6 +72,33 @@ class ScoringViews:
         return self.response_ids.shape[0]
 
 
+class SpecialTokens:
+    """The strings a tokenizer reads as one added token (`<|im_end|>`, `<|image_pad|>`, `<think>`,
+    ...): found in data text, or escaped to plain characters (see `SpecialTokenPolicy`).
+
+    Added tokens are matched in the raw text before any BPE, wherever they occur, so a question
+    holding `<|im_end|>\\n<|im_start|>assistant\\n` would close the user turn and open a fake
+    assistant turn, and `<|image_pad|>` in p would break the processor's image bookkeeping.
+    `<image>` is the toolkit's own placeholder (replaced before tokenising), never a token here.
+    """
+
+    def __init__(self, tokenizer: Any):
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        tokens = sorted((t for t in tokenizer.get_added_vocab() if t and t != IMAGE_PLACEHOLDER), key=len, reverse=True)
+        self.pattern = re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+    def find(self, text: str) -> str | None:
+        """The first special token in `text`, or None."""
+        match = self.pattern.search(text) if self.pattern is not None else None
+        return match[0] if match else None
+
+    def escape(self, text: str) -> str:
+        """`text` with every special token broken by ESCAPE_MARK after its first character."""
+        if self.pattern is None:
+            return text
+        return self.pattern.sub(lambda match: match[0][0] + ESCAPE_MARK + match[0][1:], text)
+
+
 class DualViewCollator:
     """Builds rollout and scoring batches from canonical `Sample`s.
 
@@ -71,10 +114,22 @@ class DualViewCollator:
             cut; the first is logged as a warning naming its id, later ones at debug level.
         min_pixels, max_pixels: Bounds every image is resized into before patching, the same in
             every processor call (0 = the processor's own; `data.min_pixels` / `data.max_pixels`).
+        special_tokens: `escape`: the tokenizer's special tokens in a question, privileged text
+            or answer are kept as plain characters (`SpecialTokens.escape`, before p is cut);
+            `reject`: text is used as it is (`prompt_checks` refuses such rows at load time;
+            `data.special_tokens`).
 
     Every prompt with p — training views, evaluation with p, warm-ups — is built by
     :meth:`prompt_text`. A question with one `<image>` placeholder per image gets each image at
     its placeholder; without placeholders the images come before the text.
+
+    A batch for a vision model whose samples have no image gets one *padding row* after its
+    samples: a prompt holding only `PADDING_IMAGE`, never gathered and with no response. Every
+    forward of a vision model then runs its vision tower, which under ZeRO-3 is a series of
+    collectives: a rank whose micro-batch is text-only must make them like the ranks whose
+    micro-batches hold images (and, in the backward, reduce the vision tower's gradient, which is
+    exactly zero from the padding row). Nothing downstream reads the row: responses, logit
+    indices, loss, router and metrics cover the samples only.
     """
 
     def __init__(
@@ -86,6 +141,7 @@ class DualViewCollator:
         max_privileged_tokens: int,
         min_pixels: int = 0,
         max_pixels: int = 0,
+        special_tokens: SpecialTokenPolicy = "reject",
     ):
         if isinstance(max_privileged_tokens, bool) or not isinstance(max_privileged_tokens, int) or max_privileged_tokens < 0:
             raise ValueError(f"max_privileged_tokens must be an integer >= 0, got {max_privileged_tokens!r}")
@@ -94,9 +150,11 @@ class DualViewCollator:
         self.privileged_template = privileged_template
         self.max_privileged_tokens = max_privileged_tokens
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.special_tokens = special_tokens
         self.tokenizer = getattr(processor, "tokenizer", processor)
         if self.tokenizer.pad_token_id is None:
             raise ValueError("the student tokenizer has no pad token; set one in its config")
+        self.specials = SpecialTokens(self.tokenizer)
         self._truncated_ids: set[str] = set()
 
     @classmethod
@@ -104,13 +162,17 @@ class DualViewCollator:
         """The collator of a run's `data` section."""
         return cls(processor, teacher_processor, privileged_template=data.privileged_template,
                    max_privileged_tokens=data.max_privileged_tokens, min_pixels=data.min_pixels,
-                   max_pixels=data.max_pixels)
+                   max_pixels=data.max_pixels, special_tokens=data.special_tokens)
 
     def for_processor(self, processor: Any) -> "DualViewCollator":
         """The same prompts for another model's processor (e.g. scoring the teacher's own rollouts)."""
         return DualViewCollator(processor, privileged_template=self.privileged_template,
                                 max_privileged_tokens=self.max_privileged_tokens, min_pixels=self.min_pixels,
-                                max_pixels=self.max_pixels)
+                                max_pixels=self.max_pixels, special_tokens=self.special_tokens)
+
+    def data_text(self, text: str) -> str:
+        """Text from the data as the models get it: escaped under `special_tokens="escape"`."""
+        return self.specials.escape(text) if self.special_tokens == "escape" else text
 
     @property
     def truncated_privileged(self) -> int:
@@ -120,32 +182,44 @@ class DualViewCollator:
     # -- prompts -------------------------------------------------------------------------
     def prompt_text(self, sample: Sample, privileged: bool, processor: Any = None) -> str:
         """The chat-templated prompt, ending with the assistant turn's opening."""
+        return self.chat_prompt(sample.id, sample.question, sample.privileged if privileged else None,
+                                len(sample.images), processor)
+
+    def chat_prompt(self, sample_id: str, question: str, privileged: str | None, num_images: int,
+                    processor: Any = None) -> str:
+        """`prompt_text` of a sample given by its parts: the question, its privileged text (None for
+        the plain view) and its number of images (load-time checks know these without decoding
+        any image)."""
         processor = processor or self.processor
-        text = sample.question
-        if privileged:
-            text = self.privileged_template.format(privileged=self.privileged_text(sample), question=text)
+        text = self.data_text(question)
+        if privileged is not None:
+            text = self.privileged_template.format(privileged=self._privileged_text(sample_id, privileged), question=text)
         content: Any = text
-        if sample.images or IMAGE_PLACEHOLDER in sample.question:
-            content = _image_content(sample, text)
+        if num_images or IMAGE_PLACEHOLDER in question:
+            content = _image_content(sample_id, question, text, num_images)
         messages = [{"role": "user", "content": content}]
         return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def privileged_text(self, sample: Sample) -> str:
-        """`sample.privileged`, cut to `max_privileged_tokens` tokens (see the class docstring)."""
-        limit, text = self.max_privileged_tokens, sample.privileged
+        """`sample.privileged` as the privileged views show it: escaped if asked, cut to
+        `max_privileged_tokens` tokens (see the class docstring)."""
+        return self._privileged_text(sample.id, sample.privileged)
+
+    def _privileged_text(self, sample_id: str, text: str) -> str:
+        limit, text = self.max_privileged_tokens, self.data_text(text)
         if not limit or not text:
             return text
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) <= limit:
             return text
-        if sample.id not in self._truncated_ids:
-            self._truncated_ids.add(sample.id)
+        if sample_id not in self._truncated_ids:
+            self._truncated_ids.add(sample_id)
             first = len(self._truncated_ids) == 1
             log.log(
                 logging.WARNING if first else logging.DEBUG,
                 "sample %r: privileged text has %d tokens, truncated to the first %d "
                 "(data.max_privileged_tokens)%s",
-                sample.id, len(ids), limit,
+                sample_id, len(ids), limit,
                 "; later truncations are counted in truncated_privileged, not logged" if first else "",
             )
         # A cut inside a multi-byte character decodes to U+FFFD; drop that partial character.
@@ -155,19 +229,25 @@ class DualViewCollator:
         flags = [privileged] * len(samples) if isinstance(privileged, bool) else list(privileged)
         texts = [self.prompt_text(s, p, processor) for s, p in zip(samples, flags)]
         images = [image for s in samples for image in s.images]
-        if images and not hasattr(processor, "image_processor"):
+        vision = hasattr(processor, "image_processor")
+        if images and not vision:
             first = next(s for s in samples if s.images)
             raise ValueError(
                 f"sample {first.id!r} has {len(first.images)} image(s) but the model is text-only; "
                 "use a text recipe (e.g. synthetic_text) or a vision-language checkpoint"
             )
         kwargs: dict[str, Any] = dict(return_tensors="pt", padding=True, padding_side=padding_side)
-        if images:
-            with image_cache.reuse(processor):  # each distinct image is preprocessed once
-                return dict(processor(text=texts, images=images, **kwargs, **self.image_size(processor)))
-        if hasattr(processor, "image_processor"):
-            return dict(processor(text=texts, **kwargs))
-        return dict(processor(texts, **kwargs))
+        if not vision:
+            return dict(processor(texts, **kwargs))
+        if not images:  # the padding row (see the class docstring)
+            texts.append(padding_prompt(processor))
+            images = [PADDING_IMAGE]
+        with image_cache.reuse(processor):  # each distinct image is preprocessed once
+            return dict(processor(text=texts, images=images, **kwargs, **self.image_size(processor)))
+
+    def pixel_bounds(self) -> dict[str, int]:
+        """The pixel bounds set by `data.min_pixels` / `data.max_pixels` (unset ones left out)."""
+        return {key: value for key, value in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if value}
 
     def image_size(self, processor: Any) -> dict[str, Any]:
         """The processor-call argument that bounds image pixels (nothing when neither bound is set)."""
@@ -179,7 +259,8 @@ class DualViewCollator:
 
     def rollout_batch(self, samples: Sequence[Sample], privileged: bool = False) -> dict[str, torch.Tensor]:
         """Left-padded prompts for `generate` (all prompts end at the same column): the plain view,
-        or with `privileged` the privileged view (to score a model's answers given p)."""
+        or with `privileged` the privileged view (to score a model's answers given p). Row b is
+        samples[b]; a vision batch without images has the padding row after them."""
         return self._encode(samples, privileged=privileged, processor=self.processor, padding_side="left")
 
     # -- scoring -------------------------------------------------------------------------
@@ -230,25 +311,35 @@ class DualViewCollator:
         if not torch.equal(response_mask, _prefix_mask(lengths, response_mask.shape[1])):
             raise ValueError("response_mask must be a prefix mask (tokens after EOS are masked)")
         prompts = self._encode(samples, privileged, processor or self.processor, padding_side="right")
-        return _append_responses(prompts, response_ids, lengths, self.tokenizer.pad_token_id, padding_side)
+        padding_rows = prompts["input_ids"].shape[0] - len(samples)
+        if padding_rows:  # the padding row gets no response
+            response_ids = torch.cat([response_ids, response_ids.new_zeros(padding_rows, response_ids.shape[1])])
+            lengths = torch.cat([lengths, lengths.new_zeros(padding_rows)])
+        view = _append_responses(prompts, response_ids, lengths, self.tokenizer.pad_token_id, padding_side)
+        return ModelView(view.inputs, view.logit_index[: len(samples)])
 
 
-def _image_content(sample: Sample, text: str) -> list[dict[str, str]]:
+def padding_prompt(processor: Any) -> str:
+    """The prompt of a vision batch's padding row: a user turn holding one image."""
+    messages = [{"role": "user", "content": [{"type": "image"}]}]
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _image_content(sample_id: str, question: str, text: str, images: int) -> list[dict[str, str]]:
     """User-turn content: the images at the question's `<image>` placeholders (one per image),
     or, without placeholders, all images before the text."""
-    placeholders = sample.question.count(IMAGE_PLACEHOLDER)
-    images = len(sample.images)
+    placeholders = question.count(IMAGE_PLACEHOLDER)
     if not placeholders:
         return [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": text}]
     if placeholders != images:
         raise ValueError(
-            f"sample {sample.id!r}: the question has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
+            f"sample {sample_id!r}: the question has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
             f"for {images} image(s); use one per image, or none to put the images first"
         )
     pieces = text.split(IMAGE_PLACEHOLDER)
     if len(pieces) - 1 != images:
         raise ValueError(
-            f"sample {sample.id!r}: the privileged text or data.privileged_template contains "
+            f"sample {sample_id!r}: the privileged text or data.privileged_template contains "
             f"{IMAGE_PLACEHOLDER}; only the question may hold placeholders"
         )
     content = []
@@ -325,27 +416,33 @@ def check_shared_vocab(teacher_tokenizer: Any, student_tokenizer: Any, teacher_v
     LM heads padded to different sizes are fine (sliced to the common size); a different
     token-to-id mapping is not: the response ids would mean different tokens to the teacher.
     """
+    check_same_tokenizer(teacher_tokenizer, student_tokenizer)
+    student_tokenizer = getattr(student_tokenizer, "tokenizer", student_tokenizer)
+    used = len(student_tokenizer)
+    common = min(teacher_vocab, student_vocab)
+    if used > common:
+        raise InputError(f"tokenizer has {used} tokens but an LM head has only {common} rows")
+    return common
+
+
+def check_same_tokenizer(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
+    """Raise InputError if teacher and student map tokens to ids differently (processors or tokenizers)."""
     teacher_tokenizer = getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer)
     student_tokenizer = getattr(student_tokenizer, "tokenizer", student_tokenizer)
     if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
         t, s = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
         diff = sorted(set(t.items()) ^ set(s.items()), key=lambda kv: kv[1])[:3]
-        raise ValueError(
+        raise InputError(
             f"teacher and student tokenizers differ (model.teacher has {len(t)} tokens, model.student "
             f"{len(s)}; first differences {diff}); DOPD needs one shared tokenizer: pick a teacher and "
             "student of the same model family and tokenizer"
         )
-    used = len(student_tokenizer)
-    common = min(teacher_vocab, student_vocab)
-    if used > common:
-        raise ValueError(f"tokenizer has {used} tokens but an LM head has only {common} rows")
-    return common
 
 
 def reference_responses(collator: DualViewCollator, samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference answers tokenised as responses ending in EOS (the off-policy SFT target)."""
     tok = collator.tokenizer
-    rows = [tok(s.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for s in samples]
+    rows = [tok(collator.data_text(s.answer), add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for s in samples]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)

@@ -18,7 +18,9 @@ from typing import Annotated, Any, Literal
 import yaml
 
 from dopd_vlm.chunks import LossPath
+from dopd_vlm.collate import SpecialTokenPolicy
 from dopd_vlm.data.schema import IMAGE_PLACEHOLDER
+from dopd_vlm.errors import InputError
 from dopd_vlm.losses import TopKVariant
 from dopd_vlm.methods import METHODS, Ablation, Divergence, OpdDivergence, RegimeWeights
 from dopd_vlm.router import Normalization, TokenDrop
@@ -36,8 +38,8 @@ PositiveFloat = Annotated[float, Above(0.0)]
 Beta = Annotated[float, Between(0.0, 1.0, high_open=True)]
 
 
-class ConfigError(ValueError):
-    """A config problem, reported as one line that names the dotted key."""
+class ConfigError(InputError):
+    """A config problem, reported as one line that names the dotted key (or the DeepSpeed JSON)."""
 
 
 # The attention and MLP projections of the language model, named alike in every Qwen family.
@@ -103,7 +105,8 @@ class DataConfig:
         max_eval_samples: Cap per eval split (0 = the whole split).
         privileged_template: How the privileged text p joins the question in the user turn of the
             privileged views; must contain `{privileged}` and `{question}`.
-        skip_bad_rows: Skip (count and log) rows that fail validation instead of stopping.
+        skip_bad_rows: Skip (count and log) rows that fail validation instead of stopping, the
+            load-time prompt checks included (special tokens, prompts that do not fit).
         max_privileged_tokens: Privileged texts longer than this many tokens are truncated (p
             only, never the question or the response), counted and logged (0 = no limit).
         min_pixels: Each image is resized to at least this many pixels before patching (0 = the
@@ -111,6 +114,13 @@ class DataConfig:
         max_pixels: ... and at most this many (0 = the processor's own bound, often thousands of
             visual tokens per real photo, repeated per rollout and per view). One visual token
             covers 28x28 pixels in Qwen2/2.5-VL, 32x32 in Qwen3-VL.
+        special_tokens: A question, privileged text or answer holding one of the tokenizer's
+            special tokens (`<|im_end|>`, `<|image_pad|>`, ...): `reject` (a bad row, named at
+            load time) or `escape` (kept as plain characters, a zero-width space after the
+            token's first character; counted and logged).
+        max_prompt_tokens: The longest view of a prompt (plain or with p, image tokens included)
+            may have at most this many tokens; longer prompts are bad rows at load time
+            (0 = only the models' context limits apply).
     """
 
     recipe: str = "synthetic_scenes"
@@ -122,6 +132,8 @@ class DataConfig:
     max_privileged_tokens: Annotated[int, AtLeast(0)] = 1024
     min_pixels: NonNegative = 0
     max_pixels: NonNegative = 0
+    special_tokens: SpecialTokenPolicy = "reject"
+    max_prompt_tokens: Annotated[int, AtLeast(0)] = 0
 
 
 @dataclass
@@ -326,6 +338,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             raise ConfigError(f"{path}: not valid YAML: {_one_line(err)}") from err
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     for override in overrides:
@@ -355,7 +369,27 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(value) if value.strip() else ""
+    try:
+        node[leaf] = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({_one_line(err)}); "
+                          "quote it, e.g. key='{...}'") from None
+
+
+def _check_template_fields(template: str) -> None:
+    """The template is filled with str.format: any other field, a format spec or a lone brace would
+    fail at the first prompt; literal braces are written {{ and }}."""
+    import string
+
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as err:
+        raise ConfigError(f"config key 'data.privileged_template': {err} (write a literal brace as {{{{ or }}}})") from None
+    for name, spec, conversion in fields:
+        _check(name in ("privileged", "question") and not spec and conversion is None, "data.privileged_template",
+               f"unknown field {{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}: only "
+               "{privileged} and {question} are filled in (write a literal brace as {{ or }})")
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -395,6 +429,7 @@ def validate(cfg: RunConfig) -> None:
     )
     _check(not (d.min_pixels and d.max_pixels) or d.min_pixels <= d.max_pixels, "data.max_pixels",
            f"{d.max_pixels} is below data.min_pixels ({d.min_pixels})")
+    _check_template_fields(d.privileged_template)
     _check(IMAGE_PLACEHOLDER not in d.privileged_template, "data.privileged_template",
            f"must not contain {IMAGE_PLACEHOLDER} (image placeholders belong in the questions)")
     _check(bool(t.output_dir), "train.output_dir", "is required")
@@ -420,6 +455,8 @@ def load_deepspeed_config(
         raise ConfigError(f"{path}: invalid DeepSpeed JSON: {_one_line(err)}") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: invalid DeepSpeed JSON: not UTF-8 (offset {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
     _check_deepspeed_sections(ds, path)
     t = cfg.train
     if t.prompts_per_step % (t.prompts_per_micro_batch * world_size):
@@ -457,7 +494,22 @@ def load_deepspeed_config(
     for key, value in ds.get("zero_optimization", {}).items():
         if value == "auto":
             raise ConfigError(f"{path}: 'zero_optimization.{key}': auto is not supported here")
+    _check_zero_section(ds.get("zero_optimization", {}), path)
     return ds
+
+
+def _check_zero_section(zero: dict[str, Any], path: Path) -> None:
+    """DeepSpeed's own schema of the ZeRO section (unknown keys, wrong types), checked now rather
+    than inside `deepspeed.initialize`, after the models have loaded."""
+    import pydantic
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except pydantic.ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(map(str, ("zero_optimization", *first["loc"])))
+        raise ConfigError(f"{path}: '{where}': {first['msg']}") from None
 
 
 ZERO_STAGES = (0, 1, 2, 3)

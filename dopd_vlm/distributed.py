@@ -1,14 +1,15 @@
 """The process group: joining it, small collectives every rank must make alike, leaving it.
 
 Launchers (torchrun, deepspeed) describe the group in environment variables; a plain
-`python -m dopd_vlm train` gets a 1-process group so the same code path runs everywhere.
+`python -m dopd_vlm train` gets a 1-process group so the same code path runs everywhere. That
+group meets in an in-memory store, not on a TCP port: runs started side by side on one machine
+(a learning-rate sweep) cannot race for a port.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 from datetime import timedelta
 from typing import NoReturn
@@ -20,21 +21,24 @@ import torch.distributed as dist
 def init_distributed(timeout_s: float = 1800.0) -> None:
     """Join the process group the launcher describes (torchrun / deepspeed), or a 1-process one.
 
-    Collectives time out after `timeout_s`: a rank that dies mid-run ends the others with an
-    error instead of leaving them blocked forever. Processes that join a group should end with
-    :func:`exit_process`.
+    Several processes meet at the launcher's rendezvous (MASTER_ADDR:MASTER_PORT); one process
+    alone meets itself in a `HashStore` (see the module docstring). Collectives time out after
+    `timeout_s`: a rank that dies mid-run ends the others with an error instead of leaving them
+    blocked forever. Processes that join a group should end with :func:`exit_process`.
     """
     import deepspeed
 
     if dist.is_initialized():
         return
-    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, default)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if int(os.environ["WORLD_SIZE"]) == 1:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts a group that exists
 
 
 def world_size() -> int:
@@ -93,8 +97,3 @@ def exit_process(code: int) -> NoReturn:
     sys.stderr.flush()
     os._exit(code)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -25,6 +25,7 @@ from torch import nn
 
 from dopd_vlm import lora
 from dopd_vlm.distributed import all_ranks_true, rank, world_size
+from dopd_vlm.errors import InputError
 from dopd_vlm.scoring import ResponseHiddenStates
 
 log = logging.getLogger("dopd_vlm.engine")
@@ -280,9 +281,9 @@ def load_latest_checkpoint(engine, out: Path) -> int:
         return 0
     path, client_state = engine.load_checkpoint(str(out / "checkpoints"), tag=tag, load_module_strict=False)
     if path is None:
-        raise SystemExit(f"--resume: checkpoint {out / 'checkpoints' / tag} could not be loaded")
+        raise InputError(f"--resume: checkpoint {out / 'checkpoints' / tag} could not be loaded")
     if client_state.get("trained", trained_names(engine)) != trained_names(engine):  # strict=False hides this
-        raise SystemExit(f"--resume: checkpoint {out / 'checkpoints' / tag} trained other parameters than this run "
+        raise InputError(f"--resume: checkpoint {out / 'checkpoints' / tag} trained other parameters than this run "
                          "(a different model.lora?); resume with the run's own config")
     log.info("resumed from %s (step %d)", path, client_state["step"])
     return int(client_state["step"])

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from dopd_vlm.errors import InputError
+
 
 @dataclass(frozen=True)
 class FamilyInfo:
@@ -45,10 +47,10 @@ FAMILIES: tuple[str, ...] = tuple(FAMILY_INFO)
 VISION_FAMILIES: tuple[str, ...] = tuple(name for name, info in FAMILY_INFO.items() if info.vision)
 
 
-def unsupported(model_type: object, checkpoint: object = None) -> ValueError:
+def unsupported(model_type: object, checkpoint: object = None) -> InputError:
     """The one error for a family outside the table (optionally naming the checkpoint)."""
     where = "" if checkpoint is None else f"checkpoint {checkpoint}: "
-    return ValueError(
+    return InputError(
         f"{where}Unsupported model family {model_type!r}: dopd_vlm supports {', '.join(FAMILIES)} "
         "(config.model_type of Qwen2-VL, Qwen2.5-VL, Qwen3-VL and text-only Qwen3 checkpoints)."
     )

@@ -22,6 +22,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from dopd_vlm.errors import InputError
 from dopd_vlm.families import FAMILIES, is_vision_family, unsupported
 
 # Qwen's vision placeholder/marker tokens, in Qwen's order.
@@ -37,7 +38,7 @@ VISION_SPECIAL_TOKENS = (
 def model_family(model_or_config: PreTrainedModel | PreTrainedConfig | str | os.PathLike) -> str:
     """The dopd_vlm family (= `config.model_type`) of a model, a config or a checkpoint path.
 
-    Raises ValueError naming the model_type and the supported families otherwise, so a wrong
+    Raises InputError naming the model_type and the supported families otherwise, so a wrong
     checkpoint fails at load time instead of deep inside a forward pass; for a path, also when
     its config cannot be read (one line naming the path).
     """
@@ -64,14 +65,47 @@ def _read_config(checkpoint: str | os.PathLike) -> PreTrainedConfig:
             try:
                 model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
             except (ValueError, AttributeError):
-                raise ValueError(f"checkpoint {path}: config.json is not a valid JSON object") from None
+                raise InputError(f"checkpoint {path}: config.json is not a valid JSON object") from None
             if model_type not in FAMILIES:  # e.g. an architecture this transformers does not know
                 raise unsupported(model_type, os.fspath(checkpoint)) from None
         elif path.is_dir():
-            raise ValueError(f"checkpoint {path}: no config.json in this folder") from None
+            raise InputError(f"checkpoint {path}: no config.json in this folder") from None
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         where = "no such local folder, and not loadable as a Hub id" if not path.exists() else "cannot read its config"
-        raise ValueError(f"checkpoint {os.fspath(checkpoint)}: {where} ({first_line})") from None
+        raise InputError(f"checkpoint {os.fspath(checkpoint)}: {where} ({first_line})") from None
+
+
+def check_weight_files(checkpoint: str | os.PathLike) -> None:
+    """Raise InputError naming the file if a local checkpoint's safetensors weights are incomplete.
+
+    Only the headers are read (milliseconds): a truncated or damaged file fails here, before any
+    model loads, instead of inside `from_pretrained` with safetensors' own message, which names
+    no file. A sharded checkpoint's index must name shards that exist. Hub ids are left to
+    transformers, which verifies what it downloads.
+    """
+    from safetensors import safe_open
+
+    folder = Path(checkpoint)
+    if not folder.is_dir():
+        return
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise InputError(f"checkpoint {folder}: {index.name} is not a valid safetensors index") from None
+        missing = sorted(name for name in shards if not (folder / name).is_file())
+        if missing:
+            raise InputError(f"checkpoint {folder}: {missing[0]}, listed in {index.name}, is missing")
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except Exception as error:  # noqa: BLE001  (SafetensorError, OSError: an unusable file either way)
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise InputError(
+                f"checkpoint {folder}: {weights.name} is damaged or truncated ({reason}); re-download or re-export it"
+            ) from None
 
 
 def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
@@ -81,10 +115,23 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = Non
     AutoModelForCausalLM. `dtype=None` keeps the dtype stored in the checkpoint.
     """
     family = model_family(path)  # a missing or unsupported checkpoint: one clear line
+    check_weight_files(path)
     config = AutoConfig.from_pretrained(path)
     auto_cls = AutoModelForImageTextToText if is_vision_family(family) else AutoModelForCausalLM
     kwargs = {} if dtype is None else {"dtype": dtype}
-    return auto_cls.from_pretrained(path, config=config, **kwargs)
+    try:
+        return auto_cls.from_pretrained(path, config=config, **kwargs)
+    except OSError as error:  # no weight file, an unreadable one: transformers' message, on one line
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputError(f"checkpoint {os.fspath(path)}: cannot load its weights ({first_line})") from None
+
+
+def context_length(path: str | os.PathLike) -> int | None:
+    """The longest sequence (prompt + response tokens) the checkpoint's language model is built for
+    (`max_position_embeddings` of its text config), or None when the config does not say."""
+    config = AutoConfig.from_pretrained(path)
+    text_config = getattr(config, "text_config", None) or config
+    return getattr(text_config, "max_position_embeddings", None)
 
 
 def load_processor(path: str | os.PathLike):

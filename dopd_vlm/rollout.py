@@ -86,4 +86,5 @@ def sample_responses(
     with plain_generation_defaults(model):
         sequences = model.generate(**batch, generation_config=generation, synced_gpus=synced_gpus)
     model.train(was_training)
-    return extract_responses(sequences.cpu(), batch["input_ids"].shape[1], eos_ids, tokenizer.pad_token_id)
+    sequences = sequences[: len(samples)].cpu()  # without the collator's padding row, if any
+    return extract_responses(sequences, batch["input_ids"].shape[1], eos_ids, tokenizer.pad_token_id)

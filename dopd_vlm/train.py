@@ -25,11 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from dopd_vlm.collate import DualViewCollator, check_shared_vocab
+from dopd_vlm import prompt_checks
+from dopd_vlm.chunks import check_heads, use_fused
+from dopd_vlm.collate import DualViewCollator, check_same_tokenizer, check_shared_vocab
 from dopd_vlm.config import RunConfig, load_deepspeed_config
 from dopd_vlm.data.dataset import SampleDataset
 from dopd_vlm.data.recipes import load_recipe
 from dopd_vlm.distributed import init_distributed, rank, world_size
+from dopd_vlm.errors import InputError
 from dopd_vlm.engine import (
     NonFiniteTraining,
     export_student,
@@ -43,8 +46,17 @@ from dopd_vlm.engine import (
 )
 from dopd_vlm.evaluate import evaluate_accuracy
 from dopd_vlm.methods import METHODS
-from dopd_vlm.models import head_rows, load_model, load_processor, model_family, vision_special_token_ids
+from dopd_vlm.models import (
+    check_weight_files,
+    context_length,
+    head_rows,
+    load_model,
+    load_processor,
+    model_family,
+    vision_special_token_ids,
+)
 from dopd_vlm.rollout import eos_token_ids
+from dopd_vlm.scoring import output_head
 from dopd_vlm.step import Models, derive_seed, dopd_step, step_batches
 from dopd_vlm import lora, vllm_rollout
 
@@ -84,7 +96,8 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     """Join the process group, load and check data and models, build the DeepSpeed engines.
 
     Everything a user can get wrong (config, data, checkpoints, tokenizers, the output folder)
-    fails here, before the first step.
+    fails here as an `InputError`, before the first step, and all of it but what needs the loaded
+    weights (LM-head sizes, a DeepSpeed JSON DeepSpeed itself refuses) before any model loads.
     """
     # DeepSpeed calls torch.distributed's renamed collectives on every step
     warnings.filterwarnings("ignore", message=r".*is deprecated. Please use `torch.distributed", category=FutureWarning)
@@ -102,9 +115,13 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     family = model_family(cfg.model.student)
     if cfg.model.teacher:
         model_family(cfg.model.teacher)  # an unsupported or unreadable teacher fails now, not after data loading
+    for checkpoint in filter(None, (cfg.model.student, cfg.model.teacher)):
+        check_weight_files(checkpoint)  # a truncated download fails now, naming the file
+    collator = build_collator(cfg)
     if cfg.rollout.engine == "vllm":  # the engine's constraints, before any model loads
         vllm_rollout.check_student(cfg, torch.cuda.is_available(), world_size())
     data, eval_sets = load_splits(cfg, family)
+    data, eval_sets = check_prompts(cfg, collator, data, eval_sets)
 
     method = METHODS[cfg.method.name]
     initial_privileged = method.needs_privileged_student and cfg.method.privileged_target == "initial"
@@ -117,13 +134,15 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
                              if initial_privileged and not with_lora else None)
     if cfg.model.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    collator, vocab_size = build_collator(cfg, student, teacher)
+    vocab_size = check_shared_vocab(collator.teacher_processor, collator.processor,
+                                    head_rows(teacher if teacher is not None else student), head_rows(student))
     check_first_samples(collator, cfg, {cfg.data.train_split: data, **eval_sets})
 
     engine, scheduler, optimizer = student_engine(student, ds_config, cfg.optim, lambda step: lr_factor(step, cfg))
     models = Models(engine, frozen_engine(teacher, ds_config), collator, vocab_size, optimizer,
                     vision_special_token_ids(collator.tokenizer), frozen_engine(frozen_privileged, ds_config),
                     peft_student=peft_student, privileged_base=initial_privileged and with_lora)
+    check_loss_path(models, cfg)
     start_step = load_latest_checkpoint(engine, out) if resume else 0
     if cfg.rollout.engine == "vllm" and method.on_policy:  # one engine per rank, from the student checkpoint
         models.rollout_engine = vllm_rollout.start_engine(cfg, collator, dtype, eos_token_ids(student, collator.tokenizer),
@@ -131,6 +150,13 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
         if start_step:
             models.rollout_engine.sync_weights(engine)  # the resumed weights, not the checkpoint's initial ones
     return Run(cfg, models, scheduler, collator.processor, data, eval_sets, out, start_step)
+
+
+def check_loss_path(models: Models, cfg: RunConfig) -> None:
+    """train.loss_path works with these output layers on this many ranks (else the first step would fail)."""
+    heads = [None if model is None else output_head(model, models.vocab_size)
+             for model in (models.student_module, models.teacher, models.frozen_privileged)]
+    check_heads(*heads, fused=use_fused(cfg.train.loss_path, heads[0]), world_size=world_size())
 
 
 def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
@@ -150,21 +176,34 @@ def load_splits(cfg: RunConfig, family: str) -> tuple[SampleDataset, dict[str, S
     return data, eval_sets
 
 
-def build_collator(cfg: RunConfig, student: nn.Module, teacher: nn.Module | None) -> tuple[DualViewCollator, int]:
-    """The run's collator and the vocabulary the heads share (checked across teacher and student)."""
+def build_collator(cfg: RunConfig) -> DualViewCollator:
+    """The run's collator, from the processors alone: teacher and student must share one tokenizer,
+    and the privileged template must not hold a special token."""
     processor = load_processor(cfg.model.student)
-    teacher_processor = load_processor(cfg.model.teacher) if teacher is not None else processor
-    vocab_size = head_rows(student)
-    if teacher is not None:
-        vocab_size = check_shared_vocab(teacher_processor, processor, head_rows(teacher), vocab_size)
-    return DualViewCollator.from_config(processor, teacher_processor, data=cfg.data), vocab_size
+    teacher_processor = load_processor(cfg.model.teacher) if cfg.model.teacher else processor
+    check_same_tokenizer(teacher_processor, processor)
+    collator = DualViewCollator.from_config(processor, teacher_processor, data=cfg.data)
+    prompt_checks.check_template(cfg.data.privileged_template, collator.specials)
+    return collator
+
+
+def check_prompts(cfg: RunConfig, collator: DualViewCollator, data: SampleDataset,
+                  eval_sets: dict[str, SampleDataset]) -> tuple[SampleDataset, dict[str, SampleDataset]]:
+    """Every split's prompts against the models that read them (`prompt_checks`); with
+    data.skip_bad_rows, the splits without their bad rows."""
+    teacher_context = context_length(cfg.model.teacher) if cfg.model.teacher else None
+    limits = prompt_checks.run_limits(cfg, collator, context_length(cfg.model.student), teacher_context)
+    skip = cfg.data.skip_bad_rows
+    return (prompt_checks.check_split(data, collator, limits, skip_bad_rows=skip),
+            prompt_checks.check_splits(eval_sets, collator, limits, skip_bad_rows=skip))
 
 
 def check_first_samples(collator: DualViewCollator, cfg: RunConfig, splits: dict[str, SampleDataset]) -> None:
     """Every split is non-empty and its first sample collates: fail now, not at step 1000."""
     for split, dataset in splits.items():
         if len(dataset) == 0:
-            raise SystemExit(f"data split '{split}' of recipe {cfg.data.recipe} is empty")
+            raise InputError(f"data split '{split}' of recipe {cfg.data.recipe} is empty"
+                             + (f" ({len(dataset.skipped)} bad rows skipped)" if dataset.skipped else ""))
         collator.scoring_views([dataset[0]], torch.tensor([[0]]), torch.tensor([[True]]))
 
 
@@ -175,7 +214,7 @@ def check_output_dir(out: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
-        raise SystemExit(f"train.output_dir {out}: cannot write there ({err.strerror})") from None
+        raise InputError(f"train.output_dir {out}: cannot write there ({err.strerror})") from None
 
 
 def lr_factor(step: int, cfg: RunConfig) -> float:

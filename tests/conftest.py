@@ -8,14 +8,16 @@ of hanging on the network.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is first imported
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models gain nothing from intra-op threads, and on 2 shared cores contention makes them
 # 10-100x slower; subprocesses (torchrun ranks, notebook kernels) inherit this too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-from pathlib import Path  # noqa: E402
+# DeepSpeed JIT-builds a CPU op at its first init; a build cache shared by several checkouts (or
+# virtualenvs) rebuilds it for each and can leave a lock behind that stalls every later start.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
 
 import pytest  # noqa: E402
 

@@ -131,6 +131,41 @@ def test_privileged_views_score_the_same_batched_alone_and_left_padded(family, l
             torch.testing.assert_close(together, left_padded, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+def test_a_vision_batch_without_images_runs_the_vision_tower_on_a_padding_row_that_counts_for_nothing(family, loaded):
+    # ZeRO-3 makes every vision-tower call a collective: a text-only micro-batch must still run it,
+    # forward and backward, while the padding row changes no score and no gradient.
+    student, _, collator = loaded(family)
+    texts = [Sample("t0", "Say yes.", "yes", "the answer is yes", ()), Sample("t1", "Name a colour.", "red", "red", ())]
+    ids, mask = torch.tensor([[5, 6, 7], [8, 9, 5]]), torch.tensor([[True, True, True], [True, True, False]])
+    rollout = collator.rollout_batch(texts)
+    assert rollout["input_ids"].shape[0] == 3 and rollout["image_grid_thw"].shape[0] == 1
+    view = collator.scoring_views(texts, ids, mask).privileged_student
+    assert view.inputs["input_ids"].shape[0] == 3 and view.logit_index.shape[0] == 2
+    visual = [p for name, p in student.named_parameters() if ".visual." in f".{name}"]
+    in_visual = {id(p) for p in visual}
+    assert visual
+    student.zero_grad()
+    hidden = response_hidden_states(student, view, mask)
+    hidden.square().sum().backward()
+    assert all(p.grad is not None for p in visual)  # the vision tower was in the graph ...
+    assert all(not p.grad.any() for p in visual)  # ... and got an exactly zero gradient
+    language = {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None and id(p) not in in_visual}
+    alone = torch.cat([response_hidden_states(student, collator.scoring_views([s], ids[b : b + 1], mask[b : b + 1])
+                                              .privileged_student, mask[b : b + 1]) for b, s in enumerate(texts)])
+    torch.testing.assert_close(hidden, alone, atol=1e-5, rtol=1e-5)
+    images = [samples_for(family)[0], texts[0]]  # a batch with an image gets no padding row
+    assert collator.rollout_batch(images)["input_ids"].shape[0] == 2
+    student.zero_grad()
+    plain = {k: v for k, v in view.inputs.items() if k not in ("pixel_values", "image_grid_thw")}
+    width = int(plain["attention_mask"][:2].sum(dim=1).max())
+    plain = {k: v[:2, :width] for k, v in plain.items()}
+    response_hidden_states(student, dataclasses.replace(view, inputs=plain), mask).square().sum().backward()
+    for name, grad in language.items():  # without the padding row: the same language-model gradient
+        torch.testing.assert_close(grad, dict(student.named_parameters())[name].grad, atol=1e-6, rtol=1e-5)
+    student.zero_grad()
+
+
 def test_privileged_text_reaches_only_the_privileged_views(loaded):
     _, _, collator = loaded("qwen2_vl")
     sample = samples_for("qwen2_vl")[0]

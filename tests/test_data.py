@@ -321,18 +321,18 @@ def test_images_become_rgb(tmp_path):
     "rows, expected",
     [
         ([row(0, []), {k: v for k, v in row(1, []).items() if k != "prompt"}],
-         "row 1 field 'prompt' (question): missing"),
-        ([row(0, []), row(1, []), row(2, [], label="  ")], "row 2 field 'label' (answer): empty"),
+         "line 2 field 'prompt' (question): missing"),
+        ([row(0, []), row(1, []), row(2, [], label="  ")], "line 3 field 'label' (answer): empty"),
         ([row(0, ["img/missing.png"])],
-         "row 0 field 'pics' (images): image 0 (img/missing.png): file not found"),
+         "line 1 field 'pics' (images): image 0 (img/missing.png): file not found"),
         ([row(0, []), row(1, ["img/a.png", "img/corrupt.png"])],
-         "row 1 field 'pics' (images): image 1 (img/corrupt.png): cannot decode"),
+         "line 2 field 'pics' (images): image 1 (img/corrupt.png): cannot decode"),
         ([row(0, ["img/truncated.png"])],
-         "row 0 field 'pics' (images): image 0 (img/truncated.png): cannot decode"),
-        ([row(0, [], hint="")], "row 0 field 'hint' (privileged): empty"),
-        ([row(0, []), row(1, [], uid="u0")], "row 1 field 'uid' (id): duplicate id 'u0'"),
-        ([row(0, [], prompt=5)], "row 0 field 'prompt' (question): expected a string, got int"),
-        ([row(0, ["img/a.png"] * 9)], "row 0 field 'pics' (images): 9 images, expected 0 to 8"),
+         "line 1 field 'pics' (images): image 0 (img/truncated.png): cannot decode"),
+        ([row(0, [], hint="")], "line 1 field 'hint' (privileged): empty"),
+        ([row(0, []), row(1, [], uid="u0")], "line 2 field 'uid' (id): duplicate id 'u0' (also line 1)"),
+        ([row(0, [], prompt=5)], "line 1 field 'prompt' (question): expected a string, got int"),
+        ([row(0, ["img/a.png"] * 9)], "line 1 field 'pics' (images): 9 images, expected 0 to 8"),
     ],
 )
 def test_bad_rows_raise_one_line_naming_file_row_and_field(tmp_path, rows, expected):
@@ -343,7 +343,7 @@ def test_bad_rows_raise_one_line_naming_file_row_and_field(tmp_path, rows, expec
         load_recipe(path, "train")
     message = str(error.value)
     assert "\n" not in message
-    assert re.match(r"\S*data/train\.jsonl row \d+ field '", message), message
+    assert re.match(r"\S*data/train\.jsonl line \d+ field '", message), message
     assert expected in message, message
 
 
@@ -352,20 +352,37 @@ def test_wrong_field_mapping_and_bad_json_are_named(tmp_path):
     with pytest.raises(RecipeError) as error:
         load_recipe(wrong, "train")
     message = str(error.value)
-    assert "train.jsonl row 0 field 'answer': missing (no such column" in message
+    assert "train.jsonl field 'answer': missing (no such column" in message
     assert "uid, prompt, label, hint, pics" in message and "\n" not in message
     path = write_local(tmp_path, [row(0, [])])
     (tmp_path / "data" / "train.jsonl").write_text(json.dumps(row(0, [])) + "\n\n{oops\n")
-    with pytest.raises(RecipeError, match=r"train.jsonl row 1: invalid JSON"):
+    with pytest.raises(RecipeError, match=r"train.jsonl line 3: invalid JSON"):  # the editor's line: blanks count
         load_recipe(path, "train")
     (tmp_path / "data" / "train.jsonl").write_text("\n")
     with pytest.raises(RecipeError, match=r"train.jsonl: no rows"):
         load_recipe(path, "train")
 
 
+def test_rows_are_named_by_the_editor_line_for_jsonl_and_the_0_based_row_for_parquet(tmp_path):
+    path = write_local(tmp_path, [row(0, [])], extra={"fields": {k: v for k, v in MAPPING.items() if k != "id"}})
+    lines = [json.dumps(row(0, [])), "", "  ", json.dumps(row(1, [])), json.dumps(row(2, [], label=""))]
+    (tmp_path / "data" / "train.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(RecipeError, match=r"train\.jsonl line 5 field 'label' \(answer\): empty$"):
+        load_recipe(path, "train")
+    lines[-1] = json.dumps(row(2, []))
+    (tmp_path / "data" / "train.jsonl").write_text("\n".join(lines) + "\n")
+    ds = load_recipe(path, "train")  # default ids and the location name the line too
+    assert [s.id for s in ds] == ["train-1", "train-4", "train-5"]
+    assert ds[1].meta["location"].endswith("data/train.jsonl line 4") and ds[1].meta["row"] == 1
+    parquet = write_local(tmp_path, [row(0, []), row(1, []), row(2, [], hint="")], suffix=".parquet")
+    with pytest.raises(RecipeError) as error:
+        load_recipe(parquet, "train")
+    assert str(error.value).endswith("train.parquet row 2 (0-based) field 'hint' (privileged): empty")
+
+
 def test_missing_privileged_allowed_only_when_the_recipe_says_so(tmp_path):
     rows = [row(0, [], hint=None), row(1, [], hint="")]
-    with pytest.raises(RecipeError, match="row 0 field 'hint' \\(privileged\\): missing"):
+    with pytest.raises(RecipeError, match="line 1 field 'hint' \\(privileged\\): missing"):
         load_recipe(write_local(tmp_path, rows), "train")
     ds = load_recipe(write_local(tmp_path, rows, extra={"allow_empty_privileged": True}), "train")
     assert [s.privileged for s in ds] == ["", ""]
@@ -378,8 +395,8 @@ def test_skip_bad_rows_counts_and_logs(tmp_path, caplog):
         ds = load_recipe(path, "train")
     assert [s.id for s in ds] == ["u0", "u3"]
     assert len(ds.skipped) == 2
-    assert "row 1 field 'label' (answer): empty" in ds.skipped[0]
-    assert "row 2 field 'pics' (images)" in ds.skipped[1]
+    assert "line 2 field 'label' (answer): empty" in ds.skipped[0]
+    assert "line 3 field 'pics' (images)" in ds.skipped[1]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert sum("skipping bad row" in w for w in warnings) == 2
     assert any("skipped 2 bad rows of 4" in w for w in warnings)

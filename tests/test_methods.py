@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from dopd_vlm import losses
-from dopd_vlm.chunks import LossInputs, check_partitioned_heads, use_fused
+from dopd_vlm.chunks import LossInputs, check_heads, check_partitioned_heads, use_fused
 from dopd_vlm.config import MethodConfig
+from dopd_vlm.errors import InputError
 from dopd_vlm.methods import compute_loss, summarize
 from dopd_vlm.router import HS, HT, LH, LL, route
 from dopd_vlm.scoring import Head, LMHead, ResponseTokens, WeightHead
@@ -228,13 +229,25 @@ def test_a_partitioned_head_that_is_not_linear_is_refused_on_several_ranks():
     inputs, _ = make_inputs()
     inputs.student_head = PartitionedNonLinearHead()
     check_partitioned_heads(inputs, fused=False, world_size=1)  # one rank: no collectives to match
-    with pytest.raises(ValueError, match="student's output layer .* ZeRO-3 partitioned across 2 ranks"):
+    with pytest.raises(InputError, match="student.s output layer .* ZeRO-3 partitioned across 2 ranks"):
         check_partitioned_heads(inputs, fused=False, world_size=2)
+
+
+def test_the_chunked_loss_path_is_refused_for_a_partitioned_linear_head_on_several_ranks():
+    # a config problem, found by train.setup before the first step (InputError: one line, exit 2)
+    class PartitionedLinearHead(Head):
+        partitioned, is_linear, vocab_size, module = True, True, V, nn.Linear(H, V)
+
+    head = PartitionedLinearHead()
+    check_heads(head, None, None, fused=True, world_size=2)
+    with pytest.raises(InputError, match="train.loss_path=chunked: the student's output layer is ZeRO-3 partitioned "
+                                         "across 2 ranks.*use train.loss_path=auto or fused"):
+        check_heads(head, None, None, fused=False, world_size=2)
 
 
 def test_loss_path_auto_fuses_linear_heads_and_fused_needs_one():
     linear, other = LMHead(nn.Linear(H, V, bias=False), V), LMHead(nn.Sequential(nn.Linear(H, V)), V)
     assert use_fused("auto", linear) and use_fused("fused", WeightHead(torch.ones(V, H)))
     assert not use_fused("auto", other) and not use_fused("chunked", linear)
-    with pytest.raises(ValueError, match="loss_path=fused needs a linear output layer; this student's is Sequential"):
+    with pytest.raises(InputError, match="loss_path=fused needs a linear output layer; this student's is Sequential"):
         use_fused("fused", other)

@@ -43,7 +43,7 @@ def jsonl_line(value) -> bytes:
 
 # -- row-level cases: strict error and counted skip ------------------------------------------
 
-# name -> (bad row 1 as raw JSONL bytes, what the one-line error must contain)
+# name -> (the bad row, line 2 of the file, as raw JSONL bytes; what the one-line error must contain)
 ROW_CASES = {
     "missing_image_file": (jsonl_line(row(1, ["img/nope.png"])),
                            "field 'pics' (images): image 0 (img/nope.png): file not found: "),
@@ -60,9 +60,9 @@ ROW_CASES = {
     "image_of_wrong_type": (jsonl_line(row(1, [5])),
                             "field 'pics' (images): image 0: expected a path, bytes or a data: URI, got int"),
     "non_utf8_bytes": (b'{"uid": "u1", "prompt": "caf\xe9?", "label": "a", "hint": "p", "pics": []}\n',
-                       "row 1: not valid UTF-8 (byte 0xe9 at offset 28 of the line)"),
-    "malformed_json": (b'{"uid": "u1", "prompt": "q?",\n', "row 1: invalid JSON ("),
-    "not_a_json_object": (b'["u1", "q?"]\n', "row 1: expected a JSON object, got list"),
+                       "line 2: not valid UTF-8 (byte 0xe9 at offset 28 of the line)"),
+    "malformed_json": (b'{"uid": "u1", "prompt": "q?",\n', "line 2: invalid JSON ("),
+    "not_a_json_object": (b'["u1", "q?"]\n', "line 2: expected a JSON object, got list"),
     "lone_surrogate": (b'{"uid": "u1", "prompt": "q\\ud800?", "label": "a", "hint": "p", "pics": []}\n',
                        "field 'prompt' (question): not valid Unicode (unpaired surrogate"),
     "no_question": (jsonl_line({k: v for k, v in row(1, []).items() if k != "prompt"}),
@@ -85,7 +85,7 @@ ROW_CASES = {
 
 
 def write_case(tmp_path, bad_line: bytes, **extra):
-    """Good row 0, the bad row 1, good row 2; the odd image files next to the good ones."""
+    """Good line 1, the bad line 2, good line 3; the odd image files next to the good ones."""
     path = write_local(tmp_path, [row(0, ["img/a.png"]), row(2, [])], extra=extra)
     img = tmp_path / "data" / "img"
     (img / "zero.png").write_bytes(b"")
@@ -104,7 +104,7 @@ def test_bad_row_is_one_line_naming_file_row_and_field(tmp_path, case):
     with pytest.raises(RecipeError) as error:
         load_recipe(write_case(tmp_path, bad_line), "train")
     message = one_line(error.value)
-    assert re.match(r"\S*data/train\.jsonl row 1[: ]", message), message
+    assert re.match(r"\S*data/train\.jsonl line 2[: ]", message), message
     assert expected in message, message
 
 
@@ -141,7 +141,7 @@ def test_decompression_bomb_is_a_row_error(tmp_path, monkeypatch):
     with pytest.raises(RecipeError) as error:
         load_recipe(path, "train")
     message = one_line(error.value)
-    assert "row 0 field 'pics' (images): image 0 (img/a.png): cannot decode: Image size (320 pixels)" in message
+    assert "line 1 field 'pics' (images): image 0 (img/a.png): cannot decode: Image size (320 pixels)" in message
 
 
 # -- recipe / mapping errors (whole file: never skipped) --------------------------------------
@@ -154,7 +154,7 @@ def test_wrong_field_mapping_is_named_even_with_skip_bad_rows(tmp_path):
     with pytest.raises(RecipeError) as error:
         load_recipe(wrong, "train")
     message = one_line(error.value)
-    assert "train.jsonl row 0 field 'pictures' (images): missing (no such column" in message
+    assert "train.jsonl field 'pictures' (images): missing (no such column" in message
     # a mapping key that is not a canonical field
     bad_key = write_local(tmp_path, [row(0, [])], extra={"fields": {"prompt": "question"}})
     with pytest.raises(RecipeError) as error:
@@ -381,6 +381,33 @@ def test_unsupported_or_unreadable_checkpoint_is_one_line_naming_it(tmp_path):
             assert message.startswith(f"checkpoint {path}: ") and expected in message, message
 
 
+def test_incomplete_safetensors_are_named_before_any_model_loads(tmp_path, tiny_pairs):
+    import json as json_module
+    import shutil
+
+    from dopd_vlm.errors import InputError
+    from dopd_vlm.models import check_weight_files
+
+    folder = tmp_path / "student"
+    shutil.copytree(tiny_pairs["qwen2_vl"]["student"], folder)
+    check_weight_files(folder)  # complete
+    weights = folder / "model.safetensors"
+    full = weights.read_bytes()
+    for cut, reason in ((len(full) - 100, "incomplete metadata, file not fully covered"), (5, "header too small")):
+        weights.write_bytes(full[:cut])
+        with pytest.raises(InputError) as error:
+            check_weight_files(folder)
+        assert one_line(error.value) == (f"checkpoint {folder}: model.safetensors is damaged or truncated (Error while "
+                                         f"deserializing header: {reason}); re-download or re-export it")
+    weights.write_bytes(full)
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json_module.dumps(index))
+    with pytest.raises(InputError) as error:
+        check_weight_files(folder)
+    assert one_line(error.value) == (f"checkpoint {folder}: model-00001-of-00002.safetensors, listed in "
+                                     "model.safetensors.index.json, is missing")
+
+
 # -- configuration: DeepSpeed JSON, unknown keys and methods, output folder ---------------------
 
 
@@ -402,6 +429,11 @@ def cfg(tmp_path, tiny_pairs):
         ('{"gradient_accumulation_steps": 7}', "'gradient_accumulation_steps' is 7 but the run config implies 4"),
         ('{"scheduler": {"type": "WarmupLR"}}', "'scheduler': remove it"),
         ('{"bf16": {"enabled": true}, "fp16": {"enabled": true}}', "'fp16.enabled' and 'bf16.enabled' are both on"),
+        # DeepSpeed's own ZeRO schema, checked before the models load rather than in deepspeed.initialize
+        ('{"zero_optimization": {"stage": 3, "overlap_comms": true}}',
+         "'zero_optimization.overlap_comms': Extra inputs are not permitted"),
+        ('{"zero_optimization": {"stage": 3, "offload_param": {"device": "gpu"}}}',
+         "'zero_optimization.offload_param.device': Input should be 'none', 'cpu' or 'nvme'"),
     ],
 )
 def test_invalid_deepspeed_config_is_one_line(tmp_path, cfg, content, expected):
@@ -444,14 +476,15 @@ def test_unknown_method_or_key_in_a_config_file_is_one_line(tmp_path, tiny_pairs
 
 
 def test_output_dir_that_cannot_be_written_stops_before_training(tmp_path):
+    from dopd_vlm.errors import InputError
     from dopd_vlm.train import check_output_dir
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     for out, reason in [(blocker / "run", "Not a directory"), (blocker, "File exists")]:
-        with pytest.raises(SystemExit) as error:
+        with pytest.raises(InputError) as error:
             check_output_dir(out)
-        message = one_line(error.value.code)
+        message = one_line(error.value)
         assert message == f"train.output_dir {out}: cannot write there ({reason})", message
     check_output_dir(tmp_path / "fine" / "run")  # creates missing parents
     assert (tmp_path / "fine" / "run").is_dir() and not list((tmp_path / "fine" / "run").iterdir())

@@ -124,6 +124,27 @@ def test_exit_process_keeps_the_exit_code_and_flushes_output():
     assert proc.returncode == 3 and proc.stdout.endswith("printed") and "logged" in proc.stderr
 
 
+@pytest.mark.slow
+def test_single_process_runs_started_together_need_no_port(tmp_path):
+    # A 1-process group meets in an in-memory store: runs started at the same moment cannot race
+    # for a rendezvous port, not even when the shell exports a MASTER_PORT another run holds
+    # (which made every such start fail with DistNetworkError).
+    import socket
+
+    script = ("import torch, torch.distributed as dist; from dopd_vlm.distributed import init_distributed, "
+              "exit_process; init_distributed(); t = torch.ones(1); dist.all_reduce(t); print(int(t)); exit_process(0)")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(held.getsockname()[1])}
+        starts = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        outcomes = [(p.wait(timeout=600), p.stdout.read(), p.stderr.read()) for p in starts]
+    for code, out, err in outcomes:
+        assert code == 0 and out.strip().splitlines()[-1] == "1", err[-3000:]
+
+
 # -- slow: real DeepSpeed ZeRO-3 over gloo -----------------------------------------------------
 
 

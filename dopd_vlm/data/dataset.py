@@ -2,20 +2,24 @@
 
 Every recipe kind builds the same columns (`sample_features`), so the wrapper is kind-agnostic.
 Images are stored encoded (bytes, or a path to a checked file) and decoded on access, so a large
-split costs little memory; RGB conversion also happens on access.
+split costs little memory; RGB conversion also happens on access. `headers` hands out the texts
+and image sizes of many rows without decoding a pixel (for load-time checks of whole splits).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import datasets
+from PIL import Image
 
 from dopd_vlm.data.images import to_rgb
-from dopd_vlm.data.schema import Sample
+from dopd_vlm.data.schema import Sample, SampleHeader
 
 
 def sample_features(meta: dict[str, Any]) -> datasets.Features:
@@ -51,6 +55,8 @@ class SampleDataset(Sequence):
         family: Model family the privileged text was formatted for.
         skipped: One line per row skipped by `skip_bad_rows` (file, row, field, problem);
             `len(skipped)` is the count.
+        skip_bad_rows: Whether this split skips bad rows (the `load_recipe` argument or the
+            recipe's key); later checks of its rows (`prompt_checks`) follow it.
     """
 
     hf: datasets.Dataset
@@ -58,6 +64,7 @@ class SampleDataset(Sequence):
     split: str
     family: str
     skipped: tuple[str, ...] = ()
+    skip_bad_rows: bool = False
 
     def __len__(self) -> int:
         return len(self.hf)
@@ -78,3 +85,40 @@ class SampleDataset(Sequence):
 
     def __iter__(self) -> Iterator[Sample]:
         return (self[i] for i in range(len(self)))
+
+    def headers(self, start: int, stop: int) -> list[SampleHeader]:
+        """Rows start..stop-1 without their pixels: texts, and image sizes read from the image
+        headers only (what the processors resize from; no image is decoded)."""
+        table = self.hf.with_format("arrow")[start:stop].to_pylist()  # images stay encoded
+        return [
+            SampleHeader(
+                id=row["id"], question=row["question"], answer=row["answer"], privileged=row["privileged"],
+                image_sizes=tuple(_image_size(image) for image in row["images"]),
+                location=self.location(row["id"], row["meta"]),
+            )
+            for row in table
+        ]
+
+    def location(self, sample_id: str, meta: dict[str, Any]) -> str:
+        """Where a row comes from, as messages name it: the file and line (local files), or the
+        sample id, split and recipe (generated data)."""
+        if isinstance(meta, dict) and meta.get("location"):
+            return meta["location"]
+        return f"sample {sample_id!r} of split '{self.split}' (recipe {self.recipe.source})"
+
+    def field_label(self, name: str) -> str:
+        """A canonical field (question, answer, privileged, images) as messages name it."""
+        return self.recipe.field_label(name)
+
+    def without(self, indices: Sequence[int], reasons: Sequence[str]) -> "SampleDataset":
+        """This split without the rows at `indices`, which `skipped` then lists by `reasons`."""
+        drop = set(indices)
+        kept = [i for i in range(len(self)) if i not in drop]
+        return dataclasses.replace(self, hf=self.hf.select(kept), skipped=self.skipped + tuple(reasons))
+
+
+def _image_size(image: dict[str, Any]) -> tuple[int, int]:
+    """(width, height) of a stored image ({bytes, path}) from its header."""
+    source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+    with Image.open(source) as opened:
+        return opened.size

@@ -3,6 +3,10 @@
 Every row is validated once, here, so a bad row stops the load with one line naming the file,
 the row and the field instead of failing mid-training; with `skip_bad_rows` it is skipped,
 logged and counted instead. The expected format is documented in data_recipes/README.md.
+
+Rows are named as a user finds them: a JSONL row by its line as an editor numbers it (from 1,
+blank lines counted: `data/train.jsonl line 5`), a Parquet row by its position from 0
+(`data/train.parquet row 3 (0-based)`), which is what pandas and datasets show.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ logger = logging.getLogger(__name__)
 
 Field = Literal["id", "question", "answer", "privileged", "images"]
 FORMATS = {".jsonl": "json", ".parquet": "parquet"}
-FEATURES = sample_features({"source": datasets.Value("string"), "row": datasets.Value("int64")})
+FEATURES = sample_features(
+    {"source": datasets.Value("string"), "row": datasets.Value("int64"), "location": datasets.Value("string")}
+)
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,11 @@ class LocalFilesRecipe:
         """The file's column for canonical field `name` (the same name unless mapped)."""
         return self.fields.get(name, name)
 
+    def field_label(self, name: str) -> str:
+        """A canonical field as messages name it: its column, and the field when they differ."""
+        column = self.column(name)
+        return f"'{name}'" if column == name else f"'{column}' ({name})"
+
 
 class BadRow(Exception):
     """A row that cannot be used; `field` is None when the whole line is unreadable (JSONL)."""
@@ -82,10 +93,10 @@ def build_split(
     shown = display_path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {recipe.source}: file of split '{split}' not found: {shown}")
-    columns, table = _read(path, shown)
+    columns, table, numbers = _read(path, shown)
     if columns:  # else every JSONL line is unreadable: each is reported (or skipped) below
         _check_columns(recipe, columns, shown)
-    reader = _RowReader(recipe, path, shown)
+    reader = _RowReader(recipe, path, shown, numbers)
     rows: list[dict] = []
     skipped: list[str] = []
     for index, raw in enumerate(table):
@@ -96,8 +107,8 @@ def build_split(
                 raise raw
             rows.append(reader.read(index, raw))
         except BadRow as bad:
-            where = "" if bad.field is None else f" field {_field_name(recipe, bad.field)}"
-            message = f"{shown} row {index}{where}: {bad.problem}"
+            where = "" if bad.field is None else f" field {recipe.field_label(bad.field)}"
+            message = f"{shown} {numbers.label(index)}{where}: {bad.problem}"
             if not skip_bad_rows:
                 raise RecipeError(message) from None
             logger.warning("skipping bad row: %s", message)
@@ -121,9 +132,20 @@ def display_path(path: Path) -> str:
         return str(path)
 
 
-def _field_name(recipe: LocalFilesRecipe, name: str) -> str:
-    column = recipe.column(name)
-    return f"'{name}'" if column == name else f"'{column}' ({name})"
+@dataclass(frozen=True)
+class RowNumbers:
+    """How a file's rows are named in messages (see the module docstring)."""
+
+    lines: tuple[int, ...] | None = None  # JSONL: each row's 1-based line; None: Parquet
+
+    def number(self, index: int) -> int:
+        """The number a user looks row `index` up by: its line (JSONL) or its position (Parquet)."""
+        return index if self.lines is None else self.lines[index]
+
+    def label(self, index: int) -> str:
+        if self.lines is None:
+            return f"row {index} (0-based)"
+        return f"line {self.lines[index]}"
 
 
 def _one_line(error: BaseException) -> str:
@@ -133,9 +155,10 @@ def _one_line(error: BaseException) -> str:
 # -- reading --------------------------------------------------------------------------------
 
 
-def _read(path: Path, shown: str) -> tuple[list[str], Any]:
-    """The file's column names and its rows: dicts, or (JSONL only) a `BadRow` per unreadable
-    line, so that one broken line is reported with its row number, or skipped, like any bad row."""
+def _read(path: Path, shown: str) -> tuple[list[str], Any, RowNumbers]:
+    """The file's column names, its rows (dicts, or for JSONL a `BadRow` per unreadable line, so
+    that one broken line is reported with its line number, or skipped, like any bad row) and how
+    its rows are numbered."""
     if path.suffix.lower() == ".jsonl":
         return _read_jsonl(path, shown)
     try:
@@ -143,29 +166,31 @@ def _read(path: Path, shown: str) -> tuple[list[str], Any]:
     except Exception as error:  # datasets wraps parser errors of any kind; report the cause
         raise RecipeError(f"{shown}: cannot read: {_one_line(error.__cause__ or error)}") from None
     table = _without_image_decoding(table)
-    return table.column_names, table
+    return table.column_names, table, RowNumbers()
 
 
-def _read_jsonl(path: Path, shown: str) -> tuple[list[str], list[dict | BadRow]]:
+def _read_jsonl(path: Path, shown: str) -> tuple[list[str], list[dict | BadRow], RowNumbers]:
     """Rows are the non-blank lines. Each is decoded as UTF-8 (a BOM on the first line is
     ignored) and parsed on its own; columns are the keys of the readable rows, in order of
     first appearance."""
     rows: list[dict | BadRow] = []
+    lines: list[int] = []
     columns: dict[str, None] = {}
     try:
-        with open(path, "rb") as lines:
-            for number, line in enumerate(lines):
+        with open(path, "rb") as file:
+            for number, line in enumerate(file, start=1):
                 if not line.strip():
                     continue
-                row = _parse_line(line, "utf-8-sig" if number == 0 else "utf-8")
+                row = _parse_line(line, "utf-8-sig" if number == 1 else "utf-8")
                 rows.append(row)
+                lines.append(number)
                 if isinstance(row, dict):
                     columns.update(dict.fromkeys(row))
     except OSError as error:
         raise RecipeError(f"{shown}: cannot read: {error.strerror or _one_line(error)}") from None
     if not rows:
         raise RecipeError(f"{shown}: no rows (the file is empty)")
-    return list(columns), rows
+    return list(columns), rows, RowNumbers(tuple(lines))
 
 
 def _parse_line(line: bytes, encoding: str) -> dict | BadRow:
@@ -203,7 +228,7 @@ def _check_columns(recipe: LocalFilesRecipe, columns: list[str], shown: str) -> 
     for name in needed:
         if recipe.column(name) not in columns:
             raise RecipeError(
-                f"{shown} row 0 field {_field_name(recipe, name)}: missing (no such column; "
+                f"{shown} field {recipe.field_label(name)}: missing (no such column; "
                 f"the file has {', '.join(columns)}; see 'fields' in recipe {recipe.source})"
             )
 
@@ -211,8 +236,8 @@ def _check_columns(recipe: LocalFilesRecipe, columns: list[str], shown: str) -> 
 class _RowReader:
     """Turns a raw row into a canonical row, or raises `BadRow`."""
 
-    def __init__(self, recipe: LocalFilesRecipe, path: Path, shown: str):
-        self.recipe, self.path, self.shown = recipe, path, shown
+    def __init__(self, recipe: LocalFilesRecipe, path: Path, shown: str, numbers: RowNumbers):
+        self.recipe, self.path, self.shown, self.numbers = recipe, path, shown, numbers
         self.seen_ids: dict[str, int] = {}
 
     def read(self, index: int, raw: dict[str, Any]) -> dict[str, Any]:
@@ -222,7 +247,7 @@ class _RowReader:
             "answer": _required_text("answer", self._value(raw, "answer"), numbers=True),
             "privileged": self._privileged(raw),
             "images": self._images(raw),
-            "meta": {"source": self.shown, "row": index},
+            "meta": {"source": self.shown, "row": index, "location": f"{self.shown} {self.numbers.label(index)}"},
         }
         _check_placeholders(row["question"], row["privileged"], len(row["images"]))
         self.seen_ids[row["id"]] = index
@@ -234,11 +259,12 @@ class _RowReader:
     def _id(self, index: int, raw: dict[str, Any]) -> str:
         value = self._value(raw, "id")
         if value is None:
-            sample_id = f"{self.path.stem}-{index}"
+            sample_id = f"{self.path.stem}-{self.numbers.number(index)}"
         else:
             sample_id = _required_text("id", value, numbers=True)
         if sample_id in self.seen_ids:
-            raise BadRow("id", f"duplicate id {sample_id!r} (also row {self.seen_ids[sample_id]})")
+            first = self.numbers.label(self.seen_ids[sample_id])
+            raise BadRow("id", f"duplicate id {sample_id!r} (also {first})")
         return sample_id
 
     def _privileged(self, raw: dict[str, Any]) -> str:
@@ -259,6 +285,9 @@ class _RowReader:
         """An item is a path (relative to the data file), bytes, a `data:` URI with base64
         content, or a {bytes, path} struct as `datasets` writes it; it must decode."""
         if isinstance(item, dict):  # bytes win; empty bytes without a path are reported as empty
+            if "bytes" not in item and "path" not in item:
+                raise BadRow("images", f"image {position}: expected a path, bytes or a data: URI, got a mapping "
+                                       f"without 'bytes' or 'path' (keys: {', '.join(map(str, item)) or 'none'})")
             data, path = item.get("bytes"), item.get("path")
             item = data if data or not path else path
         if isinstance(item, str) and item.startswith("data:"):

@@ -59,12 +59,12 @@ def load_recipe(
             f"recipe {parsed.source} has no split {split!r} (splits: {', '.join(parsed.splits)})"
         )
     skipped: tuple[str, ...] = ()
+    skip = skip_bad_rows or (isinstance(parsed, LocalFilesRecipe) and parsed.skip_bad_rows)
     if isinstance(parsed, SyntheticScenesRecipe):
         hf = synthetic_scenes.build_split(parsed, split, family=family, limit=limit)
     else:
-        skip = skip_bad_rows or parsed.skip_bad_rows
         hf, skipped = local_files.build_split(parsed, split, limit=limit, skip_bad_rows=skip)
-    return SampleDataset(hf=hf, recipe=parsed, split=split, family=family, skipped=skipped)
+    return SampleDataset(hf=hf, recipe=parsed, split=split, family=family, skipped=skipped, skip_bad_rows=skip)
 
 
 def read_recipe(recipe: str | os.PathLike | Mapping[str, Any]) -> Recipe:
@@ -77,6 +77,11 @@ def read_recipe(recipe: str | os.PathLike | Mapping[str, Any]) -> Recipe:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise RecipeError(f"recipe {shown}: invalid YAML: {' '.join(str(error).split())}") from None
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"recipe {shown}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                          f"{error.start})") from None
+    except OSError as error:
+        raise RecipeError(f"recipe {shown}: cannot read: {error.strerror or error}") from None
     if not isinstance(data, Mapping):
         raise RecipeError(f"recipe {shown}: expected a mapping of keys, got {type(data).__name__}")
     return parse_recipe(data, source=shown, base_dir=path.parent.absolute())

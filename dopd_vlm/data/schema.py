@@ -14,13 +14,15 @@ from typing import Any, Mapping
 
 from PIL import Image
 
+from dopd_vlm.errors import InputError
+
 
 IMAGE_PLACEHOLDER = "<image>"
 """Marks where an image goes in a question. A question holds either none (the images come before
 the text) or exactly one per image (each image is placed at its placeholder, in order)."""
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     """A recipe or a data row is unusable; the message is one line naming where and why."""
 
 
@@ -45,6 +47,25 @@ class Sample:
     privileged: str
     images: tuple[Image.Image, ...]
     meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SampleHeader:
+    """A sample without its pixels, as load-time checks of whole splits read it
+    (`SampleDataset.headers`).
+
+    Attributes:
+        id, question, answer, privileged: As in `Sample`.
+        image_sizes: (width, height) of each image, from the image headers.
+        location: Where the row comes from, as messages name it (e.g. `data/train.jsonl line 5`).
+    """
+
+    id: str
+    question: str
+    answer: str
+    privileged: str
+    image_sizes: tuple[tuple[int, int], ...]
+    location: str
 
 
 _NUMBER_WORDS = {

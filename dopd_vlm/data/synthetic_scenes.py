@@ -83,6 +83,10 @@ class SyntheticScenesRecipe:
                     f"recipe {self.source}: key 'objects': has no range for split '{split}'"
                 )
 
+    def field_label(self, name: str) -> str:
+        """A canonical field as messages name it."""
+        return f"'{name}'"
+
     def object_range(self, split: str) -> tuple[int, int]:
         """Object counts of a split; `test` shares `train`'s unless given."""
         return self.objects.get(split) or self.objects["train"]
