@@ -231,7 +231,9 @@ def save_adapter(peft_student: Any, processor: Any, target: Path) -> None:
     `target`, replacing it atomically. The adapters must be readable (gathered under ZeRO-3)."""
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_student.save_pretrained(tmp)
+    # the adapters alone: PEFT would also save an adapted lm_head's base weight (frozen, so the
+    # base checkpoint's own; under ZeRO-3 an empty shard)
+    peft_student.save_pretrained(tmp, save_embedding_layers=False)
     processor.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)

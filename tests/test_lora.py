@@ -247,3 +247,135 @@ def test_gradient_checkpointing_reaches_the_adapters(tiny_pairs):
     ResponseHiddenStates(model)(views.student, views.response_mask).pow(2).sum().backward()
     adapters = [p for n, p in model.named_parameters() if "lora_" in n]
     assert adapters and all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters)
+
+
+# -- slow: real DeepSpeed runs (tests/helpers/train_driver.py), shared launches ----------------------
+
+METHODS = {
+    "dopd": ["method.name=dopd"],
+    "dopd_initial": ["method.name=dopd", "method.privileged_target=initial"],
+    "vanilla_opd": ["method.name=vanilla_opd", "method.opd_divergence=sampled"],
+    "opsd": ["method.name=opsd"],
+    "opsd_initial": ["method.name=opsd", "method.privileged_target=initial"],
+    "gkd": ["method.name=gkd"],
+    "sft": ["method.name=sft"],
+}
+WITH_HEAD = "model.lora.target_modules=[q_proj,v_proj,down_proj,lm_head]"  # the fused loss on an adapted head
+RESUME = ["train.steps=2", "train.save_every=1"]
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory, tiny_pairs):
+    """One 2-rank ZeRO-3 launch: every method with LoRA (some with an adapted lm_head), ZeRO-2,
+    an uninterrupted run and the same stopped and resumed; one 1-rank launch of the run the
+    2-rank `dopd_head` run is compared with (the same global batch: one micro-batch per generate
+    call, rollout.batch_size = 1 prompt x 2 rollouts)."""
+    root = tmp_path_factory.mktemp("lora_runs")
+    config = write_config(root / "c.yaml", tiny_pairs, model={"lora": LORA}, train={"steps": 1},
+                          rollout={"batch_size": 2}, data={"eval_splits": []})
+
+    def run(name, *overrides, **options):
+        return {"name": name, "overrides": [*overrides, f"train.output_dir={root / name}"], **options}
+
+    runs = [run(name, *overrides) for name, overrides in METHODS.items()]
+    runs += [run("dopd_head", WITH_HEAD, "model.lora.export_merged=true", "data.eval_splits=[test]"),
+             run("dopd_initial_head", "method.privileged_target=initial", WITH_HEAD),
+             run("zero2_head", WITH_HEAD, f"train.deepspeed={REPO / 'ds_configs' / 'zero2.json'}"),
+             run("full", WITH_HEAD, *RESUME),
+             {**run("parts", WITH_HEAD, *RESUME), "name": "first", "stop_after_step": 1},
+             {**run("parts", WITH_HEAD, *RESUME), "name": "rest", "resume": True}]
+    two = launch(root, config, runs)
+    one = launch(root, config, [{"name": "dopd_head", "overrides": [WITH_HEAD, f"train.output_dir={root / 'one'}"]}],
+                 nproc=1)
+    return root, two, one["dopd_head"]
+
+
+def adapter_of(run_dir):
+    return load_file(run_dir / "final" / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_every_method_trains_only_the_adapters_on_two_zero3_ranks(lora_runs, tiny_pairs):
+    root, two, _ = lora_runs
+    base = load_file(tiny_pairs["qwen2_vl"]["student"] / "model.safetensors")
+    for name in [*METHODS, "dopd_head", "dopd_initial_head", "zero2_head"]:
+        result = two[name]
+        assert result["finished"] and torch.isfinite(torch.tensor(result["metrics"]["loss"])), name
+        assert result["teacher_unchanged"] in (True, None), name
+        adapter = adapter_of(root / name)
+        assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter), name  # the adapter alone
+        assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in adapter.items()), name  # B moved from 0
+        assert not (root / name / "final" / "model.safetensors").exists(), name
+        if "head" in name:
+            assert any(k.startswith("base_model.model.lm_head.lora_B") for k in adapter), name
+    assert metrics_lines(root / "dopd_head")[-1]["student/test"] >= 0  # evaluation generates with the adapter
+    checkpoint_bytes = sum(f.stat().st_size for f in (root / "full" / "checkpoints").rglob("*") if f.is_file())
+    assert checkpoint_bytes < sum(v.numel() * v.element_size() for v in base.values())  # no frozen base saved
+
+
+@pytest.mark.slow
+def test_two_zero3_ranks_match_one_rank_with_an_adapted_head(lora_runs):
+    _, two, one = lora_runs
+    a, b = one["metrics"], two["dopd_head"]["metrics"]
+    assert a["response_tokens"] == b["response_tokens"]
+    assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+    assert a["grad_norm"] > 0 and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_resume_gives_the_adapter_of_an_uninterrupted_run(lora_runs):
+    root, two, _ = lora_runs
+    assert not two["first"]["finished"] and two["rest"]["finished"]
+    assert (root / "parts" / "checkpoints" / "latest_complete").read_text() == "step_2"
+    full, parts = adapter_of(root / "full"), adapter_of(root / "parts")
+    assert full.keys() == parts.keys()
+    for key in full:
+        torch.testing.assert_close(parts[key], full[key], rtol=0, atol=0, msg=key)
+    for a, b in zip(metrics_lines(root / "full")[1:], metrics_lines(root / "parts")[1:]):
+        assert a["loss"] == b["loss"] and a["response_tokens"] == b["response_tokens"]
+
+
+@pytest.mark.slow
+def test_the_adapter_loads_with_peft_and_the_merged_student_with_transformers(lora_runs, tiny_pairs):
+    from transformers import AutoModelForImageTextToText
+
+    root, _, _ = lora_runs
+    final, merged_dir = root / "dopd_head" / "final", root / "dopd_head" / "final_merged"
+    student = tiny_pairs["qwen2_vl"]["student"]
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(student.resolve()) and config["r"] == LORA["rank"]
+    with_adapter = peft.PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(student), final).eval()
+    merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
+    base = AutoModelForImageTextToText.from_pretrained(student).eval()
+    assert not any(".lora_" in name for name, _ in merged.named_parameters())
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = [m(input_ids=ids).logits for m in (with_adapter, merged, base)]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits[1], logits[2], atol=1e-4)  # the merged student is the trained one
+    assert (merged_dir / "tokenizer_config.json").exists()
+
+
+@pytest.mark.slow
+def test_lora_input_errors_are_one_line_exit_2(tmp_path, tiny_pairs, tied_pairs):
+    from test_cli_errors import DRIVER as CLI_DRIVER, assert_one_error_line
+
+    config = write_config(tmp_path / "c.yaml", tiny_pairs, model={"lora": LORA}, data={"eval_splits": []})
+    cases = {
+        "unknown_target": (["model.lora.target_modules=[q_proj,qkv]"],
+                           "config key 'model.lora.target_modules': 'qkv' names no linear layer of the student's "
+                           "language model"),
+        "rank_zero": (["model.lora.rank=0"], "config key 'model.lora.rank': must be >= 1, got 0"),
+        "tied_head": ([f"model.student={tied_pairs['qwen2_vl']['student']}", "model.lora.target_modules=[lm_head]"],
+                      "config key 'model.lora.target_modules': lm_head is tied to the input embeddings"),
+    }
+    argvs = {case: ["train", "--config", str(config), f"train.output_dir={tmp_path / case}", *overrides]
+             for case, (overrides, _) in cases.items()}
+    (tmp_path / "cases.json").write_text(json.dumps(argvs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(CLI_DRIVER), str(tmp_path / "cases.json"), str(tmp_path / "out.json")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    results = json.loads((tmp_path / "out.json").read_text())
+    for case, (_, expected) in cases.items():
+        assert_one_error_line(results[case], expected, case)
