@@ -14,7 +14,9 @@ teacher, one variant per fresh process (peak memory is per process), all in this
 
 Peak memory: the process's peak resident set size during `train()` (model loading included) above
 what it held before (benchmarks/_common.PeakMemory; CUDA: allocator peak). Step time: median of the
-trainer's `step_time` after `--warmup` steps. Ratios are full / lora of the same run.
+trainer's `step_time` after `--warmup` steps (wall clock: on a shared machine other jobs inflate it),
+and the CPU seconds of the whole `train()` call (this process's threads only; 1 thread). Ratios
+are full / lora of the same run.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -68,9 +72,11 @@ def child(args) -> None:
         result = train(cfg)
     trainable = sum(p.numel() for p in result.student.module.parameters() if p.requires_grad)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # after step 0
+    shutil.rmtree(out)  # checkpoints and the export: not measured here
     C.emit(dict(variant=args.variant, student_parameters=parameters, trainable_parameters=trainable,
-                peak_bytes=mem.peak, peak_gib=C.gib(mem.peak), train_seconds=mem.seconds,
-                step_times=[r["step_time"] for r in rows], losses=[r["loss"] for r in rows]))
+                peak_bytes=mem.peak, peak_gib=C.gib(mem.peak), train_seconds=mem.seconds, train_cpu_seconds=mem.cpu_seconds,
+                step_times=[r["step_time"] for r in rows], losses=[r["loss"] for r in rows],
+                load_average_1min=os.getloadavg()[0]))  # the machine is shared: how loaded it was
 
 
 def main() -> None:
@@ -96,7 +102,8 @@ def main() -> None:
         rows.append(row)
     by_name = {row["variant"]: row for row in rows}
     ratios = {f"{full}/{lora}": dict(peak=by_name[full]["peak_bytes"] / by_name[lora]["peak_bytes"],
-                                     step_time=by_name[full]["step_s"] / by_name[lora]["step_s"])
+                                     step_time=by_name[full]["step_s"] / by_name[lora]["step_s"],
+                                     train_cpu_time=by_name[full]["train_cpu_seconds"] / by_name[lora]["train_cpu_seconds"])
               for full, lora in (("full", "lora"), ("full_initial", "lora_initial"))
               if full in by_name and lora in by_name}
     payload = dict(benchmark="lora_memory", command=" ".join(["python benchmarks/lora_memory.py", *sys.argv[1:]]),
@@ -109,7 +116,8 @@ def main() -> None:
     print(C.table(rows, [("variant", "variant"), ("student_parameters", "student params"),
                          ("trainable_parameters", "trained params"), ("peak_gib", "peak GiB"), ("step_s", "step s")]))
     for name, ratio in ratios.items():
-        print(f"{name}: peak memory x{ratio['peak']:.2f}, step time x{ratio['step_time']:.2f}")
+        print(f"{name}: peak memory x{ratio['peak']:.2f}, step time x{ratio['step_time']:.2f}, "
+              f"CPU time of train() x{ratio['train_cpu_time']:.2f}")
 
 
 if __name__ == "__main__":

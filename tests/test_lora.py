@@ -5,7 +5,6 @@ Multi-process runs (ZeRO-2/3, resume, export, 1 vs 2 ranks) are the slow tests a
 share launches (tests/helpers/train_driver.py).
 """
 
-import dataclasses
 import json
 import os
 import subprocess
