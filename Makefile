@@ -46,7 +46,7 @@ demo: setup
 	$(BIN)/dopd-vlm demo
 
 test: setup-vllm setup-lora
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 clean:
 	rm -rf $(VENV) runs .cache

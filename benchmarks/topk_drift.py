@@ -17,6 +17,7 @@ learning rate for every variant.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -33,7 +34,9 @@ def run(vocab: int, variant: str, args) -> list[dict]:
 
     g = torch.Generator().manual_seed(args.seed)
     teacher = torch.randn(args.rows, vocab, generator=g) * 2.0
-    teacher[:, :8] += 12.0  # a few likely tokens, a long tail
+    # a few likely tokens and a long tail; the boost grows with log V so that the likely tokens
+    # hold the same share of the mass (about 0.9) at every vocabulary size, as in a trained LM
+    teacher[:, :8] += 12.0 + math.log(vocab / 500)
     start = {"near": 0.5 * teacher + torch.randn(args.rows, vocab, generator=g),  # a warmed-up student
              "flat": 0.1 * torch.randn(args.rows, vocab, generator=g)}[args.start]  # a random-init one
     student = start.clone().requires_grad_(True)

@@ -156,7 +156,10 @@ class MethodConfig:
         beta_w: Weight of the LL regime; must be smaller than beta_l.
         ht_weight: Weight of the HT regime (full-vocabulary JS to the teacher).
         top_k: Support size of the top-K reverse KL.
-        topk_variant: unbiased | renormalized | tail.
+        topk_variant: tail (top-K plus one bucket for the rest of the vocabulary, exact; the
+            default: it tracks the full reverse KL at V = 500 and 151,936, BENCHMARKS.md
+            "Top-K drift") | unbiased (stop-gradient form: raises every token outside the
+            student's top-K) | renormalized (over the K tokens: drifts at real vocabularies).
         trim: Fraction of the largest values dropped from the router's trimmed means.
         normalize: Router normalisation: none | minmax | zscore.
         opd_divergence: vanilla_opd's divergence: sampled | topk | full.
@@ -179,7 +182,7 @@ class MethodConfig:
     beta_w: float = 0.3
     ht_weight: Annotated[float, AtLeast(0.0)] = 1.0
     top_k: Positive = 128
-    topk_variant: TopKVariant = "unbiased"
+    topk_variant: TopKVariant = "tail"
     trim: Annotated[float, Between(0.0, 1.0, high_open=True)] = 0.05
     normalize: Normalization = "none"
     opd_divergence: OpdDivergence = "topk"

@@ -87,7 +87,7 @@ class DemoOptions:
         steps: Distillation steps per method.
         seed: Trainer seed (data order, rollouts) shared by all methods.
         methods: Names from METHODS.
-        jobs: Training runs side by side (each uses cpu_count // jobs threads).
+        jobs: Training runs side by side (each uses `threads_per_job` threads).
         eval_every: Evaluate the student every N steps (0 = start and end only).
         eval_samples: Samples per eval split (0 = whole split).
         rebuild_teacher: Rerun the teacher warm-up and rewrite the shipped checkpoint.
@@ -336,8 +336,28 @@ def train_command(method: str, models: Mapping[str, Path], out: Path, options: D
     return [sys.executable, "-m", "dopd_vlm", "train", "--config", str(DEMO_CONFIG), *overrides]
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+
+
+def available_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """CPUs this process may use: its affinity set, capped by a cgroup CPU quota (a container's
+    `--cpus`, a pod's limit), which `os.cpu_count()` does not see."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()
+    except (OSError, ValueError):
+        return cpus
+    return cpus if quota == "max" else max(1, min(cpus, int(quota) // int(period)))
+
+
 def _jobs(options: DemoOptions) -> int:
-    return max(1, options.jobs or min(len(options.methods), os.cpu_count() or 1))
+    return max(1, options.jobs or min(len(options.methods), available_cpus()))
+
+
+def threads_per_job(jobs: int) -> int:
+    """OMP threads of each training run: OMP_NUM_THREADS when the user set it, else the CPUs
+    shared out (more threads than cores makes tiny models many times slower, not faster)."""
+    return int(os.environ.get("OMP_NUM_THREADS") or max(1, available_cpus() // jobs))
 
 
 def run_methods(models: Mapping[str, Path], options: DemoOptions) -> dict[str, RunResult]:
@@ -345,7 +365,7 @@ def run_methods(models: Mapping[str, Path], options: DemoOptions) -> dict[str, R
     from tqdm.auto import tqdm
 
     jobs = _jobs(options)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads_per_job(jobs)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     results = {m: RunResult(m, Path(options.out) / m, []) for m in options.methods}

@@ -24,7 +24,12 @@ def test_short_demo_writes_table_plots_and_sane_numbers(tmp_path):
         teacher_warmup_steps=2, student_warmup_steps=2, jobs=2, progress=False,
     )
     lines = []
-    summary = demo.run_demo(options, log=lines.append)
+    try:
+        summary = demo.run_demo(options, log=lines.append)
+    except BaseException:  # a failure or a hang (pytest-timeout): show what the training runs printed
+        for log_file in sorted((tmp_path / "out").glob("*/train.log")):
+            print(f"--- {log_file}\n" + "\n".join(log_file.read_text().splitlines()[-30:]))
+        raise
 
     out = tmp_path / "out"
     table = (out / "results.md").read_text()
@@ -106,6 +111,20 @@ def test_gap_recovered_and_table():
     }
     table = demo.format_table(summary)
     assert "| DOPD | 0.500 | 50% | 12 s |" in table and "n/a" in table
+
+
+def test_training_runs_share_the_cpus_the_process_may_use(tmp_path, monkeypatch):
+    cpus = demo.available_cpus(tmp_path / "absent")
+    assert cpus >= 1
+    quota = tmp_path / "cpu.max"
+    quota.write_text("100000 100000\n")  # a 1-CPU container on a bigger host
+    assert demo.available_cpus(quota) == 1
+    quota.write_text("max 100000\n")
+    assert demo.available_cpus(quota) == cpus
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert demo.threads_per_job(jobs=1) == 1  # the user's setting wins
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert demo.threads_per_job(jobs=1) == demo.available_cpus()
 
 
 def test_demo_command_line():

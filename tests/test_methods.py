@@ -15,6 +15,8 @@ from dopd_vlm.router import HS, HT, LH, LL, route
 from dopd_vlm.scoring import Head, LMHead, ResponseTokens, WeightHead
 from helpers.method_configs import config_id, method_configs
 
+TOPK_VARIANT = MethodConfig().topk_variant  # the configured default, which compute_loss uses
+
 V, H = 40, 8
 
 
@@ -66,13 +68,13 @@ def test_dopd_regime_targets_and_weights_match_the_table():
         expected = torch.empty(8)
         for i, r in enumerate(regimes.tolist()):
             if r == LH:
-                expected[i] = 0.6 * losses.topk_reverse_kl(s[i : i + 1], t[i : i + 1], 8)[0]
+                expected[i] = 0.6 * losses.topk_reverse_kl(s[i : i + 1], t[i : i + 1], 8, TOPK_VARIANT)[0]
             elif r == LL:
-                expected[i] = 0.3 * losses.topk_reverse_kl(s[i : i + 1], p[i : i + 1], 8)[0]
+                expected[i] = 0.3 * losses.topk_reverse_kl(s[i : i + 1], p[i : i + 1], 8, TOPK_VARIANT)[0]
             elif r == HT:
                 expected[i] = 1.0 * losses.generalized_jsd(s[i : i + 1], t[i : i + 1], 0.5)[0]
             else:
-                expected[i] = 0.6 * losses.topk_reverse_kl(s[i : i + 1], p[i : i + 1], 8)[0]
+                expected[i] = 0.6 * losses.topk_reverse_kl(s[i : i + 1], p[i : i + 1], 8, TOPK_VARIANT)[0]
     torch.testing.assert_close(stats.loss, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -99,7 +101,7 @@ def test_a_frozen_privileged_head_is_the_target_of_the_privileged_regimes(fused)
         p = inputs.privileged_hidden @ frozen_w.T
         for i in (0, 1, 4, 5):
             weight = 0.3 if regimes[i] == LL else 0.6
-            expected = weight * losses.topk_reverse_kl(s[i : i + 1], p[i : i + 1], 8)[0]
+            expected = weight * losses.topk_reverse_kl(s[i : i + 1], p[i : i + 1], 8, TOPK_VARIANT)[0]
             torch.testing.assert_close(stats.loss[i], expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(opsd_stats.loss, losses.generalized_jsd(s, p, 0.5), rtol=1e-5, atol=1e-6)
 
@@ -121,7 +123,7 @@ def test_dopd_ablations_swap_sources_or_objective(options, teacher_regimes):
         p = inputs.student_head(inputs.privileged_hidden)
         for i, r in enumerate(regimes.tolist()):
             target = t if r in teacher_regimes else p
-            value = losses.topk_reverse_kl(s[i : i + 1], target[i : i + 1], 8)[0]
+            value = losses.topk_reverse_kl(s[i : i + 1], target[i : i + 1], 8, TOPK_VARIANT)[0]
             if r == HT and options.get("ablation") == "no_student":
                 value = losses.generalized_jsd(s[i : i + 1], t[i : i + 1], 0.5)[0]
             torch.testing.assert_close(stats.loss[i], weights[r] * value, rtol=1e-5, atol=1e-6)
@@ -150,7 +152,7 @@ def test_dopd_regime_weights_and_divergences_match_brute_force(regime_weights, d
             elif divergence == "reverse_kl":
                 value = losses.generalized_jsd(row, target_row, 1.0)[0]
             else:
-                value = losses.topk_reverse_kl(row, target_row, 8)[0]
+                value = losses.topk_reverse_kl(row, target_row, 8, TOPK_VARIANT)[0]
             torch.testing.assert_close(stats.loss[i], weights[r] * value, rtol=1e-5, atol=1e-6)
 
 

@@ -59,7 +59,7 @@ def write_mixed_recipe(tmp_path, seed: int) -> str:
 def test_micro_batches_differing_in_modality_across_zero3_ranks_match_one_rank(tmp_path, tiny_pairs):
     recipe = write_mixed_recipe(tmp_path, seed=0)
     config = write_config(tmp_path / "c.yaml", tiny_pairs, recipe=recipe,
-                          train={"steps": 1, "seed": 0}, rollout={"num_rollouts": 2, "max_new_tokens": 4})
+                          train={"steps": 1, "seed": 0}, rollout={"num_rollouts": 2, "max_new_tokens": 4, "batch_size": 2})  # one micro-batch per generate call on 1 and 2 ranks
     cfg = load_config(config)
     data = load_recipe(recipe, "train")
     per_rank = [[[len(s.images) for s in mb] for mb in step_batches(data, cfg, 0, r, 2)[0]] for r in (0, 1)]

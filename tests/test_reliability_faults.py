@@ -41,42 +41,43 @@ def assert_same_weights(a, b):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
+# Runs whose fault leaves the process alive share the reference's launch (one start-up).
+FAULTY_RUNS = {
+    "nan_loss": (["train.steps=2"], {"nan_loss_steps": [2]}),
+    "nan_grad": (["train.steps=2"], {"nan_grad_steps": [2]}),
+    "bad": (["train.max_bad_steps=2"], {"nan_loss_steps": [2, 3, 4]}),
+    "full": ([], {"disk_full_saving_step": 3}),
+}
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_pairs):
     root = tmp_path_factory.mktemp("faults")
     config = write_config(root / "c.yaml", tiny_pairs, train={"steps": 4, "save_every": 1, "collective_timeout_s": 300})
-    launch(root, config, [
+    results = launch(root, config, [
         {"name": "reference", "overrides": [f"train.output_dir={root / 'reference'}"]},
         {"name": "one_step", "overrides": [f"train.output_dir={root / 'one_step'}", "train.steps=1"]},
+        *({"name": name, "overrides": [f"train.output_dir={root / name}", *overrides], "fault": fault}
+          for name, (overrides, fault) in FAULTY_RUNS.items()),
     ])
-    return root, config
+    return root, config, results
 
 
-def test_nan_loss_or_gradients_skip_the_step_and_training_goes_on(setup, tmp_path):
-    root, config = setup
-    results = launch(tmp_path, config, [
-        {"name": "nan_loss", "overrides": [f"train.output_dir={tmp_path / 'nan_loss'}", "train.steps=2"],
-         "fault": {"nan_loss_steps": [2]}},
-        {"name": "nan_grad", "overrides": [f"train.output_dir={tmp_path / 'nan_grad'}", "train.steps=2"],
-         "fault": {"nan_grad_steps": [2]}},
-    ])
+def test_nan_loss_or_gradients_skip_the_step_and_training_goes_on(setup):
+    root, _, results = setup
     for name in ("nan_loss", "nan_grad"):
         assert results[name]["finished"], results[name]
-        lines = metrics_lines(tmp_path / name)
+        lines = metrics_lines(root / name)
         assert [line["skipped_step"] for line in lines[1:]] == [0.0, 1.0]
         assert lines[-1]["skipped_steps_total"] == 1
         # step 2 was not applied: the weights are those after step 1 (the lr of step 1 does not
         # depend on the run length: cosine starts at its peak)
-        assert_same_weights(final_weights(tmp_path / name), final_weights(root / "one_step"))
+        assert_same_weights(final_weights(root / name), final_weights(root / "one_step"))
 
 
 def test_consecutive_bad_steps_stop_the_run_and_the_last_checkpoint_resumes(setup, tmp_path):
-    root, config = setup
-    run = tmp_path / "bad"
-    results = launch(tmp_path, config, [
-        {"name": "bad", "overrides": [f"train.output_dir={run}", "train.max_bad_steps=2"],
-         "fault": {"nan_loss_steps": [2, 3, 4]}},
-    ])
+    root, config, results = setup
+    run = root / "bad"
     assert "2 consecutive steps had non-finite" in results["bad"]["error"]
     assert (run / "checkpoints" / "latest_complete").read_text() == "step_2"
     # resuming from the last good checkpoint works; step 2 was skipped there, so the run now
@@ -89,7 +90,7 @@ def test_consecutive_bad_steps_stop_the_run_and_the_last_checkpoint_resumes(setu
 @pytest.mark.parametrize("fault", [{"kill_at_step": 3, "rank": 1}, {"kill_saving_step": 3}],
                          ids=["kill-9-while-training", "kill-9-while-saving"])
 def test_kill_9_then_resume_ends_with_uninterrupted_weights(setup, tmp_path, fault):
-    root, config = setup
+    root, config, _ = setup
     run = tmp_path / "killed"
     proc, _ = launch_expecting_failure(tmp_path, config, [{"name": "k", "overrides": [f"train.output_dir={run}"], "fault": fault}])
     marker = run / "checkpoints" / "latest_complete"
@@ -99,11 +100,8 @@ def test_kill_9_then_resume_ends_with_uninterrupted_weights(setup, tmp_path, fau
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(setup, tmp_path):
-    root, config = setup
-    run = tmp_path / "full"
-    results = launch(tmp_path, config, [
-        {"name": "full", "overrides": [f"train.output_dir={run}"], "fault": {"disk_full_saving_step": 3}},
-    ])
+    root, config, results = setup
+    run = root / "full"
     assert "No space left on device" in results["full"]["error"] and "step_2" in results["full"]["error"]
     assert (run / "checkpoints" / "latest_complete").read_text() == "step_2"
     assert not (run / "checkpoints" / "step_3").exists()
@@ -112,7 +110,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(setup, tmp_path):
 
 
 def test_a_dying_rank_ends_the_whole_run_instead_of_hanging(setup, tmp_path):
-    _, config = setup
+    _, config, _ = setup
     proc, seconds = launch_expecting_failure(
         tmp_path, config,
         [{"name": "dies", "overrides": [f"train.output_dir={tmp_path / 'dies'}"], "fault": {"exit_rank_at_step": 2, "rank": 1}}],

@@ -181,19 +181,20 @@ def test_two_ranks_zero3_every_method_trains_and_exports(tmp_path, tiny_pairs):
     code = (
         "import dopd_vlm, sys, torch; from PIL import Image\n"
         "from transformers import AutoModelForImageTextToText, AutoProcessor\n"
-        "m = AutoModelForImageTextToText.from_pretrained(sys.argv[1]); p = AutoProcessor.from_pretrained(sys.argv[1])\n"
-        "msgs = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': 'How many?'}]}]\n"
-        "text = p.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)\n"
-        "inputs = p(text=[text], images=[Image.new('RGB', (112, 112), 'red')], return_tensors='pt')\n"
-        "out = m.generate(**inputs, max_new_tokens=3, do_sample=False)\n"
-        "assert out.shape[1] > inputs['input_ids'].shape[1]\n"
+        "for path in sys.argv[1:]:\n"
+        "    m = AutoModelForImageTextToText.from_pretrained(path); p = AutoProcessor.from_pretrained(path)\n"
+        "    msgs = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': 'How many?'}]}]\n"
+        "    text = p.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)\n"
+        "    inputs = p(text=[text], images=[Image.new('RGB', (112, 112), 'red')], return_tensors='pt')\n"
+        "    out = m.generate(**inputs, max_new_tokens=3, do_sample=False)\n"
+        "    assert out.shape[1] > inputs['input_ids'].shape[1], path\n"
     )
-    for name in methods:
-        final = tmp_path / name / "final"
+    finals = [tmp_path / name / "final" for name in methods]
+    for name, final in zip(methods, finals):
         exported = load_file(final / "model.safetensors")
         assert any(not torch.equal(exported[k], initial[k]) for k in initial), name
-        subprocess.run([sys.executable, "-c", code, str(final)], check=True, cwd=REPO,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    subprocess.run([sys.executable, "-c", code, *map(str, finals)], check=True, cwd=REPO,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
 
 
 @pytest.mark.slow
@@ -271,13 +272,13 @@ def test_stop_and_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path,
 
 @pytest.mark.slow
 def test_text_only_and_other_vision_families_train_under_zero3(tmp_path, tiny_pairs):
-    runs = []
-    for family, recipe in (("qwen3", "synthetic_text"), ("qwen2_5_vl", "synthetic_scenes"), ("qwen3_vl", "synthetic_scenes")):
-        config = write_config(tmp_path / f"{family}.yaml", tiny_pairs, family=family, recipe=recipe, train={"steps": 1})
-        runs.append((config, family))
-    for config, family in runs:  # one launch per family config
-        result = launch(tmp_path, config, [{"name": family, "overrides": [f"train.output_dir={tmp_path / family}"]}])
-        assert result[family]["finished"] and result[family]["teacher_unchanged"]
+    config = write_config(tmp_path / "c.yaml", tiny_pairs, train={"steps": 1})
+    families = {"qwen3": "synthetic_text", "qwen2_5_vl": "synthetic_scenes", "qwen3_vl": "synthetic_scenes"}
+    results = launch(tmp_path, config, [{"name": family, "overrides": [  # one launch for the three
+        f"model.student={tiny_pairs[family]['student']}", f"model.teacher={tiny_pairs[family]['teacher']}",
+        f"data.recipe={recipe}", f"train.output_dir={tmp_path / family}"]} for family, recipe in families.items()])
+    for family in families:
+        assert results[family]["finished"] and results[family]["teacher_unchanged"], family
 
 
 
@@ -296,18 +297,19 @@ def test_tied_bf16_checkpointed_students_on_two_zero3_ranks_match_one_rank(tmp_p
             f"data.recipe={recipe}", f"train.output_dir={tmp_path / where / family}"]} for family, recipe in recipes.items()]
 
     one, two = launch(tmp_path, config, runs("one"), nproc=1), launch(tmp_path, config, runs("two"))
-    code = ("import dopd_vlm, sys; from dopd_vlm.models import load_model\n"
-            "m = load_model(sys.argv[1]); head, embedding = m.get_output_embeddings().weight, m.get_input_embeddings().weight\n"
-            "assert m.config.get_text_config().tie_word_embeddings and head.data_ptr() == embedding.data_ptr(), 'not tied'\n"
-            "assert str(head.dtype) == 'torch.bfloat16'\n")
     for family in recipes:
         a, b = one[family]["metrics"], two[family]["metrics"]
         assert one[family]["finished"] and two[family]["finished"]
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-2, abs=1e-3), family  # bf16 forwards on 1 and 2 ranks
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=3e-2), family
-        for where in ("one", "two"):  # the export reloads with transformers, still tied
-            subprocess.run([sys.executable, "-c", code, str(tmp_path / where / family / "final")], check=True, cwd=REPO,
-                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    code = ("import dopd_vlm, sys; from dopd_vlm.models import load_model\n"
+            "for path in sys.argv[1:]:\n"
+            "    m = load_model(path); head, embedding = m.get_output_embeddings().weight, m.get_input_embeddings().weight\n"
+            "    assert m.config.get_text_config().tie_word_embeddings and head.data_ptr() == embedding.data_ptr(), path\n"
+            "    assert str(head.dtype) == 'torch.bfloat16', path\n")
+    exports = [str(tmp_path / where / family / "final") for family in recipes for where in ("one", "two")]
+    subprocess.run([sys.executable, "-c", code, *exports], check=True, cwd=REPO,  # reloads with transformers, still tied
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ test hooks):
                                       samples in step k (rollout.engine=vllm)
 """
 
+import contextlib
 import errno
 import json
 import os
@@ -45,7 +46,10 @@ def teacher_unchanged(teacher, path) -> bool:
         return all(torch.equal(p.detach().cpu(), reference[name]) for name, p in teacher.named_parameters())
 
 
-def inject(fault: dict) -> None:
+@contextlib.contextmanager
+def injected(fault: dict):
+    """The run's faults for the block; the real functions are back after it (runs sharing a
+    launch must not inherit each other's faults)."""
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     current = {"step": 0}
     real_step, real_loss, real_save = train_module.dopd_step, step_module.compute_loss, torch.save
@@ -90,6 +94,12 @@ def inject(fault: dict) -> None:
             return real_generate(self, *args, **kwargs)
 
         vllm.LLM.generate = generate
+    try:
+        yield
+    finally:
+        train_module.dopd_step, step_module.compute_loss, torch.save = real_step, real_loss, real_save
+        if "vllm_dies_at_step" in fault:
+            vllm.LLM.generate = real_generate
 
 
 def main(spec_path: str, result_path: str) -> None:
@@ -97,10 +107,9 @@ def main(spec_path: str, result_path: str) -> None:
     results = {}
     for run in spec["runs"]:
         cfg = load_config(spec["config"], run["overrides"])
-        if "fault" in run:
-            inject(run["fault"])
         try:
-            result = train(cfg, resume=run.get("resume", False), stop_after_step=run.get("stop_after_step"))
+            with injected(run.get("fault", {})):
+                result = train(cfg, resume=run.get("resume", False), stop_after_step=run.get("stop_after_step"))
         except (NonFiniteTraining, CheckpointError, RolloutEngineError) as err:
             results[run["name"]] = {"error": f"{type(err).__name__}: {err}", "finished": False}
             continue
