@@ -314,12 +314,8 @@ def export_student(engine, processor: Any, target: Path, peft_student: Any = Non
     state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else engine.module.state_dict()
     if rank() == 0:
         state_dict = {name.removeprefix("model."): tensor for name, tensor in state_dict.items()}
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        module.save_pretrained(tmp, state_dict=state_dict)
-        processor.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        lora.write_folder(target, lambda tmp: module.save_pretrained(tmp, state_dict=state_dict),
+                          processor.save_pretrained)
     barrier()
 
 

@@ -25,7 +25,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -229,14 +229,10 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 def save_adapter(peft_student: Any, processor: Any, target: Path) -> None:
     """Write the PEFT adapter (adapter_config.json, adapter_model.safetensors) and the processor to
     `target`, replacing it atomically. The adapters must be readable (gathered under ZeRO-3)."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     # the adapters alone: PEFT would also save an adapted lm_head's base weight (frozen, so the
     # base checkpoint's own; under ZeRO-3 an empty shard)
-    peft_student.save_pretrained(tmp, save_embedding_layers=False)
-    processor.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    write_folder(target, lambda tmp: peft_student.save_pretrained(tmp, save_embedding_layers=False),
+                 processor.save_pretrained)
 
 
 def export_merged(adapter_dir: Path, target: Path, dtype: torch.dtype) -> None:
@@ -249,14 +245,20 @@ def export_merged(adapter_dir: Path, target: Path, dtype: torch.dtype) -> None:
 
     base_path = peft.PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
     merged = peft.PeftModel.from_pretrained(load_model(base_path, dtype=dtype), adapter_dir).merge_and_unload()
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
     try:
         processor = AutoProcessor.from_pretrained(adapter_dir)
     except (OSError, ValueError):  # a text-only student: its tokenizer is the processor
         processor = AutoTokenizer.from_pretrained(adapter_dir)
-    processor.save_pretrained(tmp)
+    write_folder(target, merged.save_pretrained, processor.save_pretrained)
+
+
+def write_folder(target: Path, *writers: Callable[[Path], Any]) -> None:
+    """Each writer (e.g. a `save_pretrained`) fills a temporary sibling folder, which then replaces
+    `target` at once: a crash mid-export leaves no half-written `target`."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for write in writers:
+        write(tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
 
