@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 TORCHVISION_VERSION ?= 0.28.0
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-vllm demo test clean
+.PHONY: setup setup-vllm setup-lora demo test clean
 
 setup: $(VENV)/.installed
 # rollout.engine=vllm (and the tests of it): the extra matching this machine's torch, `vllm` next to
@@ -35,10 +35,17 @@ $(VENV)/.installed-vllm: $(VENV)/.installed
 	$(BIN)/python -c "from dopd_vlm.vllm_rollout import install_torchvision_hook; print('wrote', install_torchvision_hook())"
 	touch $@
 
+# model.lora (and the tests of it): PEFT, the `lora` extra.
+setup-lora: $(VENV)/.installed-lora
+
+$(VENV)/.installed-lora: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e ".[test,lora]"
+	touch $@
+
 demo: setup
 	$(BIN)/dopd-vlm demo
 
-test: setup-vllm
+test: setup-vllm setup-lora
 	$(BIN)/python -m pytest -q --durations=25
 
 clean:

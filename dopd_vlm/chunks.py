@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from dopd_vlm import losses
 from dopd_vlm.errors import InputError
 from dopd_vlm.losses import log_probs, upcast
+from dopd_vlm.lora import LowRank
 from dopd_vlm.scoring import Head, ResponseTokens, WeightHead, at_least_float32, linear_float32, matmul_float32
 
 if TYPE_CHECKING:
@@ -356,13 +357,13 @@ def _gathered(stack: contextlib.ExitStack, head: Head | None) -> Head | None:
 
 
 class FusedLossCall:
-    """The fused loss as a function of the student head's (weight, bias), for ``Head.with_weight``.
+    """The fused loss as a function of the student head's full weights, for ``Head.with_weight``.
 
-    Under ZeRO-3 it runs as the partitioned head's forward, where the weight is gathered: the
-    privileged-student target of a live privileged pass (the student's own head) is read from that
-    same weight. The call returns the scalar loss, the one output that carries the gradient; the
-    per-token columns are kept in :attr:`columns` (a second module output would get ZeRO-3's
-    backward hooks).
+    Under ZeRO-3 it runs as the partitioned head's forward, where the weights are gathered: the
+    privileged-student target of a live privileged pass (the student's own head, its LoRA adapter
+    included) is read from those same weights. The call returns the scalar loss, the one output
+    that carries the gradient; the per-token columns are kept in :attr:`columns` (a second module
+    output would get ZeRO-3's backward hooks).
     """
 
     def __init__(self, objective: PerToken, cfg: "MethodConfig", inputs: LossInputs, teacher_head: Head | None,
@@ -371,17 +372,18 @@ class FusedLossCall:
         self.teacher_head, self.frozen_privileged_head = teacher_head, frozen_privileged_head
         self.columns: torch.Tensor | None = None
 
-    def __call__(self, weight: torch.Tensor, bias: torch.Tensor | None, hidden: torch.Tensor, *per_token: torch.Tensor):
-        inputs, vocab_size = self.inputs, self.inputs.student_head.vocab_size
+    def __call__(self, full: WeightHead, hidden: torch.Tensor, *per_token: torch.Tensor):
+        inputs = self.inputs
         privileged_head = self.frozen_privileged_head
         if privileged_head is None and inputs.privileged_hidden is not None:
-            privileged_head = WeightHead(weight, bias, vocab_size)
+            privileged_head = full
         per_chunk = ChunkObjective(self.objective, self.cfg, privileged_head, self.teacher_head,
                                    inputs.privileged_lse is not None, inputs.teacher_lse is not None,
                                    scores_are_log_probs=True)
         loss, self.columns = fused_head_loss(
-            hidden, weight, per_chunk, *per_token, token_weights=inputs.tokens.weights().to(hidden.device),
-            chunk_size=self.chunk_size, bias=bias, vocab_size=vocab_size, give_log_probs=True,
+            hidden, full.weight, per_chunk, *per_token, token_weights=inputs.tokens.weights().to(hidden.device),
+            chunk_size=self.chunk_size, bias=full.bias, vocab_size=full.vocab_size, give_log_probs=True,
+            low_rank=full.low_rank,
         )
         return loss
 
@@ -490,22 +492,27 @@ def chunked_head_loss(
 
 
 class _FusedHeadLoss(torch.autograd.Function):
-    """Forward computes the loss and, chunk by chunk, its gradients w.r.t. hidden/weight/bias.
+    """Forward computes the loss and, chunk by chunk, its gradients w.r.t. hidden/weight/bias (and a
+    LoRA update's projected input and up-projection).
 
     The gradients are kept (sizes of the inputs, not of the logits); backward only scales them
     by the upstream gradient of the scalar loss. Logits are float32 (`linear_float32`), and the
-    head's gradient sums its chunks in float32 even for a bf16 head (cast once at the end).
+    head's gradients sum their chunks in float32 even for a bf16 head (cast once at the end).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, token_weights, fn, vocab_size, chunk_size, give_log_probs, *others):
-        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    def forward(ctx, hidden, weight, bias, projected, up, token_weights, fn, vocab_size, chunk_size, give_log_probs,
+                *others):
+        needs_hidden, needs_weight, needs_bias, needs_projected, needs_up = ctx.needs_input_grad[:5]
         w = weight[:vocab_size]
         b = bias[:vocab_size] if bias is not None else None
+        u = up[:vocab_size] if up is not None else None
         grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=upcast(weight).dtype) if needs_weight else None
         grad_bias = torch.zeros_like(bias, dtype=upcast(bias).dtype) if needs_bias else None
-        wants_grad = needs_hidden or needs_weight or needs_bias
+        grad_projected = torch.zeros_like(projected) if needs_projected else None
+        grad_up = torch.zeros_like(up, dtype=upcast(up).dtype) if needs_up else None
+        wants_grad = any(ctx.needs_input_grad[:5])
         total = torch.zeros((), dtype=upcast(hidden).dtype, device=hidden.device)
         columns = []
         n = hidden.shape[0]
@@ -513,6 +520,8 @@ class _FusedHeadLoss(torch.autograd.Function):
             stop = min(start + chunk_size, n)
             h = hidden[start:stop]
             x = linear_float32(h, w, b)  # grad mode is off in forward: no graph back to the inputs
+            if u is not None:  # the LoRA update: (scale * h @ down.T) @ up.T
+                x += matmul_float32(projected[start:stop], u.T).to(x.dtype)
             if give_log_probs:  # in place: the logits' memory becomes the log-probs'
                 x = upcast(x)
                 x -= x.logsumexp(dim=-1, keepdim=True)
@@ -535,6 +544,10 @@ class _FusedHeadLoss(torch.autograd.Function):
             del x
             if needs_bias:
                 grad_bias[:vocab_size] += grad_x.sum(dim=0).to(grad_bias.dtype)
+            if needs_projected:
+                grad_projected[start:stop] = matmul_float32(grad_x, u).to(grad_projected.dtype)
+            if needs_up:
+                grad_up[:vocab_size] += matmul_float32(grad_x.T, projected[start:stop]).to(grad_up.dtype)
             grad_x = grad_x.to(h.dtype)
             if needs_hidden:
                 torch.mm(grad_x, w, out=grad_hidden[start:stop])
@@ -545,7 +558,8 @@ class _FusedHeadLoss(torch.autograd.Function):
             del grad_x
         grad_weight = grad_weight.to(weight.dtype) if needs_weight else None
         grad_bias = grad_bias.to(bias.dtype) if needs_bias else None
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        grad_up = grad_up.to(up.dtype) if needs_up else None
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, grad_projected, grad_up)
         columns = torch.cat(columns)
         ctx.mark_non_differentiable(columns)
         return total, columns
@@ -573,13 +587,15 @@ def fused_head_loss(
     bias: torch.Tensor | None = None,
     vocab_size: int | None = None,
     give_log_probs: bool = False,
+    low_rank: LowRank | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``Σ_n token_weights[n] · loss_n`` from hidden states, with the gradient computed in forward.
 
     Same contract for ``per_chunk_loss_fn`` as :func:`chunked_head_loss` (student logits of a
     chunk, then the chunks of ``per_token_tensors``; returns [chunk] losses or [chunk, C] with the
     loss in column 0), but the head is a linear layer given by its ``weight`` [V', H] (and
-    optional ``bias``), of which the first ``vocab_size`` rows are used (all by default).
+    optional ``bias``, and optional LoRA update ``low_rank``: logits += scale · (h @ down.T) @ up.T),
+    of which the first ``vocab_size`` rows are used (all by default).
 
     With ``give_log_probs=True`` the function receives ``log_softmax(logits)`` (float32 or
     float64) instead of the logits; for objectives written on log-probs this saves a
@@ -587,13 +603,15 @@ def fused_head_loss(
     gradient is mapped back to the logits in place).
 
     Returns ``(loss, columns)``: the scalar weighted loss, differentiable w.r.t. ``hidden``,
-    ``weight`` and ``bias``, and the detached per-token output [N] / [N, C].
+    ``weight``, ``bias`` and the update's ``down`` and ``up``, and the detached per-token output
+    [N] / [N, C].
 
     Because the reduction weights are known up front, each chunk's gradient w.r.t. its logits is
     taken right away (one local autograd call) and folded into gradients w.r.t. the hidden states
-    and the head ([N, H] and [V', H], the sizes of the inputs), which backward just scales. No
-    [chunk, V] tensor outlives its chunk, and unlike checkpointing nothing is recomputed: the
-    per-chunk function runs once and the head costs one forward and two gradient matmuls.
+    and the head ([N, H] and [V', H], the sizes of the inputs; [N, r] and [V', r] for a LoRA
+    update, whose frozen base weight gets none), which backward just scales. No [chunk, V] tensor
+    outlives its chunk, and unlike checkpointing nothing is recomputed: the per-chunk function runs
+    once and the head costs one forward and two gradient matmuls.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -603,16 +621,21 @@ def fused_head_loss(
             raise ValueError(f"per-token tensors must have {n} rows, got {tensor.shape[0]}")
     vocab_size = weight.shape[0] if vocab_size is None else vocab_size
     token_weights = token_weights.detach()
+    head = WeightHead(weight, bias, vocab_size, low_rank)
     if not torch.is_grad_enabled():
 
         def plain(h, _token_weights, *others):
-            x = linear_float32(h, weight[:vocab_size], None if bias is None else bias[:vocab_size])
+            x = head(h)
             return per_chunk_loss_fn(log_probs(x) if give_log_probs else x, *others)
 
         columns = chunked(plain, hidden, token_weights, *per_token_tensors, chunk_size=chunk_size)
         loss = columns if columns.ndim == 1 else columns[:, 0]
         return (loss * token_weights).sum(), columns
+    # the update's small projection [N, r] goes through autograd (to `down` and `hidden`); the
+    # function takes the gradient w.r.t. it and `up` with the rest
+    projected = low_rank.project(hidden) if low_rank is not None else None
+    up = low_rank.up if low_rank is not None else None
     return _FusedHeadLoss.apply(
-        hidden, weight, bias, token_weights, per_chunk_loss_fn, vocab_size, chunk_size, give_log_probs,
+        hidden, weight, bias, projected, up, token_weights, per_chunk_loss_fn, vocab_size, chunk_size, give_log_probs,
         *per_token_tensors,
     )

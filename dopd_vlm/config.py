@@ -24,7 +24,7 @@ from dopd_vlm.errors import InputError
 from dopd_vlm.losses import TopKVariant
 from dopd_vlm.methods import METHODS, Ablation, Divergence, OpdDivergence, RegimeWeights
 from dopd_vlm.router import Normalization, TokenDrop
-from dopd_vlm.validation import Above, AtLeast, Between, Invalid, build
+from dopd_vlm.validation import Above, AtLeast, Between, Invalid, NonEmpty, build
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 PrivilegedTarget = Literal["live", "initial"]
@@ -42,6 +42,39 @@ class ConfigError(InputError):
     """A config problem, reported as one line that names the dotted key (or the DeepSpeed JSON)."""
 
 
+# The attention and MLP projections of the language model, named alike in every Qwen family.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    """A LoRA student through PEFT: the student's weights stay frozen and low-rank adapters on
+    the named linear layers are trained (dopd_vlm/lora.py).
+
+    Attributes:
+        enabled: Train LoRA adapters instead of every weight (needs the `lora` extra: peft).
+        rank: Adapter rank r.
+        alpha: LoRA alpha: the adapter's update is scaled by alpha / rank.
+        dropout: Dropout on the adapters' inputs in the student's pass with gradient (rollouts,
+            evaluation and the privileged student's pass run without it); must be 0 when lm_head
+            is a target (the loss applies the output layer's adapter without dropout).
+        target_modules: Linear layers to adapt, by the last part of their module name (as PEFT
+            matches them), in the language model; `lm_head` adapts the output layer too. Default:
+            the attention and MLP projections, the same names in every Qwen family.
+        vision: Also adapt layers of these names in the vision tower.
+        export_merged: Also export the merged student (base + adapter, loadable by transformers
+            alone) to output_dir/final_merged; output_dir/final always holds the PEFT adapter.
+    """
+
+    enabled: bool = False
+    rank: Positive = 16
+    alpha: PositiveFloat = 32.0
+    dropout: Annotated[float, Between(0.0, 1.0, high_open=True)] = 0.0
+    target_modules: Annotated[list[str], NonEmpty()] = field(default_factory=lambda: list(LORA_TARGETS))
+    vision: bool = False
+    export_merged: bool = False
+
+
 @dataclass
 class ModelConfig:
     """Teacher and student checkpoints (local folders or hub ids) and numerics.
@@ -51,12 +84,14 @@ class ModelConfig:
         student: Trained student; also provides the privileged-student pass (same weights).
         dtype: Parameter dtype; `auto` = bfloat16 on GPU, float32 on CPU.
         gradient_checkpointing: Recompute student activations in backward (saves memory).
+        lora: Train a LoRA adapter on the student instead of all its weights (see LoraConfig).
     """
 
     teacher: str = ""
     student: str = ""
     dtype: DType = "auto"
     gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -131,7 +166,8 @@ class MethodConfig:
         teacher_privileged: Whether the teacher sees the privileged text (vanilla_opd, gkd).
         privileged_target: The privileged student of dopd and opsd: `live` (the trained weights,
             as in the paper: the target moves with every update) or `initial` (a frozen copy of
-            the starting student, loaded like the teacher: one more model in memory).
+            the starting student, loaded like the teacher: one more model in memory; with
+            model.lora, the student with its adapters switched off: no second copy).
         jsd_beta: Generalised-JSD mixture weight for gkd and opsd (0.5 = JS).
         temperature: Softmax temperature of the loss distributions.
     """
@@ -377,6 +413,10 @@ def validate(cfg: RunConfig) -> None:
     _check(r.vllm.max_model_len > r.max_new_tokens, "rollout.vllm.max_model_len",
            f"must be larger than rollout.max_new_tokens ({r.max_new_tokens}) to leave room for a prompt")
     _check(bool(cfg.model.student), "model.student", "is required")
+    lora = cfg.model.lora
+    _check(not (lora.enabled and lora.dropout and "lm_head" in lora.target_modules), "model.lora.dropout",
+           "must be 0 when model.lora.target_modules has lm_head (the loss applies the output layer's adapter "
+           "without dropout, as it applies it to the privileged student's targets)")
     _check(bool(cfg.model.teacher) or not METHODS[m.name].needs_teacher, "model.teacher",
            f"is required (method {m.name} distils from a teacher)")
     _check(

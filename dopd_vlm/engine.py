@@ -6,7 +6,8 @@
 - `SkippableAdamW`, `gradients_finite`: a step with non-finite loss or gradients is called off on
   every rank (DeepSpeed itself only skips fp16 overflows);
 - `save_checkpoint` / `load_latest_checkpoint`: DeepSpeed's format, made atomic by a pointer file;
-- `export_student`: the consolidated student with its processor, loadable by transformers alone.
+- `export_student`: the consolidated student with its processor, loadable by transformers alone
+  (a LoRA student: its PEFT adapter, and optionally the merged student).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dopd_vlm import lora
 from dopd_vlm.distributed import all_ranks_true, rank, world_size
 from dopd_vlm.errors import InputError
 from dopd_vlm.scoring import ResponseHiddenStates
@@ -95,17 +97,18 @@ def student_engine(student: nn.Module, ds_config: dict, optim, lr_lambda: Callab
 
     A DeepSpeed JSON with an "optimizer" section (e.g. zero3_offload: DeepSpeedCPUAdam) lets
     DeepSpeed build it (a non-finite step then stops the run); otherwise torch's AdamW, which
-    needs no JIT-compiled op and can skip a step.
+    needs no JIT-compiled op and can skip a step. Either optimizes the parameters that require
+    grad (a LoRA student's adapters).
     """
     import deepspeed
 
     optimizer = None
+    trainable = lora.trainable_parameters(student)
     if "optimizer" not in ds_config:
         ds_config["zero_allow_untested_optimizer"] = True  # an AdamW subclass; DeepSpeed checks exact types
-        optimizer = SkippableAdamW(student.parameters(), lr=optim.lr, betas=tuple(optim.betas),
-                                   weight_decay=optim.weight_decay)
+        optimizer = SkippableAdamW(trainable, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=ResponseHiddenStates(student), optimizer=optimizer, config=ds_config,
+        model=ResponseHiddenStates(student), optimizer=optimizer, model_parameters=trainable, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
     )
     engine.train()
@@ -128,11 +131,17 @@ def frozen_engine(model: nn.Module | None, ds_config: dict):
 def gathered_weights(module: nn.Module) -> Iterator[nn.Module]:
     """`module` with every ZeRO-3 partitioned parameter gathered for the block, to read (a weight
     sync, a comparison); released after it. A no-op for a module that is not partitioned."""
+    with gathered_parameters(list(module.parameters())):
+        yield module
+
+
+@contextlib.contextmanager
+def gathered_parameters(params: list[nn.Parameter]) -> Iterator[None]:
+    """`params` gathered for the block (ZeRO-3), to read; a no-op for parameters not partitioned."""
     import deepspeed
 
-    params = list(module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=any(hasattr(p, "ds_id") for p in params)):
-        yield module
+        yield
 
 
 @contextlib.contextmanager
@@ -206,6 +215,10 @@ LATEST = "latest_complete"
 def save_checkpoint(engine, out: Path, step: int) -> None:
     """Save step `step`; `latest_complete` moves to it only once every rank has finished.
 
+    Only trained parameters and their optimizer state are saved (a LoRA student's adapters; its
+    frozen base comes from model.student again on resume), with their names, which the resume
+    checks.
+
     DeepSpeed writes the tag directory (every rank its shards); rank 0 then replaces the pointer
     file atomically and durably, so a crash mid-save leaves the previous pointer, which still names
     a complete checkpoint. Every rank reads that pointer on resume: on several nodes `output_dir`
@@ -217,7 +230,8 @@ def save_checkpoint(engine, out: Path, step: int) -> None:
     tag = f"step_{step}"
     failure = None
     try:
-        engine.save_checkpoint(str(checkpoints), tag=tag, client_state={"step": step}, save_latest=False)
+        engine.save_checkpoint(str(checkpoints), tag=tag, client_state={"step": step, "trained": trained_names(engine)},
+                               save_latest=False, exclude_frozen_parameters=True)
     except OSError as err:
         failure = err
     if not all_ranks_true(failure is None):
@@ -265,26 +279,43 @@ def load_latest_checkpoint(engine, out: Path) -> int:
     if tag is None:
         log.warning("--resume: no complete checkpoint under %s, starting from step 0", out / "checkpoints")
         return 0
-    path, client_state = engine.load_checkpoint(str(out / "checkpoints"), tag=tag)
+    path, client_state = engine.load_checkpoint(str(out / "checkpoints"), tag=tag, load_module_strict=False)
     if path is None:
         raise InputError(f"--resume: checkpoint {out / 'checkpoints' / tag} could not be loaded")
+    if client_state.get("trained", trained_names(engine)) != trained_names(engine):  # strict=False hides this
+        raise InputError(f"--resume: checkpoint {out / 'checkpoints' / tag} trained other parameters than this run "
+                         "(a different model.lora?); resume with the run's own config")
     log.info("resumed from %s (step %d)", path, client_state["step"])
     return int(client_state["step"])
 
 
-def export_student(engine, processor: Any, target: Path) -> None:
-    """Consolidate the student's weights and save_pretrained it with its processor."""
+def trained_names(engine) -> list[str]:
+    return [name for name, param in engine.module.named_parameters() if param.requires_grad]
+
+
+def export_student(engine, processor: Any, target: Path, peft_student: Any = None,
+                   merged_target: Path | None = None) -> None:
+    """Consolidate the student's weights and save_pretrained it with its processor.
+
+    A LoRA student (`peft_student`, PEFT's model around it): its adapter is saved instead
+    (`lora.save_adapter`), and the merged student, loadable by transformers alone, at
+    `merged_target` if given (`lora.export_merged`, on rank 0).
+    """
     module = engine.module.model  # inside ResponseHiddenStates
+    if peft_student is not None:
+        with gathered_parameters(lora.trainable_parameters(module)):
+            if rank() == 0:
+                lora.save_adapter(peft_student, processor, target)
+        if merged_target is not None and rank() == 0:
+            lora.export_merged(target, merged_target, module.dtype)
+        barrier()
+        return
     zero3 = engine.zero_optimization_stage() == 3
     state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else engine.module.state_dict()
     if rank() == 0:
         state_dict = {name.removeprefix("model."): tensor for name, tensor in state_dict.items()}
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        module.save_pretrained(tmp, state_dict=state_dict)
-        processor.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        lora.write_folder(target, lambda tmp: module.save_pretrained(tmp, state_dict=state_dict),
+                          processor.save_pretrained)
     barrier()
 
 

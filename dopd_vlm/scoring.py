@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dopd_vlm.collate import ModelView
+from dopd_vlm.lora import LinearParts, LowRank, linear_parts
 
 
 def matmul_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -70,12 +71,14 @@ class Head:
     vocabulary (linear layers compute them with float32 accumulation, `linear_float32`).
 
     Two kinds: :class:`LMHead` (a model's own output module) and :class:`WeightHead` (a weight
-    tensor). The loss takes its fast paths through these members rather than by type tests:
+    tensor, optionally with a LoRA update). The loss takes its fast paths through these members
+    rather than by type tests:
 
-    - :attr:`linear` is ``(weight, bias)`` when the weight can be read directly (not ZeRO-3
-      partitioned, or gathered): top-K target logits then come from K weight rows;
-    - :attr:`is_linear` says the layer is a linear map at all, so the fused loss can take
-      its gradient chunk by chunk through :meth:`with_weight`;
+    - :attr:`linear` is ``(weight, bias)`` when the logits are those of that weight alone and it
+      can be read directly (not ZeRO-3 partitioned, or gathered): top-K target logits then come
+      from K weight rows;
+    - :attr:`is_linear` says the layer is a linear map at all (a LoRA adapter on it included), so
+      the fused loss can take its gradient chunk by chunk through :meth:`with_weight`;
     - :attr:`partitioned`: every call is a ZeRO-3 collective; :meth:`gathered` makes a frozen
       partitioned head one gather for a whole block of calls.
     """
@@ -89,7 +92,8 @@ class Head:
         raise NotImplementedError
 
     def with_weight(self, fn: Callable[..., Any], *args: torch.Tensor) -> Any:
-        """``fn(weight, bias, *args)`` with the layer's full weight; for linear heads only."""
+        """``fn(full, *args)`` with ``full`` the layer as a :class:`WeightHead` on its full weights;
+        for linear heads only."""
         raise TypeError(f"{type(self).__name__} is not a linear layer")
 
     @contextlib.contextmanager
@@ -98,71 +102,104 @@ class Head:
 
 
 class WeightHead(Head):
-    """A linear head given by its weight [V', H] (and bias), sliced to the first ``vocab_size`` rows."""
+    """A linear head given by its weight [V', H] (and bias), sliced to the first ``vocab_size`` rows;
+    with ``low_rank``, plus that LoRA update (``lora.LowRank``: scale * (h @ down.T) @ up.T)."""
 
     is_linear = True
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, vocab_size: int | None = None):
-        self.linear = (weight, bias)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, vocab_size: int | None = None,
+                 low_rank: LowRank | None = None):
+        self.weight, self.bias, self.low_rank = weight, bias, low_rank
+        self.linear = (weight, bias) if low_rank is None else None
         self.vocab_size = weight.shape[0] if vocab_size is None else vocab_size
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.linear
-        return linear_float32(hidden, weight[: self.vocab_size], None if bias is None else bias[: self.vocab_size])
+        v = self.vocab_size
+        logits = linear_float32(hidden, self.weight[:v], None if self.bias is None else self.bias[:v])
+        if self.low_rank is not None:
+            logits = logits + matmul_float32(self.low_rank.project(hidden), self.low_rank.up[:v].T)
+        return logits
 
     def with_weight(self, fn: Callable[..., Any], *args: torch.Tensor) -> Any:
-        return fn(*self.linear, *args)
+        return fn(self, *args)
 
 
 class LMHead(Head):
     """A model's output module as a :class:`Head`; padding rows beyond the common vocabulary are
-    sliced off. A plain ``nn.Linear`` is :attr:`is_linear`; its ZeRO-3 partitioned weight is reached
-    through :meth:`with_weight` (trainable) and :meth:`gathered` (frozen)."""
+    sliced off. A plain ``nn.Linear``, or PEFT's LoRA layer over one, is :attr:`is_linear`: its
+    adapter, when in use and ``with_adapter``, is part of every logit (``lora.linear_parts``). A
+    ZeRO-3 partitioned layer is reached through :meth:`with_weight` (trainable) and
+    :meth:`gathered` (frozen)."""
 
-    def __init__(self, module: nn.Module, vocab_size: int):
+    def __init__(self, module: nn.Module, vocab_size: int, with_adapter: bool = True):
         self.module = module
         self.vocab_size = vocab_size
+        self.with_adapter = with_adapter
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         linear = self.linear
         if linear is not None:
             weight, bias = linear
             return linear_float32(hidden, weight[: self.vocab_size], None if bias is None else bias[: self.vocab_size])
+        if self.is_linear:
+            return self.with_weight(WeightHead.__call__, hidden)
         logits = self.module(hidden)[..., : self.vocab_size]
         return logits.to(at_least_float32(logits.dtype))
 
     @property
+    def parts(self) -> LinearParts | None:
+        """The layer's base ``nn.Linear`` and its adapter's update now (None: not a linear layer)."""
+        return linear_parts(self.module, self.with_adapter)
+
+    @property
     def is_linear(self) -> bool:
-        return type(self.module) is nn.Linear
+        return self.parts is not None
 
     @property
     def linear(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        if not self.is_linear or self.partitioned:
+        parts = self.parts
+        if parts is None or parts.low_rank is not None or self.partitioned:
             return None
-        return self.module.weight, self.module.bias
+        return parts.base.weight, parts.base.bias
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters the logits read (all of the module's for a layer that is not linear)."""
+        parts = self.parts
+        return list(self.module.parameters()) if parts is None else parts.parameters()
+
+    @property
+    def trainable(self) -> bool:
+        return any(p.requires_grad for p in self.parameters())
 
     @property
     def partitioned(self) -> bool:
         """True when the layer's parameters are ZeRO-3 partitioned: every call is then a collective."""
-        return any(hasattr(p, "ds_id") for p in self.module.parameters())
+        return any(hasattr(p, "ds_id") for p in self.parameters())
+
+    def full(self) -> WeightHead:
+        """The layer as a :class:`WeightHead` on its current (readable or gathered) weights."""
+        parts = self.parts
+        return WeightHead(parts.base.weight, parts.base.bias, self.vocab_size, parts.low_rank)
 
     def with_weight(self, fn: Callable[..., Any], *args: torch.Tensor) -> Any:
-        """``fn(weight, bias, *args)`` run as the module's own forward, through ``module(*args)``.
+        """``fn(full, *args)`` run as the module's own forward, through ``module(*args)``, with ``full``
+        the layer on its full weights (:meth:`full`).
 
         Under ZeRO-3 the module's hooks then gather its parameters for the call and again before
         autograd reaches the backward of ``fn``'s output (DeepSpeed's pre-backward hooks sit on the
         module's outputs), and release them after the gradient w.r.t. ``args`` is computed, so a
-        custom autograd Function in ``fn`` may return a full-size gradient for the weight: it
-        accumulates into the gathered parameter, and DeepSpeed reduce-scatters it as usual.
-        ``fn`` must return one tensor that carries the gradient (a second output would get
-        DeepSpeed's backward hooks too). Without ZeRO-3 this is a plain call.
+        custom autograd Function in ``fn`` may return full-size gradients for the weights: they
+        accumulate into the gathered parameters, and DeepSpeed reduce-scatters them as usual (an
+        adapted layer is a ZeRO-3 leaf module, `lora.adapt`: its base layer and adapters are
+        gathered together). ``fn`` must return one tensor that carries the gradient (a second
+        output would get DeepSpeed's backward hooks too). Without ZeRO-3 this is a plain call.
         """
         if not self.is_linear:
             return super().with_weight(fn, *args)
         module = self.module
         missing = object()
         own = module.__dict__.get("forward", missing)
-        module.forward = lambda *a: fn(module.weight, module.bias, *a)
+        module.forward = lambda *a: fn(self.full(), *a)
         try:
             return module(*args)
         finally:
@@ -173,24 +210,24 @@ class LMHead(Head):
 
     @contextlib.contextmanager
     def gathered(self) -> Iterator[Head]:
-        """For frozen heads: a :class:`WeightHead` on the ZeRO-3 gathered weight for the block (one
+        """For frozen heads: a :class:`WeightHead` on the ZeRO-3 gathered weights for the block (one
         gather for many chunks, which also keeps the collectives equal on every rank, whatever number
         of chunks each rank scores); this head itself when it is not partitioned."""
         if not (self.is_linear and self.partitioned):
             yield self
             return
-        params = list(self.module.parameters())
-        if any(p.requires_grad for p in params):
+        if self.trainable:
             raise ValueError("LMHead.gathered is for frozen heads; a trainable head's gradient would be lost")
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield WeightHead(self.module.weight, self.module.bias, self.vocab_size)
+        with deepspeed.zero.GatheredParameters(self.parameters(), modifier_rank=None):
+            yield self.full()
 
 
-def output_head(model: nn.Module, vocab_size: int) -> LMHead:
-    """hidden [N, H] -> logits [N, vocab_size] over the common vocabulary (padding rows sliced off)."""
-    return LMHead(model.get_output_embeddings(), vocab_size)
+def output_head(model: nn.Module, vocab_size: int, with_adapter: bool = True) -> LMHead:
+    """hidden [N, H] -> logits [N, vocab_size] over the common vocabulary (padding rows sliced off);
+    without its LoRA adapter, if it has one, unless ``with_adapter``."""
+    return LMHead(model.get_output_embeddings(), vocab_size, with_adapter)
 
 
 class ResponseHiddenStates(nn.Module):
@@ -236,9 +273,9 @@ def token_logprobs_and_lse(
     # Under ZeRO-3 one gather for all chunks, not one per chunk: ranks score different numbers of
     # chunks. The trained student's head (privileged pass) is fetched by one call of its module, as
     # in the loss; a frozen head (teacher) is gathered for the block.
-    if any(p.requires_grad for p in head.module.parameters()):
-        def score(weight, bias, rows, ids):
-            return _token_logprobs_and_lse(rows, WeightHead(weight, bias, head.vocab_size), ids, chunk_size)
+    if head.trainable:
+        def score(full, rows, ids):
+            return _token_logprobs_and_lse(rows, full, ids, chunk_size)
 
         return head.with_weight(score, hidden, token_ids)
     with head.gathered() as gathered:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -34,12 +34,13 @@ from dopd_vlm.chunks import LossInputs
 from dopd_vlm.collate import DualViewCollator, ScoringViews, reference_responses
 from dopd_vlm.data.schema import Sample
 from dopd_vlm.distributed import all_ranks_sum, all_ranks_true, world_size
+from dopd_vlm import lora
 from dopd_vlm.engine import gathered_for_generation, gradients_finite
 from dopd_vlm.methods import METHODS, TokenStats, compute_loss, scoring_passes, summarize
 from dopd_vlm.models import device_of
 from dopd_vlm.rollout import sample_responses
 from dopd_vlm.router import Thresholds, assign_regimes, compute_thresholds, kept_tokens
-from dopd_vlm.scoring import ResponseTokens, output_head, response_hidden_states, token_logprobs, token_logprobs_and_lse
+from dopd_vlm.scoring import Head, ResponseTokens, output_head, response_hidden_states, token_logprobs, token_logprobs_and_lse
 from dopd_vlm.vllm_rollout import logprob_gap_metrics, logprob_gaps, row_seed
 
 if TYPE_CHECKING:
@@ -59,6 +60,8 @@ class Models:
     suppress_token_ids: list[int] = field(default_factory=list)
     frozen_privileged_engine: Any | None = None  # method.privileged_target=initial: the starting student
     rollout_engine: Any = None  # rollout.engine=vllm: this rank's vllm_rollout.VllmRollout
+    peft_student: Any = None  # model.lora: PEFT's model around student_module (saving the adapter)
+    privileged_base: bool = False  # model.lora + privileged_target=initial: the student with adapters off
 
     @property
     def student_module(self) -> nn.Module:
@@ -77,6 +80,33 @@ class Models:
     def privileged_student(self) -> nn.Module:
         """The model of the privileged-student pass: the trained student, or its frozen initial copy."""
         return self.frozen_privileged if self.frozen_privileged is not None else self.student_module
+
+    @contextmanager
+    def privileged_pass(self) -> Iterator[nn.Module]:
+        """The privileged student for a no-grad pass, in eval mode (no LoRA dropout in a target): the
+        trained student, its frozen initial copy, or (a LoRA student's initial target) the student
+        with its adapters switched off: the base model, without a second copy of it."""
+        model = self.privileged_student
+        with evaluation_mode(model), lora.adapters_off(model) if self.privileged_base else nullcontext():
+            yield model
+
+    def privileged_head(self) -> Head | None:
+        """A frozen privileged target's output layer for the loss; None: the trained student's own."""
+        if self.frozen_privileged is not None:
+            return output_head(self.frozen_privileged, self.vocab_size)
+        if self.privileged_base and lora.adapted(self.student_module.get_output_embeddings()):
+            return output_head(self.student_module, self.vocab_size, with_adapter=False)
+        return None  # the student's own head (also the base's when no adapter sits on it)
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 @dataclass
@@ -213,12 +243,12 @@ def score_targets(models: Models, views: ScoringViews, cfg: RunConfig, timer: "P
     scored = ScoredMicroBatch(views=views, tokens=tokens)
     chunk, mask = cfg.train.loss_chunk_size, views.response_mask.to(device)
     if views.privileged_student is not None:
-        model = models.privileged_student
-        with timer("score/privileged"):
-            scored.privileged_hidden = response_hidden_states(model, views.privileged_student.to(device), mask)
-        with timer("score/router"):
-            scored.privileged_logprobs, scored.privileged_lse = token_logprobs_and_lse(
-                scored.privileged_hidden, output_head(model, models.vocab_size), tokens.token_ids, chunk)
+        with models.privileged_pass() as model:
+            with timer("score/privileged"):
+                scored.privileged_hidden = response_hidden_states(model, views.privileged_student.to(device), mask)
+            with timer("score/router"):
+                scored.privileged_logprobs, scored.privileged_lse = token_logprobs_and_lse(
+                    scored.privileged_hidden, output_head(model, models.vocab_size), tokens.token_ids, chunk)
     if views.teacher is not None:
         with timer("score/teacher"):
             scored.teacher_hidden = response_hidden_states(models.teacher, views.teacher.to(device), mask)
@@ -271,7 +301,7 @@ def student_loss(models: Models, scored: ScoredMicroBatch, cfg: RunConfig, thres
         student_hidden=student_hidden,
         student_head=output_head(models.student_module, models.vocab_size),
         privileged_hidden=scored.privileged_hidden,
-        privileged_head=_head(models.frozen_privileged, models.vocab_size),
+        privileged_head=models.privileged_head(),
         teacher_hidden=scored.teacher_hidden,
         teacher_head=_head(models.teacher, models.vocab_size),
         regimes=regimes,

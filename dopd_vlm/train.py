@@ -5,7 +5,7 @@
     for step in steps:
         step.dopd_step(...)                     rollout -> score -> route -> loss -> update
         evaluate / log / checkpoint             at their cadences
-    export the student to output_dir/final
+    export the student to output_dir/final (a LoRA student: its adapter; merged: final_merged)
 
 Launch with `dopd-vlm train`, `python -m dopd_vlm train`, `torchrun` or `deepspeed`.
 """
@@ -57,8 +57,8 @@ from dopd_vlm.models import (
 )
 from dopd_vlm.rollout import eos_token_ids
 from dopd_vlm.scoring import output_head
-from dopd_vlm.step import Models, dopd_step, step_batches
-from dopd_vlm import vllm_rollout
+from dopd_vlm.step import Models, derive_seed, dopd_step, step_batches
+from dopd_vlm import lora, vllm_rollout
 
 log = logging.getLogger("dopd_vlm.train")
 
@@ -103,6 +103,8 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     warnings.filterwarnings("ignore", message=r".*is deprecated. Please use `torch.distributed", category=FutureWarning)
     if cfg.rollout.engine == "vllm":  # a missing extra fails before anything loads
         vllm_rollout.require_vllm()
+    if cfg.model.lora.enabled:
+        lora.require_peft()
     init_distributed(cfg.train.collective_timeout_s)
     out = Path(cfg.train.output_dir)
     check_output_dir(out)
@@ -123,10 +125,13 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
 
     method = METHODS[cfg.method.name]
     initial_privileged = method.needs_privileged_student and cfg.method.privileged_target == "initial"
+    with_lora = cfg.model.lora.enabled  # the initial target is then the student with its adapters off
     with zero3_loading(ds_config):
         student = load_model(cfg.model.student, dtype=dtype)
+        peft_student = lora.adapt(student, cfg.model, derive_seed(cfg.train.seed, -2)) if with_lora else None
         teacher = load_model(cfg.model.teacher, dtype=dtype) if cfg.model.teacher else None
-        frozen_privileged = load_model(cfg.model.student, dtype=dtype) if initial_privileged else None  # also on resume
+        frozen_privileged = (load_model(cfg.model.student, dtype=dtype)  # also on resume
+                             if initial_privileged and not with_lora else None)
     if cfg.model.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     vocab_size = check_shared_vocab(collator.teacher_processor, collator.processor,
@@ -135,7 +140,8 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
 
     engine, scheduler, optimizer = student_engine(student, ds_config, cfg.optim, lambda step: lr_factor(step, cfg))
     models = Models(engine, frozen_engine(teacher, ds_config), collator, vocab_size, optimizer,
-                    vision_special_token_ids(collator.tokenizer), frozen_engine(frozen_privileged, ds_config))
+                    vision_special_token_ids(collator.tokenizer), frozen_engine(frozen_privileged, ds_config),
+                    peft_student=peft_student, privileged_base=initial_privileged and with_lora)
     check_loss_path(models, cfg)
     start_step = load_latest_checkpoint(engine, out) if resume else 0
     if cfg.rollout.engine == "vllm" and method.on_policy:  # one engine per rank, from the student checkpoint
@@ -287,7 +293,8 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after_step: int | None =
             log.info("stopped after step %d as asked; continue with --resume", done)
             logger.close()
             return TrainResult(metrics, models.student, models.teacher, False, models.rollout_engine)
-    export_student(models.student, run.processor, run.out / "final")
+    merged = run.out / "final_merged" if cfg.model.lora.enabled and cfg.model.lora.export_merged else None
+    export_student(models.student, run.processor, run.out / "final", models.peft_student, merged)
     logger.close()
     return TrainResult(metrics, models.student, models.teacher, True, models.rollout_engine)
 

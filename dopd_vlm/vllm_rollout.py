@@ -22,7 +22,8 @@ Why it is built this way:
 * **Weight sync.** After an optimizer step, the DeepSpeed engine's parameters (ZeRO-3: gathered
   once for the whole sync, released right after) are handed to the engine's worker
   (`reload_weights`, checkpoint format) under their Hugging Face names, then the prefix and
-  encoder caches are reset: nothing computed with the old weights is reused.
+  encoder caches are reset: nothing computed with the old weights is reused. A LoRA student's
+  adapters go in merged into their base layers (the engine itself knows nothing of LoRA).
 * **Faults.** A failing engine call raises `RolloutEngineError` on every rank at once (the
   outcome is agreed by a collective), so no rank is left waiting in a collective.
 
@@ -44,7 +45,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from dopd_vlm import torchvision_shimmed
+from dopd_vlm import lora, torchvision_shimmed
 from dopd_vlm.collate import DualViewCollator, extract_responses
 from dopd_vlm.config import ConfigError, RunConfig
 from dopd_vlm.data.schema import Sample
@@ -339,14 +340,15 @@ class VllmRollout:
         """Load the DeepSpeed engine's current weights into the engine, then drop its caches.
 
         Under ZeRO-3 the parameters are gathered once for the whole call and released after it;
-        the engine copies them into its own tensors, so no other full copy outlives the call.
+        the engine copies them into its own tensors, so no other full copy outlives the call. A LoRA
+        student's weights go in merged (base + adapter): the engine samples from the current adapter.
         """
         module = student_engine.module
         failure = None
         try:
             self._wake(["weights"])  # the KV cache stays released until the next rollout
             with gathered_weights(module):
-                weights = [(hf_parameter_name(name), param.data) for name, param in module.named_parameters()]
+                weights = student_weights(module)
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
                                                                   "is_checkpoint_format": True})
                 del weights
@@ -382,6 +384,14 @@ class VllmRollout:
             return
         where = f"on rank {rank()}: {type(failure).__name__}: {_one_line(failure)}" if failure else "on another rank"
         raise RolloutEngineError(f"the vLLM rollout engine failed while {what} {where}")
+
+
+def student_weights(module) -> list[tuple[str, torch.Tensor]]:
+    """The training wrapper's weights under their Hugging Face names; a LoRA student's merged
+    (`lora.merged_weights`: the adapters folded into their base layers). Must be readable (gathered)."""
+    if lora.is_adapted(module.model):
+        return list(lora.merged_weights(module.model))
+    return [(hf_parameter_name(name), param.data) for name, param in module.named_parameters()]
 
 
 def hf_parameter_name(engine_name: str) -> str:

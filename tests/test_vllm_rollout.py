@@ -127,6 +127,26 @@ def test_vllm_and_hf_agree_on_the_trained_student_in_every_family(tmp_path, tiny
         assert 0 <= metrics["rollout/logprob_gap_mean"] <= metrics["rollout/logprob_gap_max"], family
 
 
+@pytest.mark.slow
+def test_vllm_samples_from_the_current_lora_adapter(tmp_path, tiny_pairs):
+    # A LoRA student (adapted lm_head too) trained 3 steps with vLLM rollouts: the engine, synced
+    # with the merged weights after each step, samples what HF generate samples from base + adapter
+    lora = {"enabled": True, "rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "down_proj", "lm_head"]}
+    config = write_config(tmp_path / "c.yaml", tiny_pairs, model={"lora": lora}, rollout={**VLLM, "max_new_tokens": 8},
+                          optim={"lr": 1e-2}, train={"steps": 3}, data=NO_EVAL)
+    spec, result = tmp_path / "spec.json", tmp_path / "result.json"
+    spec.write_text(json.dumps({"runs": [{"name": "lora", "config": str(config), "num_prompts": 6,
+                                          "overrides": [f"train.output_dir={tmp_path / 'run'}"]}]}))
+    proc = subprocess.run([sys.executable, str(VLLM_DRIVER), str(spec), str(result)], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    r = json.loads(result.read_text())["lora"]
+    assert r["weights_moved"]  # the merged weights the sync pushes differ from the base checkpoint
+    assert r["greedy_identical"] and r["greedy_rows"] == 6 and r["sampled_tokens"] > 12
+    assert r["max_logprob_diff"] <= 1e-5, r["max_logprob_diff"]
+    assert r["metrics"]["time/weight_sync"] > 0 and r["metrics"]["rollout/logprob_gap_max"] <= 1e-5
+
+
 @pytest.fixture(scope="module")
 def vllm_runs(tmp_path_factory, tiny_pairs):
     """One 1-rank ZeRO-3 launch: a vLLM run, the same again, the same stopped and resumed, and one

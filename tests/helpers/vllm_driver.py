@@ -27,7 +27,7 @@ from dopd_vlm.engine import gathered_for_generation, gathered_weights
 from dopd_vlm.rollout import sample_responses
 from dopd_vlm.scoring import output_head, response_hidden_states, token_logprobs
 from dopd_vlm.train import train
-from dopd_vlm.vllm_rollout import row_seed
+from dopd_vlm.vllm_rollout import row_seed, student_weights
 
 
 def compare(result, cfg, run) -> dict:
@@ -50,8 +50,9 @@ def compare(result, cfg, run) -> dict:
         hf_logprobs = token_logprobs(hidden, head, sampled.ids[sampled.mask], 64)
     diff = (sampled.logprobs[sampled.mask] - hf_logprobs).abs()
     initial = load_file(f"{cfg.model.student}/model.safetensors")
-    with gathered_weights(student):
-        moved = any(not torch.equal(p.detach().cpu(), initial[name]) for name, p in student.named_parameters() if name in initial)
+    with gathered_weights(result.student.module):  # what the sync pushes (a LoRA student: merged)
+        moved = any(not torch.equal(w.cpu(), initial[hf_name]) for hf_name, w in student_weights(result.student.module)
+                    if hf_name in initial)
     distinct = len({tuple(row[mask].tolist()) for row, mask in zip(sampled.ids, sampled.mask)})
     return {"metrics": result.metrics, "greedy_identical": bool(identical), "greedy_rows": len(samples),
             "greedy_lengths": greedy.mask.sum(1).tolist(), "max_logprob_diff": float(diff.max()),
