@@ -328,6 +328,7 @@ def accuracies(models: Models, eval_sets, cfg: RunConfig, *, prefix: str, engine
             f"{prefix}/{split}": evaluate_accuracy(
                 model, collator or models.collator, samples, max_new_tokens=max_new_tokens, batch_size=batch,
                 privileged=privileged, suppress_token_ids=models.suppress_token_ids, synced_gpus=synced_gpus,
+                extractor=samples.answer_extractor,
             ).accuracy
             for split, samples in eval_sets.items()
         }
