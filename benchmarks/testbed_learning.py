@@ -29,7 +29,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, ROOT, machine  # noqa: E402
+from _common import RESULTS, ROOT, machine, write_section  # noqa: E402
 
 SECTION = "Learning on the arithmetic testbed"
 CONFIG = ROOT / "configs" / "testbed_arithmetic.yaml"
@@ -297,21 +296,17 @@ def main(argv=None) -> int:
 
 def update_markdown(path: Path) -> None:
     """Rewrite (or append) only this benchmark's section, from every stored setting."""
-    body = [f"## {SECTION}", ""]
-    intro = ROOT / "benchmarks" / "testbed_learning_findings.md"
+    body = []
+    findings = ROOT / "benchmarks" / "testbed_learning_findings.md"
     for file in sorted(RESULTS.glob("testbed_arithmetic_*.json")):
         record = json.loads(file.read_text())
         body += [f"### Setting `{record['setting']}`", "",
                  f"`{record['command']}` ({record.get('minutes', '?')} min on {record['machine']}); seeds "
                  f"{', '.join(map(str, record['seeds']))}, {record['steps']} steps per run. Preconditions: "
                  f"{format_preconditions(record['preconditions'])}.", "", record.get("table", ""), ""]
-    if intro.is_file():
-        body += [intro.read_text().strip(), ""]
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    section = "\n".join(body) + "\n"
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    path.write_text(text)
+    if findings.is_file():
+        body += [findings.read_text().strip(), ""]
+    write_section(path, SECTION, body)
 
 
 if __name__ == "__main__":

@@ -50,8 +50,8 @@ ANSWER_EXTRACTOR = AnswerExtractor("regex", r"answer (\S+)")
 
 
 @dataclass(frozen=True)
-class ArithmeticChainsRecipe:
-    """Keys of a `kind: arithmetic_chains` recipe (see data_recipes/README.md)."""
+class ChainKeys:
+    """The keys every chain kind has (this one and `cell_chains`, data/cell_chains.py)."""
 
     description: str = ""
     seed: int = 0
@@ -61,7 +61,6 @@ class ArithmeticChainsRecipe:
         default_factory=lambda: {"train": (3, 6), "ood": (7, 8)}
     )
     ops_per_step: Annotated[int, AtLeast(1)] = 2
-    hint: Literal["first_step", "all_but_last"] = "first_step"
     splits: Annotated[dict[Split, Annotated[int, AtLeast(0)]], NonEmpty()] = field(
         default_factory=lambda: {"train": 20000, "test": 200, "ood": 200}
     )
@@ -69,7 +68,17 @@ class ArithmeticChainsRecipe:
     source: str = field(default="<recipe>", metadata=INTERNAL)
 
     def __post_init__(self) -> None:
-        check_chain_keys(self)
+        """Every split has an operation range, and every chain two steps or more (so the hint
+        is never the final answer)."""
+        for split in self.splits:
+            if split not in self.operations and not (split == "test" and "train" in self.operations):
+                raise RecipeError(f"recipe {self.source}: key 'operations': has no range for split '{split}'")
+        for split, (low, _) in self.operations.items():
+            if low <= self.ops_per_step:
+                raise RecipeError(
+                    f"recipe {self.source}: key 'operations.{split}': must be > ops_per_step "
+                    f"({self.ops_per_step}) so every chain has two steps or more, got {low}"
+                )
 
     def field_label(self, name: str) -> str:
         """A canonical field as messages name it."""
@@ -80,18 +89,11 @@ class ArithmeticChainsRecipe:
         return self.operations.get(split) or self.operations["train"]
 
 
-def check_chain_keys(recipe) -> None:
-    """Every split has an operation range, and every chain two steps or more (so the hint is
-    never the final answer); shared with the image variant (data/cell_chains.py)."""
-    for split in recipe.splits:
-        if split not in recipe.operations and not (split == "test" and "train" in recipe.operations):
-            raise RecipeError(f"recipe {recipe.source}: key 'operations': has no range for split '{split}'")
-    for split, (low, _) in recipe.operations.items():
-        if low <= recipe.ops_per_step:
-            raise RecipeError(
-                f"recipe {recipe.source}: key 'operations.{split}': must be > ops_per_step "
-                f"({recipe.ops_per_step}) so every chain has two steps or more, got {low}"
-            )
+@dataclass(frozen=True)
+class ArithmeticChainsRecipe(ChainKeys):
+    """Keys of a `kind: arithmetic_chains` recipe (see data_recipes/README.md)."""
+
+    hint: Literal["first_step", "all_but_last"] = "first_step"
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,7 @@ def make_row(recipe: ArithmeticChainsRecipe, split: str, index: int) -> dict:
     }
 
 
-def chain_for_split(rng: random.Random, recipe, split: str) -> Chain:
+def chain_for_split(rng: random.Random, recipe: ChainKeys, split: str) -> Chain:
     """Draw chains until one belongs to `split` (train and test split the expressions by hash).
 
     `recipe` is any recipe with the chain keys (`modulus`, `operators`, `ops_per_step`,

@@ -20,26 +20,16 @@ Qwen2.5-VL (14-pixel patches merged 2x2), 32 on one of Qwen3-VL. Samples are pur
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
 import datasets
 from PIL import Image, ImageDraw
 
-from dopd_vlm.data.answers import AnswerExtractor
-from dopd_vlm.data.arithmetic_chains import (
-    ANSWER_EXTRACTOR,
-    MAX_OPERATIONS,
-    OPERATORS,
-    Chain,
-    Operator,
-    Split,
-    chain_for_split,
-    check_chain_keys,
-)
+from dopd_vlm.data.arithmetic_chains import Chain, ChainKeys, chain_for_split
 from dopd_vlm.data.dataset import rows_to_hf, sample_features
 from dopd_vlm.data.images import png_bytes
-from dopd_vlm.validation import INTERNAL, AtLeast, Between, IntRange, NonEmpty
+from dopd_vlm.validation import AtLeast
 
 # Digit -> fill colour: ten colours far apart in RGB, so a flat cell is told apart at a glance.
 PALETTE = (
@@ -57,34 +47,11 @@ PALETTE = (
 
 
 @dataclass(frozen=True)
-class CellChainsRecipe:
-    """Keys of a `kind: cell_chains` recipe (see data_recipes/README.md)."""
+class CellChainsRecipe(ChainKeys):
+    """Keys of a `kind: cell_chains` recipe (see data_recipes/README.md); `modulus` <= 10, the
+    colours of `PALETTE`."""
 
-    description: str = ""
-    seed: int = 0
-    modulus: Annotated[int, Between(2, len(PALETTE))] = 10
-    operators: Annotated[tuple[Operator, ...], NonEmpty()] = OPERATORS
-    operations: Annotated[dict[Split, Annotated[tuple[int, int], IntRange(1, MAX_OPERATIONS)]], NonEmpty()] = field(
-        default_factory=lambda: {"train": (3, 5), "ood": (6, 6)}
-    )
-    ops_per_step: Annotated[int, AtLeast(1)] = 2
     cell_size: Annotated[int, AtLeast(8)] = 28
-    splits: Annotated[dict[Split, Annotated[int, AtLeast(0)]], NonEmpty()] = field(
-        default_factory=lambda: {"train": 20000, "test": 200, "ood": 200}
-    )
-    answer_extractor: AnswerExtractor = ANSWER_EXTRACTOR
-    source: str = field(default="<recipe>", metadata=INTERNAL)
-
-    def __post_init__(self) -> None:
-        check_chain_keys(self)
-
-    def field_label(self, name: str) -> str:
-        """A canonical field as messages name it."""
-        return f"'{name}'"
-
-    def operation_range(self, split: str) -> tuple[int, int]:
-        """Operations per expression of a split; `test` shares `train`'s unless given."""
-        return self.operations.get(split) or self.operations["train"]
 
 
 def render_cells(operands: tuple[int, ...], cell_size: int) -> Image.Image:
