@@ -183,8 +183,8 @@ def summarize_metrics(rows: list[dict]) -> dict:
     final = [r for r in rows if r["step"] > 0 and "student/test" in r][-1]
     steps = [r for r in rows if r["step"] > 0 and "loss" in r]
     summary = {"final_test": final["student/test"], "start_test": start["student/test"],
-               "start_test_with_p": start.get("student_privileged/test")}
-    for key in ("share/HT", "share/HS", "entropy", "response_length"):
+               "start_test_with_p": start.get("student_privileged/test"), "first_loss": steps[0]["loss"]}
+    for key in ("share/HT", "share/HS", "entropy", "response_length", "kl_to_teacher"):
         values = [r[key] for r in steps if key in r]
         if values:
             summary[f"mean_{key}"] = statistics.fmean(values)
@@ -219,7 +219,8 @@ def aggregate(rows: list[dict], pre: dict[str, float]) -> dict[str, dict]:
         finals = [r["final_test"] for r in done]
         gaps = [(f - student) / (teacher - student) for f in finals]
         out[method] = {"seeds": [r["seed"] for r in done], "final": mean_std(finals), "gap": mean_std(gaps)}
-        for key in ("mean_share/HT", "mean_share/HS", "mean_entropy", "last20_entropy", "mean_response_length"):
+        for key in ("start_test", "start_test_with_p", "first_loss", "mean_share/HT", "mean_share/HS",
+                    "mean_entropy", "last20_entropy", "mean_response_length", "last20_kl_to_teacher"):
             values = [r[key] for r in done if key in r]
             if values:
                 out[method][key] = statistics.fmean(values)
@@ -227,16 +228,19 @@ def aggregate(rows: list[dict], pre: dict[str, float]) -> dict[str, dict]:
 
 
 def format_table(agg: dict[str, dict]) -> str:
-    lines = ["| method | seeds | final test acc. | gap recovered | HT share | HS share | entropy (mean / last 20) | response tokens |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | seeds | start (plain / with p) | final test acc. | gap recovered | HT share | HS share | "
+             "entropy (mean / last 20) | KL to teacher (last 20) | rollout tokens | step-1 loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, a in agg.items():
         def pct(key):
             return f"{a[key]:.3f}" if key in a else "-"
         entropy = f"{a['mean_entropy']:.3f} / {a['last20_entropy']:.3f}" if "mean_entropy" in a else "-"
+        start = f"{a['start_test']:.3f} / {a['start_test_with_p']:.3f}" if "start_test_with_p" in a else "-"
         lines.append(
-            f"| {method} | {len(a['seeds'])} | {a['final'][0]:.3f} ± {a['final'][1]:.3f} | "
+            f"| {method} | {len(a['seeds'])} | {start} | {a['final'][0]:.3f} ± {a['final'][1]:.3f} | "
             f"{100 * a['gap'][0]:.0f} % ± {100 * a['gap'][1]:.0f} | {pct('mean_share/HT')} | {pct('mean_share/HS')} | "
-            f"{entropy} | {a.get('mean_response_length', float('nan')):.1f} |"
+            f"{entropy} | {pct('last20_kl_to_teacher')} | {a.get('mean_response_length', float('nan')):.1f} | "
+            f"{pct('first_loss')} |"
         )
     return "\n".join(lines)
 
@@ -261,10 +265,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "runs" / "testbed_arithmetic"))
     parser.add_argument("--setting", default="default", help="name of this setting in the results")
     parser.add_argument("--update-md", action="store_true", help="only rewrite BENCHMARKS.md from stored results")
+    parser.add_argument("--resummarize", action="store_true",
+                        help="only re-read the setting's finished runs under --out into its results file")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
     args = parser.parse_args(argv)
     if args.update_md:
         update_markdown(ROOT / "BENCHMARKS.md")
+        return 0
+    if args.resummarize:
+        resummarize(RESULTS / f"testbed_arithmetic_{args.setting}.json", Path(args.out) / args.setting)
         return 0
     if bool(args.teacher) != bool(args.student):
         parser.error("--teacher and --student go together")
@@ -294,6 +303,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def resummarize(result_file: Path, out: Path) -> None:
+    """Summaries of the stored runs again from their metrics.jsonl (after the summary grew)."""
+    record = json.loads(result_file.read_text())
+    for row in record["runs"]:
+        if row["rc"] == 0:
+            metrics = out / f"seed{row['seed']}" / row["method"] / "metrics.jsonl"
+            row.update(summarize_metrics([json.loads(line) for line in open(metrics)]))
+    record["aggregate"] = aggregate(record["runs"], record["preconditions"])
+    record["table"] = format_table(record["aggregate"])
+    result_file.write_text(json.dumps(record, indent=2) + "\n")
+
+
 def update_markdown(path: Path) -> None:
     """Rewrite (or append) only this benchmark's section, from every stored setting."""
     body = []
@@ -303,7 +324,8 @@ def update_markdown(path: Path) -> None:
         body += [f"### Setting `{record['setting']}`", "",
                  f"`{record['command']}` ({record.get('minutes', '?')} min on {record['machine']}); seeds "
                  f"{', '.join(map(str, record['seeds']))}, {record['steps']} steps per run. Preconditions: "
-                 f"{format_preconditions(record['preconditions'])}.", "", record.get("table", ""), ""]
+                 f"{format_preconditions(record['preconditions'])}.", "",
+                 format_table(aggregate(record["runs"], record["preconditions"])), ""]
     if findings.is_file():
         body += [findings.read_text().strip(), ""]
     write_section(path, SECTION, body)
