@@ -149,3 +149,15 @@ def gib(n_bytes: float) -> float:
 
 def python() -> str:
     return sys.executable
+
+
+def write_section(path: Path, section: str, body: list[str]) -> None:
+    """Rewrite (or append) the section `## {section}` of a markdown file with `body`; other
+    sections are left untouched."""
+    import re
+
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    pattern = re.compile(rf"^## {re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
+    content = "\n".join([f"## {section}", "", *body]) + "\n"
+    text = pattern.sub(lambda _: content, text) if pattern.search(text) else text.rstrip() + "\n\n" + content
+    path.write_text(text)

@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shlex
 import statistics
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, RESULTS, machine  # noqa: E402
+from _common import ROOT, RESULTS, machine, write_section  # noqa: E402
 
 SECTION = "Learning: DOPD vs baselines on synthetic scenes"
 EXTRA_METHODS = {  # variants that are not demo defaults but worth comparing here
@@ -151,7 +150,7 @@ def format_aggregate(aggregate: list[dict], seeds: int) -> str:
 def update_markdown(path: Path) -> None:
     """Rewrite (or append) only this benchmark's section, from every stored setting; other
     sections of the file are left untouched."""
-    body = [f"## {SECTION}", ""]
+    body = []
     intro = ROOT / "benchmarks" / "learning_intro.md"
     if intro.is_file():
         body += [intro.read_text().strip(), ""]
@@ -169,11 +168,7 @@ def update_markdown(path: Path) -> None:
     findings = ROOT / "benchmarks" / "learning_findings.md"
     if findings.is_file():
         body += [findings.read_text().strip(), ""]
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    section = "\n".join(body) + "\n"
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    path.write_text(text)
+    write_section(path, SECTION, body)
 
 
 if __name__ == "__main__":

@@ -440,9 +440,10 @@ def check_same_tokenizer(teacher_tokenizer: Any, student_tokenizer: Any) -> None
 
 
 def reference_responses(collator: DualViewCollator, samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference answers tokenised as responses ending in EOS (the off-policy SFT target)."""
+    """Reference responses (`Sample.reference_response`) tokenised as responses ending in EOS
+    (the off-policy SFT target)."""
     tok = collator.tokenizer
-    rows = [tok(collator.data_text(s.answer), add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for s in samples]
+    rows = [tok(collator.data_text(s.reference_response), add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for s in samples]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)

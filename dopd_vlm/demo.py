@@ -210,7 +210,7 @@ def build_warmed(role: str, cfg, base: Path, target: Path, *, eval_samples: int 
         seconds = time.perf_counter() - started
     finally:
         torch.set_num_threads(threads)
-    test = list(load_recipe(RECIPE, "test", family=FAMILY, limit=eval_samples or None))
+    test = load_recipe(RECIPE, "test", family=FAMILY, limit=eval_samples or None)
     accuracy = {
         "test": _accuracy(model, collator, test, privileged=False),
         "test_privileged": _accuracy(model, collator, test, privileged=True),
@@ -242,7 +242,7 @@ def _accuracy(model, collator, samples, *, privileged: bool, max_new_tokens: int
 
     return evaluate_accuracy(
         model, collator, samples, max_new_tokens=max_new_tokens, batch_size=32, privileged=privileged,
-        suppress_token_ids=vision_special_token_ids(collator.tokenizer),
+        suppress_token_ids=vision_special_token_ids(collator.tokenizer), extractor=samples.answer_extractor,
     ).accuracy
 
 

@@ -11,7 +11,8 @@ from torch import nn
 
 from dopd_vlm.collate import DualViewCollator
 from dopd_vlm.config import RolloutConfig
-from dopd_vlm.data.schema import Sample, answers_match
+from dopd_vlm.data.answers import WHOLE_RESPONSE, AnswerExtractor
+from dopd_vlm.data.schema import Sample
 from dopd_vlm.models import device_of
 from dopd_vlm.rollout import sample_responses
 
@@ -44,8 +45,12 @@ def evaluate_accuracy(
     privileged: bool = False,
     suppress_token_ids: Sequence[int] = (),
     synced_gpus: bool = False,
+    extractor: AnswerExtractor = WHOLE_RESPONSE,
 ) -> EvalResult:
     """Greedy-decode every sample (plain view, or privileged view for a teacher-with-p score).
+
+    A prediction is correct when `extractor` finds an answer in it that matches the sample's
+    (`SampleDataset.answer_extractor` is the recipe's; the default compares whole responses).
 
     Under torch.distributed each rank decodes every world_size-th sample and the counts are
     summed, so every rank returns the same result. Ranks run the same number of generate calls
@@ -67,7 +72,7 @@ def evaluate_accuracy(
             suppress_token_ids=suppress_token_ids, synced_gpus=synced_gpus, privileged=privileged,
         )
         predictions = decode_responses(collator.tokenizer, ids[:count], mask[:count])
-        correct += sum(answers_match(p, s.answer) for p, s in zip(predictions, batch))
+        correct += sum(extractor.is_correct(p, s.answer) for p, s in zip(predictions, batch))
         total += count
     if world > 1:
         counts = torch.tensor([correct, total], dtype=torch.long, device=device_of(model))

@@ -164,7 +164,7 @@ def batch_problems(dataset: SampleDataset, headers: Sequence[SampleHeader], coll
 
 def special_token_field(specials: SpecialTokens, header: SampleHeader) -> tuple[str, str] | None:
     """(field, token) of the first special token in a row's texts, or None."""
-    for field in ("question", "privileged", "answer"):
+    for field in ("question", "privileged", "answer", "reference"):
         token = specials.find(getattr(header, field))
         if token is not None:
             return field, token
@@ -225,10 +225,10 @@ def prompt_lengths(collator: DualViewCollator, headers: Sequence[SampleHeader], 
 
 
 def answer_lengths(collator: DualViewCollator, headers: Sequence[SampleHeader]) -> list[int]:
-    """Tokens of each reference answer as an off-policy response (answer + EOS)."""
+    """Tokens of each reference response as an off-policy response (reference or answer, + EOS)."""
     if not headers:
         return []
-    answers = [collator.data_text(h.answer) for h in headers]
+    answers = [collator.data_text(h.reference_response) for h in headers]
     return [len(ids) + 1 for ids in collator.tokenizer(answers, add_special_tokens=False)["input_ids"]]
 
 

@@ -310,9 +310,12 @@ def baseline_accuracies(models: Models, eval_sets, cfg: RunConfig) -> dict[str, 
     """The initial student's and the teacher's accuracy, once, so a run reports the gap it closed.
 
     The teacher is scored on the plain input (what the gap is measured against) and with p, as
-    `train.teacher_eval` says (gathered, sharded or not at all).
+    `train.teacher_eval` says (gathered, sharded or not at all). The student is scored plain and
+    with p (`student_privileged/`): DOPD's preconditions are a student that reads p better than
+    it answers without it, and a teacher better than that with the same p.
     """
     metrics = accuracies(models, eval_sets, cfg, prefix="student")
+    metrics.update(accuracies(models, eval_sets, cfg, prefix="student_privileged", privileged=True))
     if models.teacher_engine is not None and cfg.train.teacher_eval != "skip":
         teacher_view = models.collator.for_processor(models.collator.teacher_processor)
         for prefix, privileged in (("teacher", False), ("teacher_privileged", True)):
@@ -335,6 +338,7 @@ def accuracies(models: Models, eval_sets, cfg: RunConfig, *, prefix: str, engine
             f"{prefix}/{split}": evaluate_accuracy(
                 model, collator or models.collator, samples, max_new_tokens=max_new_tokens, batch_size=batch,
                 privileged=privileged, suppress_token_ids=models.suppress_token_ids, synced_gpus=synced_gpus,
+                extractor=samples.answer_extractor,
             ).accuracy
             for split, samples in eval_sets.items()
         }

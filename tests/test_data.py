@@ -272,7 +272,7 @@ def test_local_jsonl_with_field_mapping_and_0_1_2_images(tmp_path, monkeypatch):
     assert ds[2].images[1].getpixel((0, 0)) == (0, 255, 0)
     assert ds[3].images[0].size == (8, 8)
     assert ds[-1].id == "u3" and len(load_recipe(path, "train", limit=2)) == 2
-    assert ds.hf.column_names == ["id", "question", "answer", "privileged", "images", "meta"]
+    assert ds.hf.column_names == ["id", "question", "answer", "privileged", "images", "meta", "reference"]
 
 
 def test_local_parquet_with_image_bytes(tmp_path):

@@ -18,12 +18,15 @@ from typing import Any, Iterator
 import datasets
 from PIL import Image
 
+from dopd_vlm.data.answers import AnswerExtractor
 from dopd_vlm.data.images import to_rgb
 from dopd_vlm.data.schema import Sample, SampleHeader
 
 
 def sample_features(meta: dict[str, Any]) -> datasets.Features:
-    """The canonical columns; `meta` is the kind's own struct (e.g. scene objects)."""
+    """The canonical columns; `meta` is the kind's own struct (e.g. scene objects).
+
+    `reference` is "" for rows whose reference response is the answer itself."""
     text = datasets.Value("string")
     return datasets.Features(
         {
@@ -33,6 +36,7 @@ def sample_features(meta: dict[str, Any]) -> datasets.Features:
             "privileged": text,
             "images": datasets.List(datasets.Image()),
             "meta": meta,
+            "reference": text,
         }
     )
 
@@ -81,7 +85,13 @@ class SampleDataset(Sequence):
             privileged=row["privileged"],
             images=tuple(to_rgb(image) for image in row["images"]),
             meta=row["meta"],
+            reference=row["reference"],
         )
+
+    @property
+    def answer_extractor(self) -> AnswerExtractor:
+        """How evaluation takes the final answer out of a response (recipe key `answer_extractor`)."""
+        return self.recipe.answer_extractor
 
     def __iter__(self) -> Iterator[Sample]:
         return (self[i] for i in range(len(self)))
@@ -94,7 +104,7 @@ class SampleDataset(Sequence):
             SampleHeader(
                 id=row["id"], question=row["question"], answer=row["answer"], privileged=row["privileged"],
                 image_sizes=tuple(_image_size(image) for image in row["images"]),
-                location=self.location(row["id"], row["meta"]),
+                location=self.location(row["id"], row["meta"]), reference=row["reference"],
             )
             for row in table
         ]

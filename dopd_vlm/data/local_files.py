@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 
 import datasets
 
+from dopd_vlm.data.answers import WHOLE_RESPONSE, AnswerExtractor
 from dopd_vlm.data.dataset import rows_to_hf, sample_features
 from dopd_vlm.data.images import ImageProblem, check_image
 from dopd_vlm.data.schema import IMAGE_PLACEHOLDER, RecipeError
@@ -29,7 +30,7 @@ from dopd_vlm.validation import INTERNAL, IntRange, NonEmpty
 
 logger = logging.getLogger(__name__)
 
-Field = Literal["id", "question", "answer", "privileged", "images"]
+Field = Literal["id", "question", "answer", "privileged", "images", "reference"]
 FORMATS = {".jsonl": "json", ".parquet": "parquet"}
 FEATURES = sample_features(
     {"source": datasets.Value("string"), "row": datasets.Value("int64"), "location": datasets.Value("string")}
@@ -46,6 +47,7 @@ class LocalFilesRecipe:
     allow_empty_privileged: bool = False
     skip_bad_rows: bool = False
     images_per_row: Annotated[tuple[int, int], IntRange(0)] = (0, 8)
+    answer_extractor: AnswerExtractor = WHOLE_RESPONSE
     source: str = field(default="<recipe>", metadata=INTERNAL)
     base_dir: Path = field(default=Path("."), metadata=INTERNAL)
 
@@ -224,7 +226,7 @@ def _without_image_decoding(table: datasets.Dataset) -> datasets.Dataset:
 def _check_columns(recipe: LocalFilesRecipe, columns: list[str], shown: str) -> None:
     """A column the recipe relies on but the file lacks is a mapping error, not a row error."""
     needed = ["question", "answer"] + ([] if recipe.allow_empty_privileged else ["privileged"])
-    needed += [name for name in ("id", "images") if name in recipe.fields]
+    needed += [name for name in ("id", "images", "reference") if name in recipe.fields]
     for name in needed:
         if recipe.column(name) not in columns:
             raise RecipeError(
@@ -248,6 +250,7 @@ class _RowReader:
             "privileged": self._privileged(raw),
             "images": self._images(raw),
             "meta": {"source": self.shown, "row": index, "location": f"{self.shown} {self.numbers.label(index)}"},
+            "reference": self._reference(raw),
         }
         _check_placeholders(row["question"], row["privileged"], len(row["images"]))
         self.seen_ids[row["id"]] = index
@@ -272,6 +275,11 @@ class _RowReader:
         if self.recipe.allow_empty_privileged and (value is None or value == ""):
             return ""
         return _required_text("privileged", value)
+
+    def _reference(self, raw: dict[str, Any]) -> str:
+        """Optional: a missing, null or "" reference response means the answer is the reference."""
+        value = self._value(raw, "reference")
+        return "" if value is None or value == "" else _required_text("reference", value)
 
     def _images(self, raw: dict[str, Any]) -> list[dict[str, Any]]:
         value = self._value(raw, "images")

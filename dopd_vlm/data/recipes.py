@@ -13,7 +13,9 @@ from typing import Any, Mapping, Union
 
 import yaml
 
-from dopd_vlm.data import local_files, synthetic_scenes
+from dopd_vlm.data import arithmetic_chains, cell_chains, local_files, synthetic_scenes
+from dopd_vlm.data.arithmetic_chains import ArithmeticChainsRecipe
+from dopd_vlm.data.cell_chains import CellChainsRecipe
 from dopd_vlm.data.dataset import SampleDataset
 from dopd_vlm.data.local_files import LocalFilesRecipe, display_path
 from dopd_vlm.data.schema import RecipeError
@@ -22,8 +24,13 @@ from dopd_vlm.families import FAMILIES
 from dopd_vlm.validation import Invalid, build, keys
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "data_recipes"
-KINDS = {"synthetic_scenes": SyntheticScenesRecipe, "local_files": LocalFilesRecipe}
-Recipe = Union[SyntheticScenesRecipe, LocalFilesRecipe]
+KINDS = {
+    "synthetic_scenes": SyntheticScenesRecipe,
+    "arithmetic_chains": ArithmeticChainsRecipe,
+    "cell_chains": CellChainsRecipe,
+    "local_files": LocalFilesRecipe,
+}
+Recipe = Union[SyntheticScenesRecipe, ArithmeticChainsRecipe, CellChainsRecipe, LocalFilesRecipe]
 
 
 def load_recipe(
@@ -62,6 +69,10 @@ def load_recipe(
     skip = skip_bad_rows or (isinstance(parsed, LocalFilesRecipe) and parsed.skip_bad_rows)
     if isinstance(parsed, SyntheticScenesRecipe):
         hf = synthetic_scenes.build_split(parsed, split, family=family, limit=limit)
+    elif isinstance(parsed, ArithmeticChainsRecipe):
+        hf = arithmetic_chains.build_split(parsed, split, limit=limit)
+    elif isinstance(parsed, CellChainsRecipe):
+        hf = cell_chains.build_split(parsed, split, limit=limit)
     else:
         hf, skipped = local_files.build_split(parsed, split, limit=limit, skip_bad_rows=skip)
     return SampleDataset(hf=hf, recipe=parsed, split=split, family=family, skipped=skipped, skip_bad_rows=skip)
@@ -100,7 +111,8 @@ def parse_recipe(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Rec
         return build(cls, {name: value for name, value in data.items() if name != "kind"}, **internal)
     except Invalid as err:
         if err.known is not None:
-            allowed = ", ".join(["kind", *sorted(keys(cls))])
+            nested = "." in err.path  # a key inside a mapping key (answer_extractor.pattern) lists its siblings
+            allowed = ", ".join(sorted(err.known) if nested else ["kind", *sorted(keys(cls))])
             raise RecipeError(f"recipe {source}: unknown key '{err.path}' for kind '{kind}' (allowed: {allowed})") from None
         raise RecipeError(f"recipe {source}: {err}") from None
 

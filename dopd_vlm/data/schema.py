@@ -34,11 +34,15 @@ class Sample:
         id: Unique within its split.
         question: What the student sees (together with `images`); may hold one
             `IMAGE_PLACEHOLDER` per image to place the images inside the text.
-        answer: Short verifiable answer; compare predictions with `answers_match`.
+        answer: Short verifiable answer; compare predictions with `answers_match` (after the
+            recipe's answer extractor took it out of the response, see data/answers.py).
         privileged: Privileged text p, seen only by the privileged views ("" only where the recipe
             allows it).
         images: RGB images, 0..n, in the order the question refers to them.
         meta: Free-form extras, e.g. the objects of a synthetic scene.
+        reference: A full reference response (a reasoning chain that ends in the answer), the
+            target of supervised training (SFT, warm-ups); "" where the answer itself is the
+            reference response. See `reference_response`.
     """
 
     id: str
@@ -47,6 +51,12 @@ class Sample:
     privileged: str
     images: tuple[Image.Image, ...]
     meta: Mapping[str, Any] = field(default_factory=dict)
+    reference: str = ""
+
+    @property
+    def reference_response(self) -> str:
+        """What supervised training teaches the model to answer: the reference, else the answer."""
+        return self.reference or self.answer
 
 
 @dataclass(frozen=True)
@@ -55,7 +65,7 @@ class SampleHeader:
     (`SampleDataset.headers`).
 
     Attributes:
-        id, question, answer, privileged: As in `Sample`.
+        id, question, answer, privileged, reference: As in `Sample`.
         image_sizes: (width, height) of each image, from the image headers.
         location: Where the row comes from, as messages name it (e.g. `data/train.jsonl line 5`).
     """
@@ -66,6 +76,12 @@ class SampleHeader:
     privileged: str
     image_sizes: tuple[tuple[int, int], ...]
     location: str
+    reference: str = ""
+
+    @property
+    def reference_response(self) -> str:
+        """As `Sample.reference_response`."""
+        return self.reference or self.answer
 
 
 _NUMBER_WORDS = {

@@ -23,6 +23,7 @@ from typing import Annotated, Callable, Literal
 import datasets
 from PIL import Image, ImageDraw
 
+from dopd_vlm.data.answers import WHOLE_RESPONSE, AnswerExtractor
 from dopd_vlm.data.dataset import rows_to_hf, sample_features
 from dopd_vlm.data.images import png_bytes
 from dopd_vlm.data.schema import RecipeError
@@ -69,6 +70,7 @@ class SyntheticScenesRecipe:
     )
     object_size: Annotated[tuple[int, int], IntRange(4)] = (16, 34)
     question_types: Annotated[tuple[QuestionType, ...], NonEmpty()] = QUESTION_TYPES
+    answer_extractor: AnswerExtractor = WHOLE_RESPONSE
     source: str = field(default="<recipe>", metadata=INTERNAL)
 
     def __post_init__(self) -> None:
@@ -382,6 +384,7 @@ def make_row(recipe: SyntheticScenesRecipe, split: str, index: int, family: str)
         "privileged": privileged,
         "images": images,
         "meta": meta,
+        "reference": "",
     }
 
 
