@@ -94,6 +94,23 @@ def test_recipe_key_answer_extractor_defaults_to_whole_and_is_read():
         AnswerExtractor("regex")
 
 
+@pytest.mark.parametrize("kind", ["synthetic_scenes", "arithmetic_chains", "local_files"])
+def test_answer_instruction_ends_every_question_in_samples_and_headers(tmp_path, kind):
+    # Real instruct models answer in sentences ("3 shapes"); a recipe can ask for the format.
+    if kind == "local_files":
+        (tmp_path / "test.jsonl").write_text(json.dumps({"question": "How many?", "answer": "3", "privileged": "p"}) + "\n")
+        recipe = {"kind": "local_files", "files": {"test": str(tmp_path / "test.jsonl")}}
+    else:
+        recipe = yaml.safe_load((RECIPES_DIR / f"{kind}.yaml").read_text())
+    plain = load_recipe(recipe, "test", limit=2)
+    asked = load_recipe({**recipe, "answer_instruction": "Answer with one word."}, "test", limit=2)
+    for before, after, header in zip(plain, asked, asked.headers(0, 2)):
+        assert after.question == before.question + "\nAnswer with one word." == header.question
+        assert (after.answer, after.privileged, after.reference) == (before.answer, before.privileged, before.reference)
+    with pytest.raises(RecipeError, match="answer_instruction"):
+        read_recipe({**recipe, "answer_instruction": ["Answer", "briefly"]})
+
+
 # -- reference responses ---------------------------------------------------------------------
 
 

@@ -65,6 +65,7 @@ class ChainKeys:
         default_factory=lambda: {"train": 20000, "test": 200, "ood": 200}
     )
     answer_extractor: AnswerExtractor = ANSWER_EXTRACTOR
+    answer_instruction: str = ""  # appended to every question on a new line (e.g. the answer format)
     source: str = field(default="<recipe>", metadata=INTERNAL)
 
     def __post_init__(self) -> None:

@@ -80,7 +80,7 @@ class SampleDataset(Sequence):
         row = self.hf[index % len(self)]
         return Sample(
             id=row["id"],
-            question=row["question"],
+            question=self.question(row["question"]),
             answer=row["answer"],
             privileged=row["privileged"],
             images=tuple(to_rgb(image) for image in row["images"]),
@@ -93,6 +93,12 @@ class SampleDataset(Sequence):
         """How evaluation takes the final answer out of a response (recipe key `answer_extractor`)."""
         return self.recipe.answer_extractor
 
+    def question(self, text: str) -> str:
+        """A row's question as the models get it: with the recipe's `answer_instruction` (e.g.
+        "Answer with one word.") on a line of its own after it, where the recipe sets one."""
+        instruction = self.recipe.answer_instruction
+        return f"{text}\n{instruction}" if instruction else text
+
     def __iter__(self) -> Iterator[Sample]:
         return (self[i] for i in range(len(self)))
 
@@ -102,7 +108,7 @@ class SampleDataset(Sequence):
         table = self.hf.with_format("arrow")[start:stop].to_pylist()  # images stay encoded
         return [
             SampleHeader(
-                id=row["id"], question=row["question"], answer=row["answer"], privileged=row["privileged"],
+                id=row["id"], question=self.question(row["question"]), answer=row["answer"], privileged=row["privileged"],
                 image_sizes=tuple(_image_size(image) for image in row["images"]),
                 location=self.location(row["id"], row["meta"]), reference=row["reference"],
             )

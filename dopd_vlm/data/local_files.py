@@ -48,6 +48,7 @@ class LocalFilesRecipe:
     skip_bad_rows: bool = False
     images_per_row: Annotated[tuple[int, int], IntRange(0)] = (0, 8)
     answer_extractor: AnswerExtractor = WHOLE_RESPONSE
+    answer_instruction: str = ""  # appended to every question on a new line (e.g. the answer format)
     source: str = field(default="<recipe>", metadata=INTERNAL)
     base_dir: Path = field(default=Path("."), metadata=INTERNAL)
 

@@ -71,6 +71,7 @@ class SyntheticScenesRecipe:
     object_size: Annotated[tuple[int, int], IntRange(4)] = (16, 34)
     question_types: Annotated[tuple[QuestionType, ...], NonEmpty()] = QUESTION_TYPES
     answer_extractor: AnswerExtractor = WHOLE_RESPONSE
+    answer_instruction: str = ""  # appended to every question on a new line (e.g. the answer format)
     source: str = field(default="<recipe>", metadata=INTERNAL)
 
     def __post_init__(self) -> None:
