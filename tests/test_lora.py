@@ -266,7 +266,7 @@ RESUME = ["train.steps=2", "train.save_every=1"]
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory, tiny_pairs):
     """One 2-rank ZeRO-3 launch: every method with LoRA (some with an adapted lm_head), ZeRO-2,
-    an uninterrupted run and the same stopped and resumed; one 1-rank launch of the run the
+    ZeRO-3 with offload (DeepSpeed's own CPU Adam), an uninterrupted run and the same stopped and resumed; one 1-rank launch of the run the
     2-rank `dopd_head` run is compared with (the same global batch: one micro-batch per generate
     call, rollout.batch_size = 1 prompt x 2 rollouts)."""
     root = tmp_path_factory.mktemp("lora_runs")
@@ -280,6 +280,7 @@ def lora_runs(tmp_path_factory, tiny_pairs):
     runs += [run("dopd_head", WITH_HEAD, "model.lora.export_merged=true", "data.eval_splits=[test]"),
              run("dopd_initial_head", "method.privileged_target=initial", WITH_HEAD),
              run("zero2_head", WITH_HEAD, f"train.deepspeed={REPO / 'ds_configs' / 'zero2.json'}"),
+             run("offload_head", WITH_HEAD, f"train.deepspeed={REPO / 'ds_configs' / 'zero3_offload.json'}"),  # DeepSpeedCPUAdam
              run("full", WITH_HEAD, *RESUME),
              {**run("parts", WITH_HEAD, *RESUME), "name": "first", "stop_after_step": 1},
              {**run("parts", WITH_HEAD, *RESUME), "name": "rest", "resume": True}]
@@ -297,7 +298,7 @@ def adapter_of(run_dir):
 def test_every_method_trains_only_the_adapters_on_two_zero3_ranks(lora_runs, tiny_pairs):
     root, two, _ = lora_runs
     base = load_file(tiny_pairs["qwen2_vl"]["student"] / "model.safetensors")
-    for name in [*METHODS, "dopd_head", "dopd_initial_head", "zero2_head"]:
+    for name in [*METHODS, "dopd_head", "dopd_initial_head", "zero2_head", "offload_head"]:
         result = two[name]
         assert result["finished"] and torch.isfinite(torch.tensor(result["metrics"]["loss"])), name
         assert result["teacher_unchanged"] in (True, None), name
