@@ -1,4 +1,4 @@
-"""Benchmark 5: the load-time prompt checks on a 25,000-row split, and what they replace.
+"""Benchmark 7: the load-time prompt checks on a 25,000-row split, and what they replace.
 
     OMP_NUM_THREADS=1 python benchmarks/prompt_checks.py [--rows 25000] [--reference-rows 1000]
 
