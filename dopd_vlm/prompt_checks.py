@@ -213,9 +213,10 @@ def prompt_lengths(collator: DualViewCollator, headers: Sequence[SampleHeader], 
     tokenizer = getattr(processor, "tokenizer", processor)
     rows = tokenizer(texts)["input_ids"]
     image_pad = tokenizer.convert_tokens_to_ids(processor.image_token) if hasattr(processor, "image_token") else None
+    pixel_bounds = collator.pixel_bounds()
     lengths = []
     for header, ids in zip(headers, rows):
-        images = [image_tokens(processor, size, collator.pixel_bounds()) for size in header.image_sizes]
+        images = [image_tokens(processor, size, pixel_bounds) for size in header.image_sizes]
         placeholders = ids.count(image_pad) if image_pad is not None else 0
         if placeholders != len(images):
             raise RuntimeError(f"sample {header.id!r}: the chat template gave {placeholders} image placeholders "
