@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from dopd_vlm import __version__
 
@@ -182,12 +182,21 @@ def run_train(args: argparse.Namespace) -> int:
     """Exit codes: 0 done; 2 an expected failure of the input (config, data, checkpoint, ...: one
     line, every rank, `errors.InputError`); 1 the run stopped (non-finite training, a checkpoint
     that could not be written). Anything else is a bug: its traceback is kept."""
+    return one_line_input_errors("train", lambda: _train(args))
+
+
+def one_line_input_errors(command: str, run: Callable[[], int]) -> int:
+    """`run()`'s exit status; an `InputError` it raises is printed as one line and gives
+    `EXIT_INPUT_ERROR`, on every rank: each rank waits for the others to print theirs before
+    exiting, as a launcher kills the rest of the workers once one has exited."""
+    from dopd_vlm.distributed import wait_for_peers_before_exit
     from dopd_vlm.errors import EXIT_INPUT_ERROR, InputError
 
     try:
-        return _train(args)
+        return run()
     except InputError as err:
-        print(f"dopd-vlm train: error: {err}", file=sys.stderr)
+        print(f"dopd-vlm {command}: error: {err}", file=sys.stderr, flush=True)
+        wait_for_peers_before_exit()
         return EXIT_INPUT_ERROR
 
 

@@ -39,6 +39,40 @@ def init_distributed(timeout_s: float = 1800.0) -> None:
     if int(os.environ["WORLD_SIZE"]) == 1:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts a group that exists
+    _join_exit_group()
+
+
+# A gloo group only `wait_for_peers_before_exit` uses: its barrier can never be matched with (and
+# so never mistaken for) a collective of the run, and gloo's barrier takes a timeout even on NCCL.
+_exit_group: dist.ProcessGroup | None = None
+
+
+def _join_exit_group() -> None:
+    global _exit_group
+    if _exit_group is None and dist.get_world_size() > 1:
+        _exit_group = dist.new_group(backend="gloo")
+
+
+def wait_for_peers_before_exit(timeout_s: float = 60.0) -> None:
+    """Call after printing an expected failure, before exiting: wait (at most `timeout_s`) until
+    every rank has got here too.
+
+    Launchers (torchrun, deepspeed) kill the other workers as soon as one exits, so a rank a
+    moment behind on its way to the same error would die without printing it. A rank whose peers
+    do not fail (a file only it cannot read) exits after the timeout; the launcher ends the rest.
+    A failure before the process group exists (a bad config) joins it here, so that ranks wait for
+    each other there too.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return
+    timeout = timedelta(seconds=timeout_s)
+    try:
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=timeout)
+        _join_exit_group()
+        dist.monitored_barrier(_exit_group, timeout=timeout)
+    except RuntimeError as err:  # a peer that did not fail, or is gone: exit all the same
+        logging.getLogger(__name__).warning("not every rank reached the same failure: %s", str(err).splitlines()[0])
 
 
 def world_size() -> int:

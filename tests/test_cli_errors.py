@@ -214,3 +214,16 @@ def test_the_console_script_python_m_and_two_torchrun_ranks_exit_2_with_the_line
             assert proc.returncode == 1 and proc.stderr.count("exitcode  : 2") == 2, proc.stderr[-4000:]
         else:
             assert proc.returncode == 2, (name, proc.stderr[-4000:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["before_group", "after_group"])
+def test_a_rank_that_reaches_the_failure_later_still_prints_it(tmp_path, when):
+    """torchrun kills the remaining workers once one exits: the first rank to fail waits for the rest."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "helpers" / "late_input_error.py"), when]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(ERROR)]
+    assert errors == [ERROR + "data/x.jsonl line 1 field 'id': the same failure on every rank"] * 2, proc.stderr[-4000:]
+    assert proc.stderr.count("exitcode  : 2") == 2, proc.stderr[-4000:]  # torchrun prints its own traceback
+    assert f'File "{REPO / "dopd_vlm"}' not in proc.stderr, proc.stderr[-4000:]
