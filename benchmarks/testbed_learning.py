@@ -1,5 +1,6 @@
 """Learning benchmark on the arithmetic-chains testbed: DOPD (live and initial privileged target),
-vanilla OPD, SFT and the token ablation of vanilla OPD (the paper's Fig. 4), over several seeds.
+vanilla OPD, SFT, OPSD, GKD and the token ablation of vanilla OPD (the paper's Fig. 4), over
+several seeds, on the test split and out of distribution (longer chains).
 
     python benchmarks/testbed_learning.py                              # warm-ups built or cached
     python benchmarks/testbed_learning.py --seeds 0 1 2 --steps 100 --teacher T --student S
@@ -14,13 +15,15 @@ instead (recorded in the results). Every method sees the same checkpoints, data 
 changes the trainer's data order and rollouts.
 
 Measured once (greedy, so the same for every run): the preconditions -- student accuracy plain
-and with p, teacher plain and with p, the student's greedy response length. Per run: final test
-accuracy, the gap recovered (final - student) / (teacher - student) against the plain-view
+and with p, teacher plain and with p, both plain out of distribution, the student's greedy
+response length. Per run: final test and OOD accuracy (the OOD one of the exported final
+student), the gap recovered (final - student) / (teacher - student) against the plain-view
 teacher, the run's step-0 student accuracies (a check that every run starts from the same
-student), HT share and entropy (mean over steps) and rollout response length. Raw per-run rows go
-to benchmarks/results/testbed_arithmetic_<setting>.json after every run, so an interrupted
-benchmark keeps what it measured; `--update-md` rewrites the section SECTION of BENCHMARKS.md
-(and nothing else) from every stored setting.
+student), HT / HS shares, entropy and KL to the teacher (means, and per step for the plot) and
+rollout response length. Raw per-run rows go to benchmarks/results/testbed_arithmetic_<setting>.json
+after every run, so an interrupted benchmark keeps what it measured, and a rerun of a setting only
+adds the (method, seed) runs it lacks; the plot goes next to it (.png). `--update-md` rewrites
+the section SECTION of BENCHMARKS.md (and nothing else) from every stored setting.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ CONFIG = ROOT / "configs" / "testbed_arithmetic.yaml"
 RECIPE = "arithmetic_chains"
 FAMILY = "qwen3"
 TEMPLATE = "Hint: {privileged}\n{question}"
+MAX_NEW_TOKENS = 40  # as configs/testbed_arithmetic.yaml; the longest reference (8 operations) is 35 tokens
 METHODS = {
     "dopd_live": ["method.name=dopd", "method.privileged_target=live"],
     "dopd_initial": ["method.name=dopd", "method.privileged_target=initial"],
@@ -54,8 +58,12 @@ METHODS = {
     "opd_drop_random20": ["method.name=vanilla_opd", "method.token_drop=random", "method.token_drop_fraction=0.2"],
     "opd_drop_bottom20": ["method.name=vanilla_opd", "method.token_drop=bottom", "method.token_drop_fraction=0.2"],
     "opsd": ["method.name=opsd"],
+    "gkd": ["method.name=gkd"],
+    "dopd_initial_zscore": ["method.name=dopd", "method.privileged_target=initial", "method.normalize=zscore"],
+    "dopd_initial_minmax": ["method.name=dopd", "method.privileged_target=initial", "method.normalize=minmax"],
 }
-DEFAULT_METHODS = [name for name in METHODS if name != "opsd"]
+MIN_GAP = 0.05  # the smallest teacher-student gap a gap recovered is reported for (~1.5 standard errors at 200 samples)
+SERIES = ("share/HT", "share/HS", "entropy", "kl_to_teacher")  # per-step diagnostics kept and plotted
 
 
 def testbed_sizes():
@@ -125,29 +133,44 @@ def warm_and_save(base: Path, target: Path, cfg, spec: dict) -> None:
     os.replace(tmp, target)
 
 
+def greedy_accuracy(checkpoint: Path, split: str, eval_samples: int, privileged: bool = False) -> float:
+    """Greedy accuracy of a checkpoint on a split, as the trainer's evaluation computes it."""
+    import torch
+
+    from dopd_vlm.collate import DualViewCollator
+    from dopd_vlm.data import load_recipe
+    from dopd_vlm.evaluate import evaluate_accuracy
+    from dopd_vlm.models import load_model, load_processor
+
+    samples = load_recipe(RECIPE, split, family=FAMILY, limit=eval_samples or None)
+    model = load_model(checkpoint, dtype=torch.float32).eval()
+    collator = DualViewCollator(load_processor(checkpoint), privileged_template=TEMPLATE, max_privileged_tokens=0)
+    return evaluate_accuracy(model, collator, samples, max_new_tokens=MAX_NEW_TOKENS, batch_size=100,
+                             privileged=privileged, extractor=samples.answer_extractor).accuracy
+
+
 def preconditions(pair: dict[str, Path], eval_samples: int) -> dict[str, float]:
-    """Greedy test accuracy of both models plain and with p, and the student's response length."""
+    """Greedy accuracy of both models on the test split plain and with p and on the
+    out-of-distribution split plain, and the student's response length."""
     import torch
 
     from dopd_vlm.collate import DualViewCollator
     from dopd_vlm.config import RolloutConfig
     from dopd_vlm.data import load_recipe
-    from dopd_vlm.evaluate import evaluate_accuracy
     from dopd_vlm.models import load_model, load_processor
     from dopd_vlm.rollout import sample_responses
 
     test = load_recipe(RECIPE, "test", family=FAMILY, limit=eval_samples or None)
     out: dict[str, float] = {}
     for role, path in pair.items():
-        model = load_model(path, dtype=torch.float32).eval()
-        collator = DualViewCollator(load_processor(path), privileged_template=TEMPLATE, max_privileged_tokens=0)
         for view, privileged in (("plain", False), ("with_p", True)):
-            out[f"{role}/{view}"] = evaluate_accuracy(
-                model, collator, test, max_new_tokens=40, batch_size=100, privileged=privileged,
-                extractor=test.answer_extractor).accuracy
+            out[f"{role}/{view}"] = greedy_accuracy(path, "test", eval_samples, privileged)
+        out[f"{role}/ood"] = greedy_accuracy(path, "ood", eval_samples)
         if role == "student":
-            _, mask = sample_responses(model, collator, list(test), RolloutConfig(num_rollouts=1, max_new_tokens=40),
-                                       greedy=True)
+            model = load_model(path, dtype=torch.float32).eval()
+            collator = DualViewCollator(load_processor(path), privileged_template=TEMPLATE, max_privileged_tokens=0)
+            _, mask = sample_responses(model, collator, list(test),
+                                       RolloutConfig(num_rollouts=1, max_new_tokens=MAX_NEW_TOKENS), greedy=True)
             out["student/response_tokens"] = float(mask.sum(1).float().mean())
     out["reference_tokens"] = statistics.fmean(
         len(collator.tokenizer(s.reference)["input_ids"]) + 1 for s in test)
@@ -173,8 +196,15 @@ def run_one(method: str, seed: int, args, pair: dict[str, Path], recipe: Path, o
     row = {"method": method, "seed": seed, "rc": code, "seconds": round(time.perf_counter() - started),
            "command": " ".join(command[1:])}
     if code == 0:
-        row.update(summarize_metrics([json.loads(line) for line in open(run_dir / "metrics.jsonl")]))
+        row.update(summarize_run(run_dir, args.eval_samples))
     return row
+
+
+def summarize_run(run_dir: Path, eval_samples: int) -> dict:
+    """`summarize_metrics` of the run's metrics.jsonl, and its final student's OOD accuracy."""
+    summary = summarize_metrics([json.loads(line) for line in open(run_dir / "metrics.jsonl")])
+    summary["final_ood"] = greedy_accuracy(run_dir / "final", "ood", eval_samples)
+    return summary
 
 
 def summarize_metrics(rows: list[dict]) -> dict:
@@ -189,6 +219,7 @@ def summarize_metrics(rows: list[dict]) -> dict:
         if values:
             summary[f"mean_{key}"] = statistics.fmean(values)
             summary[f"last20_{key}"] = statistics.fmean(values[-20:])
+    summary["series"] = {key: [round(r[key], 5) for r in steps] for key in SERIES if all(key in r for r in steps)}
     return summary
 
 
@@ -209,16 +240,25 @@ def write_recipe(out: Path, train_rows: int) -> Path:
 # -- aggregation ---------------------------------------------------------------------------------
 
 
+def gap_recovered(final: float, student: float, teacher: float) -> float:
+    return (final - student) / (teacher - student)
+
+
 def aggregate(rows: list[dict], pre: dict[str, float]) -> dict[str, dict]:
-    student, teacher = pre["student/plain"], pre["teacher/plain"]
     out = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         done = [r for r in rows if r["method"] == method and r["rc"] == 0]
         if not done:
             continue
         finals = [r["final_test"] for r in done]
-        gaps = [(f - student) / (teacher - student) for f in finals]
+        gaps = [gap_recovered(f, pre["student/plain"], pre["teacher/plain"]) for f in finals]
         out[method] = {"seeds": [r["seed"] for r in done], "final": mean_std(finals), "gap": mean_std(gaps)}
+        if all("final_ood" in r for r in done) and "student/ood" in pre:
+            oods = [r["final_ood"] for r in done]
+            out[method]["ood"] = mean_std(oods)
+            if pre["teacher/ood"] - pre["student/ood"] >= MIN_GAP:  # else the ratio is noise over noise
+                out[method]["ood_gap"] = mean_std([gap_recovered(f, pre["student/ood"], pre["teacher/ood"])
+                                                   for f in oods])
         for key in ("start_test", "start_test_with_p", "first_loss", "mean_share/HT", "mean_share/HS",
                     "mean_entropy", "last20_entropy", "mean_response_length", "last20_kl_to_teacher"):
             values = [r[key] for r in done if key in r]
@@ -228,17 +268,22 @@ def aggregate(rows: list[dict], pre: dict[str, float]) -> dict[str, dict]:
 
 
 def format_table(agg: dict[str, dict]) -> str:
-    lines = ["| method | seeds | start (plain / with p) | final test acc. | gap recovered | HT share | HS share | "
-             "entropy (mean / last 20) | KL to teacher (last 20) | rollout tokens | step-1 loss |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | seeds | start (plain / with p) | final test acc. | gap recovered | final OOD acc. | "
+             "OOD gap recovered | HT share | HS share | entropy (mean / last 20) | KL to teacher (last 20) | "
+             "rollout tokens | step-1 loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, a in agg.items():
         def pct(key):
             return f"{a[key]:.3f}" if key in a else "-"
+
+        ood = f"{a['ood'][0]:.3f} ± {a['ood'][1]:.3f}" if "ood" in a else "-"
+        ood_gap = f"{100 * a['ood_gap'][0]:.0f} % ± {100 * a['ood_gap'][1]:.0f}" if "ood_gap" in a else "-"
         entropy = f"{a['mean_entropy']:.3f} / {a['last20_entropy']:.3f}" if "mean_entropy" in a else "-"
         start = f"{a['start_test']:.3f} / {a['start_test_with_p']:.3f}" if "start_test_with_p" in a else "-"
         lines.append(
             f"| {method} | {len(a['seeds'])} | {start} | {a['final'][0]:.3f} ± {a['final'][1]:.3f} | "
-            f"{100 * a['gap'][0]:.0f} % ± {100 * a['gap'][1]:.0f} | {pct('mean_share/HT')} | {pct('mean_share/HS')} | "
+            f"{100 * a['gap'][0]:.0f} % ± {100 * a['gap'][1]:.0f} | {ood} | {ood_gap} | "
+            f"{pct('mean_share/HT')} | {pct('mean_share/HS')} | "
             f"{entropy} | {pct('last20_kl_to_teacher')} | {a.get('mean_response_length', float('nan')):.1f} | "
             f"{pct('first_loss')} |"
         )
@@ -246,8 +291,10 @@ def format_table(agg: dict[str, dict]) -> str:
 
 
 def format_preconditions(pre: dict[str, float]) -> str:
+    ood = (f"; out of distribution (7-8 operations, plain): student {pre['student/ood']:.3f}, teacher "
+           f"{pre['teacher/ood']:.3f}") if "student/ood" in pre else ""
     return (f"student {pre['student/plain']:.3f} plain / {pre['student/with_p']:.3f} with p; "
-            f"teacher {pre['teacher/plain']:.3f} plain / {pre['teacher/with_p']:.3f} with p; "
+            f"teacher {pre['teacher/plain']:.3f} plain / {pre['teacher/with_p']:.3f} with p{ood}; "
             f"student greedy response {pre['student/response_tokens']:.1f} tokens "
             f"(reference chains {pre['reference_tokens']:.1f} incl. EOS)")
 
@@ -256,7 +303,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=sorted(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=sorted(METHODS))
     parser.add_argument("--eval-samples", type=int, default=200, help="test samples per evaluation")
     parser.add_argument("--train-rows", type=int, default=20000, help="training rows the runs draw from")
     parser.add_argument("--teacher", default="", help="a warmed teacher instead of the built/cached one")
@@ -273,46 +320,104 @@ def main(argv=None) -> int:
         update_markdown(ROOT / "BENCHMARKS.md")
         return 0
     if args.resummarize:
-        resummarize(RESULTS / f"testbed_arithmetic_{args.setting}.json", Path(args.out) / args.setting)
+        resummarize(RESULTS / f"testbed_arithmetic_{args.setting}.json", Path(args.out) / args.setting, args.eval_samples)
         return 0
     if bool(args.teacher) != bool(args.student):
         parser.error("--teacher and --student go together")
-    started = time.perf_counter()
     pair = ({"teacher": Path(args.teacher), "student": Path(args.student)} if args.teacher
             else prepare_pair(Path(args.cache)))
     out = Path(args.out) / args.setting
     out.mkdir(parents=True, exist_ok=True)
     recipe = write_recipe(out, args.train_rows)
-    pre = preconditions(pair, args.eval_samples)
-    print("preconditions:", format_preconditions(pre), flush=True)
-    record = {"setting": args.setting, "command": " ".join(["python", *sys.argv]), "machine": machine(),
-              "seeds": args.seeds, "steps": args.steps, "overrides": args.overrides,
-              "models": {k: str(v) for k, v in pair.items()}, "preconditions": pre, "runs": []}
     result_file = RESULTS / f"testbed_arithmetic_{args.setting}.json"
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    record = start_record(result_file, args, pair)
+    print("preconditions:", format_preconditions(record["preconditions"]), flush=True)
+    done = {(r["method"], r["seed"]) for r in record["runs"] if r["rc"] == 0}
     for seed in args.seeds:
         for method in args.methods:
+            if (method, seed) in done:  # a setting grows by the methods or seeds it lacks
+                continue
             row = run_one(method, seed, args, pair, recipe, out)
-            record["runs"].append(row)
-            record["minutes"] = round((time.perf_counter() - started) / 60, 1)
-            record["aggregate"] = aggregate(record["runs"], pre)
-            record["table"] = format_table(record["aggregate"])
-            result_file.write_text(json.dumps(record, indent=2) + "\n")
+            record["runs"] = [r for r in record["runs"] if (r["method"], r["seed"]) != (method, seed)] + [row]
+            record["minutes"] = round(record.get("minutes", 0) + row["seconds"] / 60, 1)
+            save_record(result_file, record)
             print(f"seed {seed} {method}: rc {row['rc']}, {row['seconds']} s, final {row.get('final_test')}", flush=True)
     print(record["table"])
     return 0
 
 
-def resummarize(result_file: Path, out: Path) -> None:
-    """Summaries of the stored runs again from their metrics.jsonl (after the summary grew)."""
-    record = json.loads(result_file.read_text())
-    for row in record["runs"]:
-        if row["rc"] == 0:
-            metrics = out / f"seed{row['seed']}" / row["method"] / "metrics.jsonl"
-            row.update(summarize_metrics([json.loads(line) for line in open(metrics)]))
+def start_record(result_file: Path, args, pair: dict[str, Path]) -> dict:
+    """The setting's stored record, to be extended with the same models, steps and overrides, or a new one."""
+    models = {k: str(v) for k, v in pair.items()}
+    if result_file.is_file():
+        record = json.loads(result_file.read_text())
+        stored = (record["models"], record["steps"], record["overrides"])
+        if stored != (models, args.steps, args.overrides):
+            sys.exit(f"{result_file}: setting {args.setting!r} was run with models, steps, overrides {stored}; "
+                     "extend it with the same ones or name a new --setting")
+        record["seeds"] = sorted(set(record["seeds"]) | set(args.seeds))
+        record["commands"] = [*record.get("commands", [record["command"]]), " ".join(["python", *sys.argv])]
+        return record
+    return {"setting": args.setting, "command": " ".join(["python", *sys.argv]), "machine": machine(),
+            "seeds": args.seeds, "steps": args.steps, "overrides": args.overrides, "models": models,
+            "preconditions": preconditions(pair, args.eval_samples), "runs": []}
+
+
+def save_record(result_file: Path, record: dict) -> None:
     record["aggregate"] = aggregate(record["runs"], record["preconditions"])
     record["table"] = format_table(record["aggregate"])
+    result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(record, indent=2) + "\n")
+    plot_record(record, result_file.with_suffix(".png"))
+
+
+def resummarize(result_file: Path, out: Path, eval_samples: int) -> None:
+    """Summaries of the stored runs again from their run folders (after the summary grew), and
+    the preconditions the summary now needs (the models' OOD accuracy)."""
+    record = json.loads(result_file.read_text())
+    pre = record["preconditions"]
+    for role, path in record["models"].items():
+        if f"{role}/ood" not in pre:
+            pre[f"{role}/ood"] = greedy_accuracy(Path(path), "ood", eval_samples)
+    for row in record["runs"]:
+        if row["rc"] == 0:
+            row.update(summarize_run(out / f"seed{row['seed']}" / row["method"], eval_samples))
+    save_record(result_file, record)
+
+
+def plot_record(record: dict, path: Path) -> None:
+    """Per-step HT / HS shares, entropy and KL to the teacher of every method: mean over seeds,
+    the band from the lowest to the highest seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    methods = list(dict.fromkeys(r["method"] for r in record["runs"]))
+    colors = dict(zip(methods, plt.get_cmap("tab10").colors))  # one colour per method in every panel
+    fig, axes = plt.subplots(1, len(SERIES), figsize=(4.2 * len(SERIES), 3.6))
+    for ax, key in zip(axes, SERIES):
+        for method in methods:
+            runs = [r["series"][key] for r in record["runs"]
+                    if r["method"] == method and r["rc"] == 0 and key in r.get("series", {})]
+            if not runs:
+                continue
+            values = np.array([run[:min(map(len, runs))] for run in runs])
+            steps = np.arange(1, values.shape[1] + 1)
+            ax.plot(steps, values.mean(0), label=method, lw=1.2, color=colors[method])
+            ax.fill_between(steps, values.min(0), values.max(0), color=colors[method], alpha=0.15, lw=0)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        if key == "kl_to_teacher":
+            ax.set_yscale("log")
+    handles = [plt.Line2D([], [], color=colors[m], label=m) for m in methods]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(methods), 6), fontsize=7, frameon=False)
+    fig.suptitle(f"arithmetic testbed, setting {record['setting']} (seeds {record['seeds']}): mean, band = "
+                 "lowest to highest seed", fontsize=9)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def update_markdown(path: Path) -> None:
@@ -321,11 +426,13 @@ def update_markdown(path: Path) -> None:
     findings = ROOT / "benchmarks" / "testbed_learning_findings.md"
     for file in sorted(RESULTS.glob("testbed_arithmetic_*.json")):
         record = json.loads(file.read_text())
+        commands = " then ".join(f"`{c}`" for c in record.get("commands", [record["command"]]))
         body += [f"### Setting `{record['setting']}`", "",
-                 f"`{record['command']}` ({record.get('minutes', '?')} min on {record['machine']}); seeds "
+                 f"{commands} ({record.get('minutes', '?')} min of runs on {record['machine']}); seeds "
                  f"{', '.join(map(str, record['seeds']))}, {record['steps']} steps per run. Preconditions: "
                  f"{format_preconditions(record['preconditions'])}.", "",
-                 format_table(aggregate(record["runs"], record["preconditions"])), ""]
+                 format_table(aggregate(record["runs"], record["preconditions"])), "",
+                 f"![per-step diagnostics, setting {record['setting']}](benchmarks/results/{file.with_suffix('.png').name})", ""]
     if findings.is_file():
         body += [findings.read_text().strip(), ""]
     write_section(path, SECTION, body)

@@ -206,17 +206,16 @@ def _train(args: argparse.Namespace) -> int:
     if args.stop_after_step is not None and args.stop_after_step < 1:
         raise ConfigError(f"--stop-after-step must be >= 1, got {args.stop_after_step}")
     cfg = load_config(args.config, args.overrides)  # before the heavy imports: a bad config fails fast
+    from dopd_vlm.distributed import wait_for_peers_before_exit
     from dopd_vlm.engine import CheckpointError, NonFiniteTraining
     from dopd_vlm.train import train
     from dopd_vlm.vllm_rollout import RolloutEngineError
 
     try:
         train(cfg, resume=args.resume, stop_after_step=args.stop_after_step)
-    except ConfigError as err:  # found at start-up (e.g. what the vLLM engine needs)
-        print(f"dopd-vlm train: error: {err}", file=sys.stderr)
-        return 2
     except (NonFiniteTraining, CheckpointError, RolloutEngineError) as err:
-        print(f"dopd-vlm train: error: {err}", file=sys.stderr)
+        print(f"dopd-vlm train: error: {err}", file=sys.stderr, flush=True)
+        wait_for_peers_before_exit()
         return 1
     return 0
 

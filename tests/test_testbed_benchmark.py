@@ -38,3 +38,45 @@ def test_gap_recovered_is_measured_against_the_plain_teacher_with_the_seed_sprea
     assert agg["gap"][0] == pytest.approx(0.4)  # (0.6 - 0.4) / (0.9 - 0.4)
     assert agg["gap"][1] == pytest.approx(2 ** 0.5 / 10)  # sample stdev of the gaps 0.5 and 0.3
     assert "| dopd | 2 | 0.400 / 0.600 | 0.600 ± 0.071 | 40 % ± 14 |" in testbed_learning.format_table({"dopd": agg})
+
+
+def test_ood_gap_is_measured_against_the_models_ood_accuracy():
+    pre = {**PRE, "student/ood": 0.2, "teacher/ood": 0.6}
+    rows = [{"method": "gkd", "seed": seed, "rc": 0, "final_ood": ood,
+             **testbed_learning.summarize_metrics(metrics(0.5, [0.1]))} for seed, ood in enumerate([0.3, 0.5])]
+    agg = testbed_learning.aggregate(rows, pre)["gkd"]
+    assert agg["ood"][0] == pytest.approx(0.4) and agg["ood_gap"][0] == pytest.approx(0.5)  # (0.4 - 0.2) / 0.4
+    assert "| 0.400 ± 0.141 | 50 % ± 35 |" in testbed_learning.format_table({"gkd": agg})
+    no_gap = {**pre, "teacher/ood": 0.23}  # a teacher no better than the student out of distribution
+    assert "ood_gap" not in testbed_learning.aggregate(rows, no_gap)["gkd"]
+    del rows[0]["final_ood"]  # a run without its OOD evaluation: no OOD column rather than a partial mean
+    assert "ood" not in testbed_learning.aggregate(rows, pre)["gkd"]
+
+
+def test_per_step_series_are_kept_and_plotted(tmp_path):
+    steps = [{"step": i + 1, "loss": 1.0, "share/HT": 0.1 * i, "share/HS": 0.2, "entropy": 0.3, "kl_to_teacher": 0.5}
+             for i in range(4)]
+    summary = testbed_learning.summarize_metrics([{"step": 0, "student/test": 0.4}, *steps,
+                                                  {"step": 4, "student/test": 0.5}])
+    assert summary["series"]["share/HT"] == [0.0, 0.1, 0.2, 0.3] and set(summary["series"]) == set(testbed_learning.SERIES)
+    record = {"setting": "s", "seeds": [0, 1],
+              "runs": [{"method": "dopd", "seed": s, "rc": 0, **summary} for s in (0, 1)] + [{"method": "sft", "seed": 0, "rc": 1}]}
+    testbed_learning.plot_record(record, tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 10_000
+
+
+def test_a_setting_is_extended_only_with_the_same_models_steps_and_overrides(tmp_path):
+    import argparse
+    import json
+
+    stored = {"setting": "s", "command": "python x", "seeds": [0], "steps": 80, "overrides": ["optim.lr=2e-3"],
+              "models": {"teacher": "T", "student": "S"}, "preconditions": PRE, "runs": []}
+    result_file = tmp_path / "s.json"
+    result_file.write_text(json.dumps(stored))
+    pair = {"teacher": Path("T"), "student": Path("S")}
+    same = argparse.Namespace(setting="s", steps=80, overrides=["optim.lr=2e-3"], seeds=[1, 2], eval_samples=10)
+    record = testbed_learning.start_record(result_file, same, pair)
+    assert record["seeds"] == [0, 1, 2] and len(record["commands"]) == 2 and record["preconditions"] == PRE
+    other = argparse.Namespace(**{**vars(same), "overrides": ["optim.lr=1e-3"]})
+    with pytest.raises(SystemExit, match="extend it with the same ones"):
+        testbed_learning.start_record(result_file, other, pair)
