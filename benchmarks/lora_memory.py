@@ -7,8 +7,8 @@ Runs dopd_vlm's real training loop (`train()`, method dopd, no ZeRO: benchmarks/
 on a Qwen2-VL-shaped student of `--layers` x (hidden 512, intermediate 2048) next to the small tiny
 teacher, one variant per fresh process (peak memory is per process), all in this one invocation:
 
-    full            every student weight trained (AdamW state for all of them)
-    lora            model.lora: rank 16 on the language model's attention and MLP projections
+    full            every student weight trained (AdamW state for all of them), privileged_target=live
+    lora            model.lora: rank 16 on the language model's attention and MLP projections, live
     full_initial    method.privileged_target=initial: a frozen copy of the student is loaded too
     lora_initial    the same with LoRA: the initial target is the student with its adapters off
 
@@ -36,8 +36,8 @@ import _common as C  # noqa: E402
 
 RECIPE = str(C.ROOT / "benchmarks" / "recipes" / "bench_scenes.yaml")
 VARIANTS = {
-    "full": [],
-    "lora": ["model.lora.enabled=true"],
+    "full": ["method.privileged_target=live"],
+    "lora": ["model.lora.enabled=true", "method.privileged_target=live"],
     "full_initial": ["method.privileged_target=initial"],
     "lora_initial": ["model.lora.enabled=true", "method.privileged_target=initial"],
 }

@@ -11,11 +11,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from datetime import timedelta
+from pathlib import Path
 from typing import NoReturn
 
 import torch
 import torch.distributed as dist
+from torch.utils import cpp_extension
+
+from dopd_vlm.errors import InputError
 
 
 def init_distributed(timeout_s: float = 1800.0) -> None:
@@ -30,6 +35,7 @@ def init_distributed(timeout_s: float = 1800.0) -> None:
 
     if dist.is_initialized():
         return
+    check_no_stale_build_lock(Path(cpp_extension.get_default_build_root()), time.time())
     for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, default)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -73,6 +79,28 @@ def wait_for_peers_before_exit(timeout_s: float = 60.0) -> None:
         dist.monitored_barrier(_exit_group, timeout=timeout)
     except RuntimeError as err:  # a peer that did not fail, or is gone: exit all the same
         logging.getLogger(__name__).warning("not every rank reached the same failure: %s", str(err).splitlines()[0])
+
+
+STALE_BUILD_S = 15 * 60  # far longer than any op build here takes (DeepSpeed's CPU ops: about a minute)
+
+
+def check_no_stale_build_lock(root: Path, now: float) -> None:
+    """Fail, naming the file, on a build lock no build holds any more.
+
+    DeepSpeed compiles its ops into torch's extensions folder on first use (on CPU, joining the
+    group builds `deepspeed_shm_comm`), guarded by a `lock` file. A build that was killed leaves
+    the lock behind, and every later process then waits on it forever, silently. A lock whose
+    folder has not changed for STALE_BUILD_S is such a leftover.
+    """
+    for lock in root.glob("*/*/lock"):
+        try:
+            last_change = max(f.stat().st_mtime for f in lock.parent.iterdir())
+        except FileNotFoundError:  # a build finishing right now removed it
+            continue
+        if now - last_change > STALE_BUILD_S:
+            stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(last_change))
+            raise InputError(f"{lock}: left by an interrupted build of a compiled op (nothing in its folder "
+                             f"changed since {stamp}), every process would wait on it forever; delete it")
 
 
 def world_size() -> int:

@@ -251,10 +251,10 @@ def test_gradient_checkpointing_reaches_the_adapters(tiny_pairs):
 # -- slow: real DeepSpeed runs (tests/helpers/train_driver.py), shared launches ----------------------
 
 METHODS = {
-    "dopd": ["method.name=dopd"],
+    "dopd_live": ["method.name=dopd", "method.privileged_target=live"],
     "dopd_initial": ["method.name=dopd", "method.privileged_target=initial"],
     "vanilla_opd": ["method.name=vanilla_opd", "method.opd_divergence=sampled"],
-    "opsd": ["method.name=opsd"],
+    "opsd_live": ["method.name=opsd", "method.privileged_target=live"],
     "opsd_initial": ["method.name=opsd", "method.privileged_target=initial"],
     "gkd": ["method.name=gkd"],
     "sft": ["method.name=sft"],
@@ -278,7 +278,7 @@ def lora_runs(tmp_path_factory, tiny_pairs):
 
     runs = [run(name, *overrides) for name, overrides in METHODS.items()]
     runs += [run("dopd_head", WITH_HEAD, "model.lora.export_merged=true", "data.eval_splits=[test]"),
-             run("dopd_initial_head", "method.privileged_target=initial", WITH_HEAD),
+             run("dopd_live_head", "method.privileged_target=live", WITH_HEAD),
              run("zero2_head", WITH_HEAD, f"train.deepspeed={REPO / 'ds_configs' / 'zero2.json'}"),
              run("offload_head", WITH_HEAD, f"train.deepspeed={REPO / 'ds_configs' / 'zero3_offload.json'}"),  # DeepSpeedCPUAdam
              run("full", WITH_HEAD, *RESUME),
@@ -298,7 +298,7 @@ def adapter_of(run_dir):
 def test_every_method_trains_only_the_adapters_on_two_zero3_ranks(lora_runs, tiny_pairs):
     root, two, _ = lora_runs
     base = load_file(tiny_pairs["qwen2_vl"]["student"] / "model.safetensors")
-    for name in [*METHODS, "dopd_head", "dopd_initial_head", "zero2_head", "offload_head"]:
+    for name in [*METHODS, "dopd_head", "dopd_live_head", "zero2_head", "offload_head"]:
         result = two[name]
         assert result["finished"] and torch.isfinite(torch.tensor(result["metrics"]["loss"])), name
         assert result["teacher_unchanged"] in (True, None), name

@@ -488,3 +488,20 @@ def test_output_dir_that_cannot_be_written_stops_before_training(tmp_path):
         assert message == f"train.output_dir {out}: cannot write there ({reason})", message
     check_output_dir(tmp_path / "fine" / "run")  # creates missing parents
     assert (tmp_path / "fine" / "run").is_dir() and not list((tmp_path / "fine" / "run").iterdir())
+
+
+def test_a_build_lock_left_by_an_interrupted_op_build_is_one_line_not_a_silent_hang(tmp_path):
+    from dopd_vlm.distributed import STALE_BUILD_S, check_no_stale_build_lock
+    from dopd_vlm.errors import InputError
+
+    folder = tmp_path / "py311_cpu" / "deepspeed_shm_comm"
+    folder.mkdir(parents=True)
+    (folder / "build.ninja").write_text("")
+    lock = folder / "lock"
+    lock.touch()
+    now = lock.stat().st_mtime
+    check_no_stale_build_lock(tmp_path, now + 60)  # a build running now: wait for it as DeepSpeed does
+    with pytest.raises(InputError, match=f"^{lock}: left by an interrupted build .*; delete it$"):
+        check_no_stale_build_lock(tmp_path, now + STALE_BUILD_S + 1)
+    lock.unlink()
+    check_no_stale_build_lock(tmp_path, now + STALE_BUILD_S + 1)  # a finished build's folder: nothing to say

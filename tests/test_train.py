@@ -70,7 +70,7 @@ def test_config_overrides_and_validation_errors_name_the_key(tmp_path, tiny_pair
         "nonsense": "expected dotted.key=value",
         "method.ablation=no_routing": None,
         "method.privileged_target=ema": "config key 'method.privileged_target'",
-        "method.privileged_target=initial": None,
+        "method.privileged_target=live": None,
     }
     for override, message in cases.items():
         if message is None:
@@ -152,8 +152,8 @@ def test_single_process_runs_started_together_need_no_port(tmp_path):
 def test_two_ranks_zero3_every_method_trains_and_exports(tmp_path, tiny_pairs):
     config = write_config(tmp_path / "c.yaml", tiny_pairs)
     methods = {
-        "dopd": ["method.name=dopd"],
-        "dopd_frozen_target": ["method.name=dopd", "method.privileged_target=initial"],
+        "dopd": ["method.name=dopd"],  # privileged_target=initial, the default
+        "dopd_live_target": ["method.name=dopd", "method.privileged_target=live"],
         "vanilla_opd": ["method.name=vanilla_opd", "method.opd_divergence=sampled"],
         "opsd": ["method.name=opsd", "train.teacher_eval=skip"],
         "gkd": ["method.name=gkd", "train.teacher_eval=sharded", "train.eval_max_new_tokens=2"],
