@@ -35,7 +35,7 @@ def init_distributed(timeout_s: float = 1800.0) -> None:
 
     if dist.is_initialized():
         return
-    check_no_stale_build_lock(Path(cpp_extension.get_default_build_root()), time.time())
+    wait_for_build_locks(Path(cpp_extension.get_default_build_root()))
     for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, default)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -81,26 +81,53 @@ def wait_for_peers_before_exit(timeout_s: float = 60.0) -> None:
         logging.getLogger(__name__).warning("not every rank reached the same failure: %s", str(err).splitlines()[0])
 
 
-STALE_BUILD_S = 15 * 60  # far longer than any op build here takes (DeepSpeed's CPU ops: about a minute)
+STALE_BUILD_S = 10 * 60  # no op build leaves its folder unchanged that long (DeepSpeed's CPU ops: ~1 min)
 
 
-def check_no_stale_build_lock(root: Path, now: float) -> None:
-    """Fail, naming the file, on a build lock no build holds any more.
+def wait_for_build_locks(root: Path, stale_after_s: float = STALE_BUILD_S, poll_s: float = 1.0) -> None:
+    """Wait while a process builds an op under `root`; fail, naming the file, on a lock no build holds.
 
-    DeepSpeed compiles its ops into torch's extensions folder on first use (on CPU, joining the
-    group builds `deepspeed_shm_comm`), guarded by a `lock` file. A build that was killed leaves
-    the lock behind, and every later process then waits on it forever, silently. A lock whose
-    folder has not changed for STALE_BUILD_S is such a leftover.
+    Every process that loads a DeepSpeed op (on CPU, joining the group loads `deepspeed_shm_comm`)
+    holds the `lock` file of the op's build folder while ninja checks the build (a second) or
+    builds it (a minute). A process killed in that window (torchrun ending the peers of a rank
+    that failed, Ctrl-C) leaves the lock behind, and every later process waits on it forever,
+    silently. So a lock that a process on this machine holds open is waited for; one that none
+    holds is waited for while its folder changes (a build on another node sharing the folder) and
+    reported once nothing in the folder has changed for `stale_after_s`.
     """
     for lock in root.glob("*/*/lock"):
+        warned = False
+        while (unchanged_s := seconds_unchanged(lock.parent, lock)) is not None:
+            if not lock_held_here(lock):
+                if unchanged_s > stale_after_s:
+                    raise InputError(f"{lock}: left by an interrupted build of a compiled op (no process holds it "
+                                     f"and its folder has not changed for {unchanged_s / 60:.0f} min); delete it")
+                if not warned:
+                    logging.getLogger(__name__).warning(
+                        "waiting for %s: no process on this machine holds it; if no build runs elsewhere, "
+                        "it was left by an interrupted build: delete it", lock)
+                    warned = True
+            time.sleep(poll_s)
+
+
+def seconds_unchanged(folder: Path, lock: Path) -> float | None:
+    """Seconds since anything in `folder` last changed; None once `lock` is gone."""
+    try:
+        return time.time() - max(f.stat().st_mtime for f in [lock, *folder.iterdir()])
+    except FileNotFoundError:
+        return None if not lock.exists() else 0.0  # else a file that a running build just replaced
+
+
+def lock_held_here(lock: Path) -> bool:
+    """Whether a process of this machine whose file descriptors we may read has `lock` open."""
+    target = str(lock.resolve())
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
         try:
-            last_change = max(f.stat().st_mtime for f in lock.parent.iterdir())
-        except FileNotFoundError:  # a build finishing right now removed it
+            if any(os.readlink(fd) == target for fd in fd_dir.iterdir()):
+                return True
+        except OSError:  # a process that ended, or another user's
             continue
-        if now - last_change > STALE_BUILD_S:
-            stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(last_change))
-            raise InputError(f"{lock}: left by an interrupted build of a compiled op (nothing in its folder "
-                             f"changed since {stamp}), every process would wait on it forever; delete it")
+    return False
 
 
 def world_size() -> int:

@@ -491,17 +491,28 @@ def test_output_dir_that_cannot_be_written_stops_before_training(tmp_path):
 
 
 def test_a_build_lock_left_by_an_interrupted_op_build_is_one_line_not_a_silent_hang(tmp_path):
-    from dopd_vlm.distributed import STALE_BUILD_S, check_no_stale_build_lock
+    import os
+    import threading
+
+    from dopd_vlm.distributed import lock_held_here, wait_for_build_locks
     from dopd_vlm.errors import InputError
 
     folder = tmp_path / "py311_cpu" / "deepspeed_shm_comm"
     folder.mkdir(parents=True)
     (folder / "build.ninja").write_text("")
     lock = folder / "lock"
+    wait_for_build_locks(tmp_path, stale_after_s=0.5, poll_s=0.05)  # no lock: nothing to wait for
     lock.touch()
-    now = lock.stat().st_mtime
-    check_no_stale_build_lock(tmp_path, now + 60)  # a build running now: wait for it as DeepSpeed does
-    with pytest.raises(InputError, match=f"^{lock}: left by an interrupted build .*; delete it$"):
-        check_no_stale_build_lock(tmp_path, now + STALE_BUILD_S + 1)
-    lock.unlink()
-    check_no_stale_build_lock(tmp_path, now + STALE_BUILD_S + 1)  # a finished build's folder: nothing to say
+    threading.Timer(0.3, lock.unlink).start()  # a build that ends: waited for
+    wait_for_build_locks(tmp_path, stale_after_s=60, poll_s=0.05)
+    assert not lock.exists()
+    lock.touch()
+    fd = os.open(lock, os.O_RDONLY)  # held by a live process (this one): never stale
+    assert lock_held_here(lock)
+    os.close(fd)
+    assert not lock_held_here(lock)
+    hour_ago = lock.stat().st_mtime - 3600
+    for f in folder.iterdir():
+        os.utime(f, (hour_ago, hour_ago))
+    with pytest.raises(InputError, match=f"^{lock}: left by an interrupted build .* for 60 min\\); delete it$"):
+        wait_for_build_locks(tmp_path, stale_after_s=0.5, poll_s=0.05)
