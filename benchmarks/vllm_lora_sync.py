@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -209,6 +210,7 @@ def child(args) -> None:
                          new_tokens=new_tokens, steps=args.steps, **medians, correct_steps=correct[variant],
                          reference="HF, adapters off" if variant == NO_REQUEST_VARIANT else "HF, current adapter",
                          changed_steps=changed_steps))
+    shutil.rmtree(shm)  # every step's saved adapter
     C.emit(dict(rows=rows))
 
 
