@@ -108,6 +108,17 @@ class PeakMemory:
         self.peak = hwm - self.base
 
 
+def parser_with_child(doc: str):
+    """An argument parser for a benchmark that runs each setting in a child process of itself:
+    the hidden --child / --scale flags the parent passes to the child."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--scale", help=argparse.SUPPRESS)
+    return p
+
+
 def run_json(cmd: list[str], env: dict | None = None, timeout: float = 900) -> dict:
     """Run a benchmark child process; its last stdout line is a JSON object."""
     full_env = {**os.environ, **(env or {})}

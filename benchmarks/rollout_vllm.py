@@ -21,7 +21,6 @@ Scales (text widths; the vision tower is the tiny one except at 2b):
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -126,14 +125,12 @@ def child(args) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = C.parser_with_child(__doc__)
     p.add_argument("--scales", default="tiny,75m")
     p.add_argument("--prompts", type=int, default=0, help="0 = the scale's default")
     p.add_argument("--new-tokens", type=int, default=0, help="0 = the scale's default")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--memory-fraction", type=float, default=0.3, help="GPU: rollout.vllm.memory_fraction")
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--scale", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args)

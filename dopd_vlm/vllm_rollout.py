@@ -23,7 +23,8 @@ Why it is built this way:
   once for the whole sync, released right after) are handed to the engine's worker
   (`reload_weights`, checkpoint format) under their Hugging Face names, then the prefix and
   encoder caches are reset: nothing computed with the old weights is reused. A LoRA student's
-  adapters go in merged into their base layers (the engine itself knows nothing of LoRA).
+  adapters go in merged into their base layers (the engine itself knows nothing of LoRA; why
+  not vLLM's own LoRA support: see `VllmRollout.sync_weights`).
 * **Faults.** A failing engine call raises `RolloutEngineError` on every rank at once (the
   outcome is agreed by a collective), so no rank is left waiting in a collective.
 
@@ -342,6 +343,15 @@ class VllmRollout:
         Under ZeRO-3 the parameters are gathered once for the whole call and released after it;
         the engine copies them into its own tensors, so no other full copy outlives the call. A LoRA
         student's weights go in merged (base + adapter): the engine samples from the current adapter.
+
+        Merged, not vLLM's own LoRA (`enable_lora`, a saved adapter per step, `LoRARequest`), by
+        measurement (benchmarks/vllm_lora_sync.py, BENCHMARKS.md section 8; CPU, Qwen3 76M, rank 8,
+        16 prompts x 16 tokens): loading the adapter natively takes 0.13x the time of this push
+        (0.11 s against 0.81 s), but vLLM's LoRA ops on every generated token make generation 1.7x
+        slower, so sync + generate is 1.4x slower (1.1-2.2x in every family at the tiny size);
+        both sample exactly what HF samples from the current adapter. Natively a new adapter
+        version also needs a new lora_int_id (or `add_lora(load_inplace=True)`): vLLM serves a
+        cached id's old weights. GPU not measured.
         """
         module = student_engine.module
         failure = None
