@@ -72,14 +72,14 @@ def child(args) -> None:
     device, dtype = C.device_and_dtype()
     model = load_model(path, dtype=dtype).to(device).eval()
     processor = load_processor(path)
-    collator = DualViewCollator.from_config(processor, data=cfg.data)
     samples = list(load_recipe("synthetic_scenes", "train", family=model_family(path), limit=prompts))
-    eos, banned = eos_token_ids(model, collator.tokenizer), vision_special_token_ids(collator.tokenizer)
     cfg = load_config(None, [f"model.student={path}", f"model.teacher={path}", f"model.dtype={str(dtype)[6:]}",
                              "rollout.engine=vllm", "rollout.num_rollouts=1", f"rollout.max_new_tokens={new_tokens}",
                              f"rollout.vllm.max_model_len={min(4096, 512 + new_tokens)}",
                              f"train.prompts_per_step={prompts}", f"train.prompts_per_micro_batch={prompts}",
                              f"rollout.vllm.memory_fraction={args.memory_fraction}"])
+    collator = DualViewCollator.from_config(processor, data=cfg.data)
+    eos, banned = eos_token_ids(model, collator.tokenizer), vision_special_token_ids(collator.tokenizer)
     started = time.perf_counter()
     engine = start_engine(cfg, collator, dtype, eos, banned)
     engine_start_s = time.perf_counter() - started
