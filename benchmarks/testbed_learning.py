@@ -65,6 +65,7 @@ METHODS = {
     "gkd": ["method.name=gkd"],
     "dopd_initial_zscore": ["method.name=dopd", "method.privileged_target=initial", "method.normalize=zscore"],
     "dopd_initial_minmax": ["method.name=dopd", "method.privileged_target=initial", "method.normalize=minmax"],
+    "dopd_no_student": ["method.name=dopd", "method.ablation=no_student"],  # DOPD's weights, every regime to the teacher
 }
 MIN_GAP = 0.05  # the smallest teacher-student gap a gap recovered is reported for (~1.5 standard errors at 200 samples)
 SERIES = ("share/HT", "share/HS", "entropy", "kl_to_teacher")  # per-step diagnostics kept and plotted
