@@ -412,7 +412,8 @@ def plot_record(record: dict, path: Path) -> None:
     import numpy as np
 
     methods = list(dict.fromkeys(r["method"] for r in record["runs"]))
-    colors = dict(zip(methods, plt.get_cmap("tab10").colors))  # one colour per method in every panel
+    palette = plt.get_cmap("tab20").colors
+    colors = {m: palette[i % len(palette)] for i, m in enumerate(methods)}  # one colour per method in every panel
     fig, axes = plt.subplots(1, len(SERIES), figsize=(4.2 * len(SERIES), 3.6))
     for ax, key in zip(axes, SERIES):
         for method in methods:

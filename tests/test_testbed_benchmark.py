@@ -59,8 +59,10 @@ def test_per_step_series_are_kept_and_plotted(tmp_path):
     summary = testbed_learning.summarize_metrics([{"step": 0, "student/test": 0.4}, *steps,
                                                   {"step": 4, "student/test": 0.5}])
     assert summary["series"]["share/HT"] == [0.0, 0.1, 0.2, 0.3] and set(summary["series"]) == set(testbed_learning.SERIES)
-    record = {"setting": "s", "seeds": [0, 1],
-              "runs": [{"method": "dopd", "seed": s, "rc": 0, **summary} for s in (0, 1)] + [{"method": "sft", "seed": 0, "rc": 1}]}
+    methods = [f"m{i}" for i in range(len(testbed_learning.METHODS))]  # more methods than a 10-colour cycle
+    record = {"setting": "s", "seeds": [0, 1], "runs": [{"method": m, "seed": s, "rc": 0, **summary}
+                                                        for m in methods for s in (0, 1)]
+              + [{"method": "sft", "seed": 0, "rc": 1}]}
     testbed_learning.plot_record(record, tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 10_000
 
