@@ -82,3 +82,16 @@ def test_a_setting_is_extended_only_with_the_same_models_steps_and_overrides(tmp
     other = argparse.Namespace(**{**vars(same), "overrides": ["optim.lr=1e-3"]})
     with pytest.raises(SystemExit, match="extend it with the same ones"):
         testbed_learning.start_record(result_file, other, pair)
+
+
+def test_the_shipped_pair_is_the_one_the_recorded_settings_measured():
+    import hashlib
+    import json
+
+    pair = testbed_learning.shipped_pair()
+    for file in sorted(testbed_learning.RESULTS.glob("testbed_arithmetic_*.json")):
+        pre = json.loads(file.read_text())["preconditions"]
+        for role, folder in pair.items():
+            manifest = json.loads((folder / "warmup_manifest.json").read_text())
+            assert hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() == manifest["sha256"], folder
+            assert manifest["accuracy_greedy_200_samples"]["test"] == pre[f"{role}/plain"], (file.name, role)
