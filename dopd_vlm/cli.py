@@ -189,15 +189,22 @@ def one_line_input_errors(command: str, run: Callable[[], int]) -> int:
     """`run()`'s exit status; an `InputError` it raises is printed as one line and gives
     `EXIT_INPUT_ERROR`, on every rank: each rank waits for the others to print theirs before
     exiting, as a launcher kills the rest of the workers once one has exited."""
-    from dopd_vlm.distributed import wait_for_peers_before_exit
     from dopd_vlm.errors import EXIT_INPUT_ERROR, InputError
 
     try:
         return run()
     except InputError as err:
-        print(f"dopd-vlm {command}: error: {err}", file=sys.stderr, flush=True)
-        wait_for_peers_before_exit()
-        return EXIT_INPUT_ERROR
+        return report_failure(command, err, EXIT_INPUT_ERROR)
+
+
+def report_failure(command: str, err: Exception, code: int) -> int:
+    """Print `err` as the command's one error line, wait for the other ranks to print theirs
+    (a launcher kills the rest of the workers once one has exited), return `code`."""
+    from dopd_vlm.distributed import wait_for_peers_before_exit
+
+    print(f"dopd-vlm {command}: error: {err}", file=sys.stderr, flush=True)
+    wait_for_peers_before_exit()
+    return code
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -206,7 +213,6 @@ def _train(args: argparse.Namespace) -> int:
     if args.stop_after_step is not None and args.stop_after_step < 1:
         raise ConfigError(f"--stop-after-step must be >= 1, got {args.stop_after_step}")
     cfg = load_config(args.config, args.overrides)  # before the heavy imports: a bad config fails fast
-    from dopd_vlm.distributed import wait_for_peers_before_exit
     from dopd_vlm.engine import CheckpointError, NonFiniteTraining
     from dopd_vlm.train import train
     from dopd_vlm.vllm_rollout import RolloutEngineError
@@ -214,9 +220,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         train(cfg, resume=args.resume, stop_after_step=args.stop_after_step)
     except (NonFiniteTraining, CheckpointError, RolloutEngineError) as err:
-        print(f"dopd-vlm train: error: {err}", file=sys.stderr, flush=True)
-        wait_for_peers_before_exit()
-        return 1
+        return report_failure("train", err, 1)
     return 0
 
 
