@@ -7,9 +7,11 @@ machine state) and reports ratios, because absolute times on a shared CPU drift 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -152,6 +154,14 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds, NaNs left out (0 spread for one value)."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def gib(n_bytes: float) -> float:

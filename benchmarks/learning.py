@@ -21,7 +21,6 @@ import json
 import math
 import os
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, RESULTS, machine, write_section  # noqa: E402
+from _common import ROOT, RESULTS, machine, mean_std, write_section  # noqa: E402
 
 SECTION = "Learning: DOPD vs baselines on synthetic scenes"
 EXTRA_METHODS = {  # variants that are not demo defaults but worth comparing here
@@ -43,20 +42,13 @@ EXTRA_METHODS = {  # variants that are not demo defaults but worth comparing her
 }
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def main(argv=None) -> int:
     from dopd_vlm import demo
 
     demo.METHODS.update({k: v for k, v in EXTRA_METHODS.items() if k not in demo.METHODS})
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=demo.DemoOptions.steps)
+    parser.add_argument("--steps", type=int, default=demo.configured_steps(demo.SCENES))
     parser.add_argument("--methods", nargs="+", default=list(demo.DEFAULT_METHODS), choices=sorted(demo.METHODS))
     parser.add_argument("--jobs", type=int, default=0, help="runs side by side (default: one per core)")
     parser.add_argument("--out", default="runs/learning")
@@ -78,7 +70,7 @@ def main(argv=None) -> int:
         update_markdown(ROOT / "BENCHMARKS.md")
         return 0
 
-    base = demo.DemoOptions(out=Path(args.out), cache=Path(args.cache), steps=args.steps, methods=tuple(args.methods),
+    base = demo.DemoOptions(out=Path(args.out), testbed=demo.SCENES, cache=Path(args.cache), steps=args.steps, methods=tuple(args.methods),
                             jobs=args.jobs, overrides=tuple(args.overrides),
                             student_warmup_steps=args.student_warmup_steps,
                             student_privileged_prob=args.student_privileged_prob)

@@ -1,10 +1,11 @@
-"""Regime audit on the arithmetic testbed: what the DOPD router does with the student's mistakes.
+"""Regime audit on a reasoning testbed: what the DOPD router does with the student's mistakes.
 
-    python benchmarks/regime_audit.py                                   # the shipped pair
+    python benchmarks/regime_audit.py                                   # the shipped arithmetic pair
+    python benchmarks/regime_audit.py --testbed cells                   # the shipped vision pair
     python benchmarks/regime_audit.py --student runs/.../dopd_live/final --name after_dopd_live
 
-The student samples training-sized batches (16 test prompts x 2 rollouts, temperature 1, as in
-configs/testbed_arithmetic.yaml), the three passes score them and the router routes each batch
+The student samples training-sized batches (the testbed config's prompts per step x rollouts,
+temperature 1, from the test split), the three passes score them and the router routes each batch
 (`explore.score_and_route`: the trainer's passes and `router.route`). Per regime it counts the
 tokens, the *mistakes* among them (the teacher's most likely token given p differs from the sampled
 one, while the teacher puts >= 0.5 on its choice: a token the teacher would correct) and, for
@@ -12,7 +13,7 @@ the regimes that distil from the privileged student (LL, HS), whether that targe
 token is the teacher's (a target that would correct the mistake too). The question: do the
 student's mistakes go to the teacher (HT, LH) or to a privileged student that would not correct
 them (HS)? Rows for several students (the initial one, and runs' exported finals) go to
-benchmarks/results/regime_audit.json; `--update-md` writes the section of BENCHMARKS.md.
+benchmarks/results/regime_audit_<testbed>.json; `--update-md` writes the testbed's section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -24,11 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, ROOT, machine, write_section  # noqa: E402
+from _common import RESULTS, ROOT, machine, mean_std, write_section  # noqa: E402
 
-SECTION = "Regime audit on the arithmetic testbed"
-CONFIG = ROOT / "configs" / "testbed_arithmetic.yaml"
-RESULT_FILE = RESULTS / "regime_audit.json"
+from dopd_vlm.testbeds import TESTBEDS, Testbed  # noqa: E402
+
 CONFIDENT = 0.5  # the teacher's probability on its own choice for a differing sampled token to count as a mistake
 
 
@@ -54,7 +54,11 @@ def audit_batch(routed) -> dict[str, dict[str, int]]:
     return out
 
 
-def audit(teacher: Path, student: Path, seeds: list[int], batches: int) -> dict:
+def result_path(testbed: Testbed) -> Path:
+    return RESULTS / f"regime_audit_{testbed.name}.json"
+
+
+def audit(testbed: Testbed, teacher: Path, student: Path, seeds: list[int], batches: int, prompts_per_batch: int) -> dict:
     """Counts summed over `batches` batches per seed, per seed."""
     import torch
 
@@ -65,9 +69,8 @@ def audit(teacher: Path, student: Path, seeds: list[int], batches: int) -> dict:
     from dopd_vlm.models import load_model, load_processor
     from dopd_vlm.rollout import sample_responses
 
-    cfg = load_config(CONFIG, [f"model.teacher={teacher}", f"model.student={student}"])
-    prompts_per_batch = cfg.train.prompts_per_step
-    test = load_recipe(cfg.data.recipe, "test", family="qwen3")
+    cfg = load_config(testbed.config, [f"model.teacher={teacher}", f"model.student={student}"])
+    test = load_recipe(cfg.data.recipe, "test", family=testbed.family)
     teacher_model = load_model(teacher, dtype=torch.float32).eval()
     student_model = load_model(student, dtype=torch.float32).eval()
     collator = DualViewCollator.from_config(load_processor(student), load_processor(teacher), data=cfg.data)
@@ -93,11 +96,6 @@ def audit(teacher: Path, student: Path, seeds: list[int], batches: int) -> dict:
 def summarize(per_seed: dict) -> dict[str, dict[str, tuple[float, float]]]:
     """Per regime, mean and spread over seeds of: token share, share of all mistakes it receives,
     mistake rate within it, and the share of its mistakes its target would correct."""
-    import statistics
-
-    def stats(values):
-        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
     out = {}
     for name in next(iter(per_seed.values())):
         shares, of_mistakes, rates, corrected = [], [], [], []
@@ -109,8 +107,8 @@ def summarize(per_seed: dict) -> dict[str, dict[str, tuple[float, float]]]:
             of_mistakes.append(r["mistakes"] / mistakes if mistakes else 0.0)
             rates.append(r["mistakes"] / r["tokens"] if r["tokens"] else 0.0)
             corrected.append(r["mistakes_target_corrects"] / r["mistakes"] if r["mistakes"] else float("nan"))
-        out[name] = {"token_share": stats(shares), "share_of_mistakes": stats(of_mistakes),
-                     "mistake_rate": stats(rates), "target_corrects": stats([c for c in corrected if c == c] or [float("nan")])}
+        out[name] = {"token_share": mean_std(shares), "share_of_mistakes": mean_std(of_mistakes),
+                     "mistake_rate": mean_std(rates), "target_corrects": mean_std(corrected)}
     return out
 
 
@@ -124,48 +122,57 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def update_markdown() -> None:
-    record = json.loads(RESULT_FILE.read_text())
+def update_markdown(testbed: Testbed) -> None:
+    result_file = result_path(testbed)
+    record = json.loads(result_file.read_text())
+    flag = "" if testbed.name == "arithmetic" else f" --testbed {testbed.name}"
     body = [
-        "`python benchmarks/regime_audit.py` on the shipped arithmetic pair (`demo_assets/arithmetic_*`): per "
-        f"student, {record['batches']} batches of 16 test prompts × 2 rollouts (temperature 1) per seed, seeds "
+        f"`python benchmarks/regime_audit.py{flag}` on the shipped pair of the {testbed.title} (`{testbed.config.name}`): per "
+        f"student, {record['batches']} batches of {record.get('prompts_per_batch', 16)} test prompts × 2 rollouts (temperature 1) per seed, seeds "
         f"{', '.join(map(str, record['seeds']))} (mean ± std over seeds), routed per batch as a training step is "
         f"({record['machine']}). A *mistake* is a sampled token whose teacher (given p) prefers another token with "
         f"probability ≥ {CONFIDENT}; for LL/HS the last column says how often the privileged student's top token is "
-        "that teacher token (LH/HT distil from the teacher itself: 100 %). Raw counts: `benchmarks/results/regime_audit.json`.",
+        "that teacher token (LH/HT distil from the teacher itself: 100 %). Raw counts: "
+        f"`benchmarks/results/{result_file.name}`.",
         "",
     ]
     for name, row in record["students"].items():
         body += [f"**Student `{name}`** (`{row['path']}`):", "", format_table(summarize(row["per_seed"])), ""]
-    findings = ROOT / "benchmarks" / "regime_audit_findings.md"
+    findings = ROOT / "benchmarks" / f"regime_audit_{testbed.name}_findings.md"
     if findings.is_file():
         body += [findings.read_text().strip(), ""]
-    write_section(ROOT / "BENCHMARKS.md", SECTION, body)
+    write_section(ROOT / "BENCHMARKS.md", f"Regime audit on the {testbed.title}", body)
 
 
 def main(argv=None) -> int:
-    import yaml
-
-    model = yaml.safe_load(CONFIG.read_text())["model"]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", default=str(ROOT / model["teacher"]))
-    parser.add_argument("--student", default=str(ROOT / model["student"]))
+    parser.add_argument("--testbed", default="arithmetic", choices=sorted(TESTBEDS))
+    parser.add_argument("--teacher", help="default: the testbed's shipped teacher")
+    parser.add_argument("--student", help="default: the testbed's shipped student")
     parser.add_argument("--name", default="initial", help="the student's row name in the results")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batches", type=int, default=8, help="batches per seed")
+    parser.add_argument("--prompts-per-batch", type=int, help="default: the testbed config's train.prompts_per_step")
     parser.add_argument("--update-md", action="store_true", help="only rewrite BENCHMARKS.md from the results")
     args = parser.parse_args(argv)
+    testbed = TESTBEDS[args.testbed]
+    result_file = result_path(testbed)
     if not args.update_md:
-        record = json.loads(RESULT_FILE.read_text()) if RESULT_FILE.is_file() else {"students": {}}
-        if record["students"] and (record["seeds"], record["batches"]) != (args.seeds, args.batches):
-            sys.exit(f"{RESULT_FILE} holds rows of seeds {record['seeds']} x {record['batches']} batches; use those")
-        record.update(seeds=args.seeds, batches=args.batches, machine=machine(), teacher=args.teacher)
-        record["students"][args.name] = {"path": args.student,
-                                         "per_seed": audit(Path(args.teacher), Path(args.student), args.seeds, args.batches)}
+        pair = testbed.shipped_pair()
+        teacher, student = Path(args.teacher or pair["teacher"]), Path(args.student or pair["student"])
+        prompts = args.prompts_per_batch or testbed.settings.train.prompts_per_step
+        record = json.loads(result_file.read_text()) if result_file.is_file() else {"students": {}}
+        stored = (record.get("seeds"), record.get("batches"), record.get("prompts_per_batch", 16))
+        if record["students"] and stored != (args.seeds, args.batches, prompts):
+            sys.exit(f"{result_file} holds rows of seeds {stored[0]} x {stored[1]} batches of {stored[2]} prompts; use those")
+        record.update(seeds=args.seeds, batches=args.batches, prompts_per_batch=prompts, machine=machine(),
+                      teacher=str(teacher))
+        record["students"][args.name] = {"path": str(student),
+                                         "per_seed": audit(testbed, teacher, student, args.seeds, args.batches, prompts)}
         RESULTS.mkdir(parents=True, exist_ok=True)
-        RESULT_FILE.write_text(json.dumps(record, indent=2) + "\n")
+        result_file.write_text(json.dumps(record, indent=2) + "\n")
         print(format_table(summarize(record["students"][args.name]["per_seed"])))
-    update_markdown()
+    update_markdown(testbed)
     return 0
 
 

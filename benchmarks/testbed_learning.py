@@ -1,21 +1,23 @@
-"""Learning benchmark on the arithmetic-chains testbed: DOPD (live and initial privileged target),
+"""Learning benchmark on the reasoning testbeds: DOPD (live and initial privileged target),
 vanilla OPD, SFT, OPSD, GKD and the token ablation of vanilla OPD (the paper's Fig. 4), over
 several seeds, on the test split and out of distribution (longer chains).
 
-    python benchmarks/testbed_learning.py                              # the shipped warmed-up pair
+    python benchmarks/testbed_learning.py                              # arithmetic, the shipped pair
+    python benchmarks/testbed_learning.py --testbed cells              # the vision testbed
     python benchmarks/testbed_learning.py --rebuild                    # warm a pair up with today's code
     python benchmarks/testbed_learning.py --seeds 0 1 2 --steps 100 --teacher T --student S
     python benchmarks/testbed_learning.py --update-md                  # BENCHMARKS.md from results
 
-The testbed (data_recipes/arithmetic_chains.yaml, configs/testbed_arithmetic.yaml): mod-10
-chains written in steps of two operations, p = the first step's value (never the final answer),
-tiny Qwen3 teacher and student of the same size that differ only by their supervised warm-up on
-the reference chains (`dopd_vlm.warmup`, `warmup_configs()`): 3000 steps for the teacher, 1250
-for the student, both shown p half of the time. By default the pair shipped in
-demo_assets/arithmetic_* (the one every recorded setting used); `--rebuild` warms one up with
-today's code, `--teacher/--student` use given checkpoints (recorded in the results). Every
-method sees the same checkpoints, data and p; the seed changes the trainer's data order and
-rollouts.
+The testbeds (`TESTBEDS`), each a config naming its recipe, prompt template and shipped pair:
+- `arithmetic` (configs/testbed_arithmetic.yaml, text, tiny Qwen3): mod-10 chains written in
+  steps of two operations, p = the first step's value (never the final answer);
+- `cells` (configs/testbed_cells.yaml, vision, tiny Qwen2-VL): the same chains with the operands
+  as coloured cells in the image, p = the cells' digits (what the image shows, nothing computed).
+Teacher and student are of the same size and differ only by their supervised warm-up on the
+reference chains (`dopd_vlm.warmup`, `Testbed.warmups`). By default the pair shipped in
+demo_assets/ (the one every recorded setting used); `--rebuild` warms one up with today's code,
+`--teacher/--student` use given checkpoints (recorded in the results). Every method sees the
+same checkpoints, data and p; the seed changes the trainer's data order and rollouts.
 
 Measured once (greedy, so the same for every run): the preconditions -- student accuracy plain
 and with p, teacher plain and with p, both plain out of distribution, the student's greedy
@@ -23,10 +25,10 @@ response length. Per run: final test and OOD accuracy (the OOD one of the export
 student), the gap recovered (final - student) / (teacher - student) against the plain-view
 teacher, the run's step-0 student accuracies (a check that every run starts from the same
 student), HT / HS shares, entropy and KL to the teacher (means, and per step for the plot) and
-rollout response length. Raw per-run rows go to benchmarks/results/testbed_arithmetic_<setting>.json
+rollout response length. Raw per-run rows go to benchmarks/results/testbed_<testbed>_<setting>.json
 after every run, so an interrupted benchmark keeps what it measured, and a rerun of a setting only
 adds the (method, seed) runs it lacks; the plot goes next to it (.png). `--update-md` rewrites
-the section SECTION of BENCHMARKS.md (and nothing else) from every stored setting.
+the testbed's section of BENCHMARKS.md (and nothing else) from every stored setting.
 """
 
 from __future__ import annotations
@@ -44,14 +46,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, ROOT, machine, write_section  # noqa: E402
+from _common import RESULTS, ROOT, machine, mean_std, write_section  # noqa: E402
 
-SECTION = "Learning on the arithmetic testbed"
-CONFIG = ROOT / "configs" / "testbed_arithmetic.yaml"
-RECIPE = "arithmetic_chains"
-FAMILY = "qwen3"
-TEMPLATE = "Hint: {privileged}\n{question}"
-MAX_NEW_TOKENS = 40  # as configs/testbed_arithmetic.yaml; the longest reference (8 operations) is 35 tokens
+from dopd_vlm.demo import gap_recovered  # noqa: E402
+from dopd_vlm.testbeds import TESTBEDS, Testbed  # noqa: E402
+from dopd_vlm.tiny import exclusive_lock  # noqa: E402
+
 METHODS = {
     "dopd_live": ["method.name=dopd", "method.privileged_target=live"],
     "dopd_initial": ["method.name=dopd", "method.privileged_target=initial"],
@@ -71,133 +71,113 @@ MIN_GAP = 0.05  # the smallest teacher-student gap a gap recovered is reported f
 SERIES = ("share/HT", "share/HS", "entropy", "kl_to_teacher")  # per-step diagnostics kept and plotted
 
 
-def testbed_sizes():
-    from dopd_vlm.tiny import TinySize
-
-    # head_dim 32 (64 / 2 heads), the size vLLM's CPU backend accepts; one size for both models:
-    # the capability gap comes from the warm-ups alone.
-    size = TinySize(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=256)
-    return size, size
+def findings_file(testbed: Testbed) -> Path:
+    return ROOT / "benchmarks" / f"testbed_{testbed.name}_findings.md"
 
 
-def warmup_configs():
-    from dopd_vlm.warmup import WarmupConfig
-
-    common = dict(batch_size=64, lr=3e-3, privileged_prob=0.5, warmup_steps=50, min_lr_ratio=1.0, seed=0)
-    return WarmupConfig(steps=3000, **common), WarmupConfig(steps=1250, **common)
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def result_path(testbed: Testbed, setting: str) -> Path:
+    return RESULTS / f"testbed_{testbed.name}_{setting}.json"
 
 
 # -- the warmed pair --------------------------------------------------------------------------
 
 
-def shipped_pair() -> dict[str, Path]:
-    """The warmed-up pair the config names (demo_assets/arithmetic_*: the benchmark's recorded pair)."""
-    import yaml
-
-    model = yaml.safe_load(CONFIG.read_text())["model"]
-    return {role: ROOT / model[role] for role in ("teacher", "student")}
-
-
-def prepare_pair(cache: Path) -> dict[str, Path]:
+def prepare_pair(testbed: Testbed, cache: Path) -> dict[str, Path]:
     """The warmed-up teacher and student, from `cache` if a previous call built the same spec."""
     import torch
 
     from dopd_vlm.tiny import make_tiny_pair
 
-    teacher_size, student_size = testbed_sizes()
-    teacher_cfg, student_cfg = warmup_configs()
-    spec = {"recipe": RECIPE, "template": TEMPLATE, "teacher_size": asdict(teacher_size),
+    teacher_size, student_size = testbed.sizes()
+    teacher_cfg, student_cfg = testbed.warmups()
+    spec = {"recipe": testbed.recipe, "template": testbed.template, "teacher_size": asdict(teacher_size),
             "student_size": asdict(student_size), "teacher_warmup": asdict(teacher_cfg),
             "student_warmup": asdict(student_cfg), "torch": torch.__version__}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache / key
     targets = {"teacher": folder / "teacher", "student": folder / "student"}
-    base = make_tiny_pair(FAMILY, folder / "init", teacher=teacher_size, student=student_size)
+    # Both warm up from the same initial weights (the pair's teacher): they differ by their warm-ups alone.
+    init = make_tiny_pair(testbed.family, folder / "init", teacher=teacher_size, student=student_size)["teacher"]
     for role, cfg in (("teacher", teacher_cfg), ("student", student_cfg)):
         if not (targets[role] / "manifest.json").is_file():
             print(f"warming up the {role}: {cfg.steps} steps of {cfg.batch_size} (cached in {targets[role]})", flush=True)
-            warm_and_save(base[role], targets[role], cfg, spec)
+            warm_and_save(testbed, init, targets[role], cfg, spec)
     return targets
 
 
-def warm_and_save(base: Path, target: Path, cfg, spec: dict) -> None:
+def warm_and_save(testbed: Testbed, base: Path, target: Path, cfg, spec: dict) -> None:
     import torch
 
-    from dopd_vlm.collate import DualViewCollator
     from dopd_vlm.data import load_recipe
-    from dopd_vlm.models import load_model, load_processor
     from dopd_vlm.warmup import warm_up
 
-    processor = load_processor(base)
-    model = load_model(base, dtype=torch.float32)
-    collator = DualViewCollator(processor, privileged_template=TEMPLATE, max_privileged_tokens=0)
+    model, collator = load_checkpoint(testbed, base, train=True)
     torch.set_num_threads(1)  # float reductions depend on the thread count
     started = time.perf_counter()
-    losses = warm_up(model, collator, load_recipe(RECIPE, "train", family=FAMILY), cfg, progress=False)
+    losses = warm_up(model, collator, load_recipe(testbed.recipe, "train", family=testbed.family), cfg, progress=False)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
+    collator.processor.save_pretrained(tmp)
     manifest = {"spec": spec, "warmup_seconds": round(time.perf_counter() - started), "final_loss": losses[-1]}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, target)
 
 
-def greedy_accuracy(checkpoint: Path, split: str, eval_samples: int, privileged: bool = False) -> float:
-    """Greedy accuracy of a checkpoint on a split, as the trainer's evaluation computes it."""
+def load_checkpoint(testbed: Testbed, checkpoint: Path, train: bool = False):
+    """(model, collator) of a checkpoint, prompted as the testbed's config prompts it."""
     import torch
 
     from dopd_vlm.collate import DualViewCollator
-    from dopd_vlm.data import load_recipe
-    from dopd_vlm.evaluate import evaluate_accuracy
     from dopd_vlm.models import load_model, load_processor
 
-    samples = load_recipe(RECIPE, split, family=FAMILY, limit=eval_samples or None)
-    model = load_model(checkpoint, dtype=torch.float32).eval()
-    collator = DualViewCollator(load_processor(checkpoint), privileged_template=TEMPLATE, max_privileged_tokens=0)
-    return evaluate_accuracy(model, collator, samples, max_new_tokens=MAX_NEW_TOKENS, batch_size=100,
+    model = load_model(checkpoint, dtype=torch.float32)
+    collator = DualViewCollator(load_processor(checkpoint), privileged_template=testbed.template, max_privileged_tokens=0)
+    return (model if train else model.eval()), collator
+
+
+def greedy_accuracy(testbed: Testbed, loaded, split: str, eval_samples: int, privileged: bool = False) -> float:
+    """Greedy accuracy of a loaded (model, collator) on a split, as the trainer's evaluation computes it."""
+    from dopd_vlm.data import load_recipe
+    from dopd_vlm.evaluate import evaluate_accuracy
+
+    model, collator = loaded
+    samples = load_recipe(testbed.recipe, split, family=testbed.family, limit=eval_samples or None)
+    return evaluate_accuracy(model, collator, samples, max_new_tokens=testbed.max_new_tokens, batch_size=100,
                              privileged=privileged, extractor=samples.answer_extractor).accuracy
 
 
-def preconditions(pair: dict[str, Path], eval_samples: int) -> dict[str, float]:
+def preconditions(testbed: Testbed, pair: dict[str, Path], eval_samples: int) -> dict[str, float]:
     """Greedy accuracy of both models on the test split plain and with p and on the
     out-of-distribution split plain, and the student's response length."""
-    import torch
-
-    from dopd_vlm.collate import DualViewCollator
     from dopd_vlm.config import RolloutConfig
     from dopd_vlm.data import load_recipe
-    from dopd_vlm.models import load_model, load_processor
     from dopd_vlm.rollout import sample_responses
 
-    test = load_recipe(RECIPE, "test", family=FAMILY, limit=eval_samples or None)
+    test = load_recipe(testbed.recipe, "test", family=testbed.family, limit=eval_samples or None)
     out: dict[str, float] = {}
     for role, path in pair.items():
+        loaded = load_checkpoint(testbed, path)
         for view, privileged in (("plain", False), ("with_p", True)):
-            out[f"{role}/{view}"] = greedy_accuracy(path, "test", eval_samples, privileged)
-        out[f"{role}/ood"] = greedy_accuracy(path, "ood", eval_samples)
+            out[f"{role}/{view}"] = greedy_accuracy(testbed, loaded, "test", eval_samples, privileged)
+        out[f"{role}/ood"] = greedy_accuracy(testbed, loaded, "ood", eval_samples)
         if role == "student":
-            model = load_model(path, dtype=torch.float32).eval()
-            collator = DualViewCollator(load_processor(path), privileged_template=TEMPLATE, max_privileged_tokens=0)
+            model, collator = loaded
             _, mask = sample_responses(model, collator, list(test),
-                                       RolloutConfig(num_rollouts=1, max_new_tokens=MAX_NEW_TOKENS), greedy=True)
+                                       RolloutConfig(num_rollouts=1, max_new_tokens=testbed.max_new_tokens), greedy=True)
             out["student/response_tokens"] = float(mask.sum(1).float().mean())
-    out["reference_tokens"] = statistics.fmean(
-        len(collator.tokenizer(s.reference)["input_ids"]) + 1 for s in test)
+    tokenizer = loaded[1].tokenizer  # the pair shares one tokenizer
+    out["reference_tokens"] = statistics.fmean(len(tokenizer(s.reference)["input_ids"]) + 1 for s in test)
     return out
 
 
 # -- runs ---------------------------------------------------------------------------------------
 
 
-def run_one(method: str, seed: int, args, pair: dict[str, Path], recipe: Path, out: Path) -> dict:
+def run_one(testbed: Testbed, method: str, seed: int, args, pair: dict[str, Path], recipe: Path, out: Path) -> dict:
     """One `dopd-vlm train` run; its summary from metrics.jsonl."""
     run_dir = out / f"seed{seed}" / method
     command = [
-        sys.executable, "-m", "dopd_vlm", "train", "--config", str(CONFIG),
+        sys.executable, "-m", "dopd_vlm", "train", "--config", str(testbed.config),
         f"model.teacher={pair['teacher']}", f"model.student={pair['student']}", f"data.recipe={recipe}",
         f"data.max_eval_samples={args.eval_samples}", f"train.steps={args.steps}", f"train.seed={seed}",
         f"train.output_dir={run_dir}", *METHODS[method], *args.overrides,
@@ -209,14 +189,17 @@ def run_one(method: str, seed: int, args, pair: dict[str, Path], recipe: Path, o
     row = {"method": method, "seed": seed, "rc": code, "seconds": round(time.perf_counter() - started),
            "command": " ".join(command[1:])}
     if code == 0:
-        row.update(summarize_run(run_dir, args.eval_samples))
+        row.update(summarize_run(testbed, run_dir, args.eval_samples))
     return row
 
 
-def summarize_run(run_dir: Path, eval_samples: int) -> dict:
-    """`summarize_metrics` of the run's metrics.jsonl, and its final student's OOD accuracy."""
+def summarize_run(testbed: Testbed, run_dir: Path, eval_samples: int, final_ood: float | None = None) -> dict:
+    """`summarize_metrics` of the run's metrics.jsonl, and its final student's OOD accuracy
+    (measured unless given)."""
     summary = summarize_metrics([json.loads(line) for line in open(run_dir / "metrics.jsonl")])
-    summary["final_ood"] = greedy_accuracy(run_dir / "final", "ood", eval_samples)
+    if final_ood is None:
+        final_ood = greedy_accuracy(testbed, load_checkpoint(testbed, run_dir / "final"), "ood", eval_samples)
+    summary["final_ood"] = final_ood
     return summary
 
 
@@ -236,14 +219,14 @@ def summarize_metrics(rows: list[dict]) -> dict:
     return summary
 
 
-def write_recipe(out: Path, train_rows: int) -> Path:
+def write_recipe(testbed: Testbed, out: Path, train_rows: int) -> Path:
     """The built-in recipe with `train_rows` training rows (rows are a function of their index,
     so these are the first rows of the warm-ups' split)."""
     import yaml
 
     from dopd_vlm.data.recipes import RECIPES_DIR
 
-    recipe = yaml.safe_load((RECIPES_DIR / f"{RECIPE}.yaml").read_text())
+    recipe = yaml.safe_load((RECIPES_DIR / f"{testbed.recipe}.yaml").read_text())
     recipe["splits"] = {**recipe["splits"], "train": train_rows}
     path = out / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -251,10 +234,6 @@ def write_recipe(out: Path, train_rows: int) -> Path:
 
 
 # -- aggregation ---------------------------------------------------------------------------------
-
-
-def gap_recovered(final: float, student: float, teacher: float) -> float:
-    return (final - student) / (teacher - student)
 
 
 def aggregate(rows: list[dict], pre: dict[str, float]) -> dict[str, dict]:
@@ -303,8 +282,8 @@ def format_table(agg: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def format_preconditions(pre: dict[str, float]) -> str:
-    ood = (f"; out of distribution (7-8 operations, plain): student {pre['student/ood']:.3f}, teacher "
+def format_preconditions(pre: dict[str, float], ood_split: str) -> str:
+    ood = (f"; out of distribution ({ood_split}, plain): student {pre['student/ood']:.3f}, teacher "
            f"{pre['teacher/ood']:.3f}") if "student/ood" in pre else ""
     return (f"student {pre['student/plain']:.3f} plain / {pre['student/with_p']:.3f} with p; "
             f"teacher {pre['teacher/plain']:.3f} plain / {pre['teacher/with_p']:.3f} with p{ood}; "
@@ -314,6 +293,7 @@ def format_preconditions(pre: dict[str, float]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--testbed", default="arithmetic", choices=sorted(TESTBEDS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=sorted(METHODS))
@@ -323,47 +303,48 @@ def main(argv=None) -> int:
     parser.add_argument("--student", default="", help="a warmed student instead of the shipped one")
     parser.add_argument("--rebuild", action="store_true",
                         help="warm a pair up with today's code (cached under --cache; ~35 CPU-minutes) instead")
-    parser.add_argument("--cache", default=str(ROOT / ".cache" / "testbed_arithmetic"))
-    parser.add_argument("--out", default=str(ROOT / "runs" / "testbed_arithmetic"))
+    parser.add_argument("--cache", help="warm-up cache (default .cache/testbed_<testbed>)")
+    parser.add_argument("--out", help="run folders (default runs/testbed_<testbed>)")
     parser.add_argument("--setting", default="default", help="name of this setting in the results")
     parser.add_argument("--update-md", action="store_true", help="only rewrite BENCHMARKS.md from stored results")
     parser.add_argument("--resummarize", action="store_true",
                         help="only re-read the setting's finished runs under --out into its results file")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
     args = parser.parse_args(argv)
+    testbed = TESTBEDS[args.testbed]
+    runs = Path(args.out or ROOT / "runs" / f"testbed_{testbed.name}")
     if args.update_md:
-        update_markdown(ROOT / "BENCHMARKS.md")
+        update_markdown(testbed, ROOT / "BENCHMARKS.md")
         return 0
     if args.resummarize:
-        resummarize(RESULTS / f"testbed_arithmetic_{args.setting}.json", Path(args.out) / args.setting, args.eval_samples)
+        resummarize(testbed, result_path(testbed, args.setting), runs / args.setting, args.eval_samples)
         return 0
     if bool(args.teacher) != bool(args.student):
         parser.error("--teacher and --student go together")
     if args.teacher:
         pair = {"teacher": Path(args.teacher), "student": Path(args.student)}
     else:
-        pair = prepare_pair(Path(args.cache)) if args.rebuild else shipped_pair()
-    out = Path(args.out) / args.setting
+        cache = Path(args.cache or ROOT / ".cache" / f"testbed_{testbed.name}")
+        pair = prepare_pair(testbed, cache) if args.rebuild else testbed.shipped_pair()
+    out = runs / args.setting
     out.mkdir(parents=True, exist_ok=True)
-    recipe = write_recipe(out, args.train_rows)
-    result_file = RESULTS / f"testbed_arithmetic_{args.setting}.json"
-    record = start_record(result_file, args, pair)
-    print("preconditions:", format_preconditions(record["preconditions"]), flush=True)
+    recipe = write_recipe(testbed, out, args.train_rows)
+    result_file = result_path(testbed, args.setting)
+    record = start_record(testbed, result_file, args, pair)
+    print("preconditions:", format_preconditions(record["preconditions"], testbed.ood), flush=True)
     done = {(r["method"], r["seed"]) for r in record["runs"] if r["rc"] == 0}
     for seed in args.seeds:
         for method in args.methods:
             if (method, seed) in done:  # a setting grows by the methods or seeds it lacks
                 continue
-            row = run_one(method, seed, args, pair, recipe, out)
-            record["runs"] = [r for r in record["runs"] if (r["method"], r["seed"]) != (method, seed)] + [row]
-            record["minutes"] = round(record.get("minutes", 0) + row["seconds"] / 60, 1)
-            save_record(result_file, record)
+            row = run_one(testbed, method, seed, args, pair, recipe, out)
+            add_run(result_file, record, row)
             print(f"seed {seed} {method}: rc {row['rc']}, {row['seconds']} s, final {row.get('final_test')}", flush=True)
     print(record["table"])
     return 0
 
 
-def start_record(result_file: Path, args, pair: dict[str, Path]) -> dict:
+def start_record(testbed: Testbed, result_file: Path, args, pair: dict[str, Path]) -> dict:
     """The setting's stored record, to be extended with the same models, steps and overrides, or a new one."""
     models = {k: str(v) for k, v in pair.items()}
     if result_file.is_file():
@@ -375,9 +356,22 @@ def start_record(result_file: Path, args, pair: dict[str, Path]) -> dict:
         record["seeds"] = sorted(set(record["seeds"]) | set(args.seeds))
         record["commands"] = [*record.get("commands", [record["command"]]), " ".join(["python", *sys.argv])]
         return record
-    return {"setting": args.setting, "command": " ".join(["python", *sys.argv]), "machine": machine(),
+    return {"testbed": testbed.name, "setting": args.setting, "command": " ".join(["python", *sys.argv]), "machine": machine(),
             "seeds": args.seeds, "steps": args.steps, "overrides": args.overrides, "models": models,
-            "preconditions": preconditions(pair, args.eval_samples), "runs": []}
+            "preconditions": preconditions(testbed, pair, args.eval_samples), "runs": []}
+
+
+def add_run(result_file: Path, record: dict, row: dict) -> None:
+    """Store one finished run in the setting's file, with the runs other processes stored there
+    meanwhile (one setting may run as several processes, e.g. one per seed)."""
+    with exclusive_lock(result_file.with_suffix(".lock")):
+        if result_file.is_file():
+            stored = json.loads(result_file.read_text())
+            commands = [*stored.get("commands", [stored["command"]]), *record.get("commands", [record["command"]])]
+            record.update(runs=stored["runs"], minutes=stored.get("minutes", 0), commands=list(dict.fromkeys(commands)))
+        record["runs"] = [r for r in record["runs"] if (r["method"], r["seed"]) != (row["method"], row["seed"])] + [row]
+        record["minutes"] = round(record.get("minutes", 0) + row["seconds"] / 60, 1)
+        save_record(result_file, record)
 
 
 def save_record(result_file: Path, record: dict) -> None:
@@ -388,17 +382,18 @@ def save_record(result_file: Path, record: dict) -> None:
     plot_record(record, result_file.with_suffix(".png"))
 
 
-def resummarize(result_file: Path, out: Path, eval_samples: int) -> None:
+def resummarize(testbed: Testbed, result_file: Path, out: Path, eval_samples: int) -> None:
     """Summaries of the stored runs again from their run folders (after the summary grew), and
-    the preconditions the summary now needs (the models' OOD accuracy)."""
+    what the summary now needs that was not measured yet (the models' and runs' OOD accuracy)."""
     record = json.loads(result_file.read_text())
     pre = record["preconditions"]
     for role, path in record["models"].items():
         if f"{role}/ood" not in pre:
-            pre[f"{role}/ood"] = greedy_accuracy(Path(path), "ood", eval_samples)
+            pre[f"{role}/ood"] = greedy_accuracy(testbed, load_checkpoint(testbed, Path(path)), "ood", eval_samples)
     for row in record["runs"]:
         if row["rc"] == 0:
-            row.update(summarize_run(out / f"seed{row['seed']}" / row["method"], eval_samples))
+            run_dir = out / f"seed{row['seed']}" / row["method"]
+            row.update(summarize_run(testbed, run_dir, eval_samples, final_ood=row.get("final_ood")))
     save_record(result_file, record)
 
 
@@ -431,29 +426,28 @@ def plot_record(record: dict, path: Path) -> None:
             ax.set_yscale("log")
     handles = [plt.Line2D([], [], color=colors[m], label=m) for m in methods]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(methods), 6), fontsize=7, frameon=False)
-    fig.suptitle(f"arithmetic testbed, setting {record['setting']} (seeds {record['seeds']}): mean, band = "
+    fig.suptitle(f"{TESTBEDS[record.get('testbed', 'arithmetic')].title}, setting {record['setting']} (seeds {record['seeds']}): mean, band = "
                  "lowest to highest seed", fontsize=9)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def update_markdown(path: Path) -> None:
-    """Rewrite (or append) only this benchmark's section, from every stored setting."""
+def update_markdown(testbed: Testbed, path: Path) -> None:
+    """Rewrite (or append) only this testbed's section, from every stored setting."""
     body = []
-    findings = ROOT / "benchmarks" / "testbed_learning_findings.md"
-    for file in sorted(RESULTS.glob("testbed_arithmetic_*.json")):
+    for file in sorted(RESULTS.glob(f"testbed_{testbed.name}_*.json")):
         record = json.loads(file.read_text())
         commands = " then ".join(f"`{c}`" for c in record.get("commands", [record["command"]]))
         body += [f"### Setting `{record['setting']}`", "",
                  f"{commands} ({record.get('minutes', '?')} min of runs on {record['machine']}); seeds "
                  f"{', '.join(map(str, record['seeds']))}, {record['steps']} steps per run. Preconditions: "
-                 f"{format_preconditions(record['preconditions'])}.", "",
+                 f"{format_preconditions(record['preconditions'], testbed.ood)}.", "",
                  format_table(aggregate(record["runs"], record["preconditions"])), "",
                  f"![per-step diagnostics, setting {record['setting']}](benchmarks/results/{file.with_suffix('.png').name})", ""]
-    if findings.is_file():
-        body += [findings.read_text().strip(), ""]
-    write_section(path, SECTION, body)
+    if findings_file(testbed).is_file():
+        body += [findings_file(testbed).read_text().strip(), ""]
+    write_section(path, testbed.section, body)
 
 
 if __name__ == "__main__":

@@ -229,22 +229,24 @@ def _train(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 DEMO_DESCRIPTION = """\
-Distil a tiny warmed-up Qwen2-VL teacher into a tiny student on synthetic scenes, with DOPD and
-the baselines, and report what each method achieved.
+Distil a tiny warmed-up teacher into a tiny student on a built-in testbed, with DOPD and the
+baselines, and report what each method achieved.
 
-1. Builds the tiny teacher/student pair and the synthetic-scenes data (privileged text p: one
-   labelled bounding box per object).
-2. Loads the warmed-up teacher shipped in demo_assets/ (or rebuilds it: --rebuild-teacher,
-   ~30 CPU-minutes, deterministic) and warms up the student briefly (cached in --cache).
-3. Runs `dopd-vlm train --config configs/demo.yaml` once per method, same student, seed, steps
-   and batches, evaluating on the test and out-of-distribution splits.
-4. Prints the table (accuracy, share of the teacher-student gap recovered, wall time) and
+1. The testbed (--testbed): `arithmetic` (default; text, tiny Qwen3: mod-10 chains written in
+   steps, p = the first step's value) or `cells` (vision, tiny Qwen2-VL: the operands are
+   coloured cells in the image, p = their digits) use the warmed-up pair they ship in
+   demo_assets/ (configs/testbed_<name>.yaml); `scenes` (synthetic scenes, tiny Qwen2-VL, p = the
+   labelled boxes) loads its shipped teacher (or rebuilds it: --rebuild-teacher, ~30
+   CPU-minutes, deterministic) and warms up a student briefly (cached in --cache).
+2. Runs `dopd-vlm train --config <the testbed's config>` once per method, same student, seed,
+   steps and batches, evaluating on the test and out-of-distribution splits.
+3. Prints the table (accuracy, share of the teacher-student gap recovered, wall time) and
    writes OUT/results.md, OUT/results.json, OUT/accuracy.png and OUT/regimes.png.
 """
 
 
 def _add_demo(subparsers) -> None:
-    from dopd_vlm.demo import DEFAULT_METHODS, METHODS, DemoOptions
+    from dopd_vlm.demo import DEFAULT_METHODS, DEMO_TESTBEDS, METHODS, DemoOptions
 
     defaults = DemoOptions()
     parser = subparsers.add_parser(
@@ -256,10 +258,12 @@ def _add_demo(subparsers) -> None:
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--out", default=str(defaults.out), metavar="DIR", help="output folder (default: %(default)s)")
+    parser.add_argument("--testbed", choices=DEMO_TESTBEDS, default=defaults.testbed,
+                        help="testbed to distil on (default: %(default)s)")
     parser.add_argument("--cache", default=str(defaults.cache), metavar="DIR",
-                        help="cache of warmed-up checkpoints (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=defaults.steps, metavar="N",
-                        help="distillation steps per method (default: %(default)s)")
+                        help="cache of warmed-up checkpoints, --testbed scenes (default: %(default)s)")
+    parser.add_argument("--steps", type=int, metavar="N",
+                        help="distillation steps per method (default: the testbed config's train.steps)")
     parser.add_argument("--seed", type=int, default=defaults.seed, metavar="N", help="trainer seed (default: %(default)s)")
     parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=list(DEFAULT_METHODS), metavar="NAME",
                         help=f"methods to run, of {', '.join(METHODS)} (default: all)")
@@ -270,7 +274,7 @@ def _add_demo(subparsers) -> None:
     parser.add_argument("--eval-samples", type=int, default=defaults.eval_samples, metavar="N",
                         help="samples per eval split, 0 = all (default: %(default)s)")
     parser.add_argument("--rebuild-teacher", action="store_true",
-                        help="rerun the teacher warm-up and rewrite demo_assets/ (~30 CPU-minutes)")
+                        help="--testbed scenes: rerun the teacher warm-up and rewrite demo_assets/ (~30 CPU-minutes)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides for every run, e.g. optim.lr=5e-4 (after -- when --methods is last)")
     parser.set_defaults(run=run_demo)
@@ -281,21 +285,27 @@ def run_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from dopd_vlm.demo import DemoOptions, run_demo as demo
+    from dopd_vlm.demo import DemoOptions
 
-    if args.steps < 1 or args.jobs < 0 or args.eval_every < 0 or args.eval_samples < 0:
+    if (args.steps is not None and args.steps < 1) or args.jobs < 0 or args.eval_every < 0 or args.eval_samples < 0:
         print("dopd-vlm demo: error: --steps must be >= 1; --jobs, --eval-every, --eval-samples >= 0", file=sys.stderr)
         return 2
     options = DemoOptions(
-        out=Path(args.out), cache=Path(args.cache), steps=args.steps, seed=args.seed, methods=tuple(args.methods),
+        out=Path(args.out), testbed=args.testbed, cache=Path(args.cache), steps=args.steps, seed=args.seed,
+        methods=tuple(args.methods),
         jobs=args.jobs, eval_every=args.eval_every, eval_samples=args.eval_samples,
         rebuild_teacher=args.rebuild_teacher, overrides=tuple(args.overrides),
     )
+    return one_line_input_errors("demo", lambda: _demo(options))
+
+
+def _demo(options) -> int:
+    from dopd_vlm.demo import run_demo
+
     try:
-        demo(options)
-    except RuntimeError as err:
-        print(f"dopd-vlm demo: error: {err}", file=sys.stderr)
-        return 1
+        run_demo(options)
+    except RuntimeError as err:  # a training run failed: its log's tail is in the message
+        return report_failure("demo", err, 1)
     return 0
 
 

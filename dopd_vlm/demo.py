@@ -1,26 +1,29 @@
 """`dopd-vlm demo`: distil a tiny warmed-up teacher into a tiny student and compare methods.
 
-Steps (each cached, so a second run goes straight to step 3):
+Steps (each cached, so a second run goes straight to step 2):
 
-1. **Models and data.** `make_tiny_pair` builds a random-init Qwen2-VL teacher (hidden 96,
-   3 layers, ~0.5 M parameters) and student (hidden 64, 2 layers, ~0.22 M), sharing one
-   tokenizer; the `synthetic_scenes` recipe gives 112x112 scenes of coloured shapes, one
-   question each, with the labelled bounding boxes as privileged text p.
-2. **Warm-ups** (`dopd_vlm.warmup`). The teacher is trained for long on the train split, with p
-   shown half of the time, so it is good both with and without p (test accuracy 0.43 from the
-   image alone, 0.51 with p). That takes ~30 CPU-minutes, so the result ships in the repo
-   (`demo_assets/qwen2_vl_teacher`, 2 MB); `--rebuild-teacher` reruns the same deterministic
-   warm-up and rewrites it. The student gets 80 steps (~30 s, cached): it knows the answer
-   format but not yet the answers (0.175). Stopping it there is deliberate: image-only skill
-   takes these tiny models tens of CPU-minutes, so a student that already knew the per-question
-   answer priors could not be moved by any method within the demo (BENCHMARKS.md, learning).
-3. **Distillation.** Every method runs `dopd-vlm train --config configs/demo.yaml` (the real
-   trainer, DeepSpeed, one process each) from the same student with the same seed, steps and
-   batches; `--jobs` runs go side by side, one CPU thread each.
-4. **Report.** Accuracy (greedy, exact match) on the test and out-of-distribution splits for
-   the teacher, the initial student and every method; the share of the teacher-student gap each
-   method recovered; wall time. Written as `results.md` / `results.json`, and two plots:
-   `accuracy.png` (accuracy over steps) and `regimes.png` (DOPD's router shares over steps).
+1. **Testbed, models and data** (`--testbed`, `DEMO_TESTBEDS`).
+   - `arithmetic` (the default) and `cells`, the reasoning testbeds of `dopd_vlm.testbeds`: the
+     config `configs/testbed_<name>.yaml` names the recipe (mod-10 chains written in steps; p =
+     the first step's value, or the digits of the image's cells) and the warmed-up pair it
+     ships in demo_assets/ (their manifests say how they were built and what they score), so
+     nothing is trained before distillation.
+   - `scenes`: `make_tiny_pair` builds a random-init Qwen2-VL teacher (hidden 96, 3 layers,
+     ~0.5 M parameters) and student (hidden 64, 2 layers, ~0.22 M), sharing one tokenizer; the
+     `synthetic_scenes` recipe gives 112x112 scenes of coloured shapes, one question each, with
+     the labelled bounding boxes as p. The teacher was trained for long with p shown half of
+     the time (`dopd_vlm.warmup`; test accuracy 0.43 from the image alone, 0.51 with p); that
+     takes ~30 CPU-minutes, so it ships (`demo_assets/qwen2_vl_teacher`, 2 MB) and
+     `--rebuild-teacher` reruns the same deterministic warm-up. The student gets 80 steps
+     (~30 s, cached): it knows the answer format but not yet the answers (0.175).
+2. **Distillation.** Every method runs `dopd-vlm train --config <the testbed's config>` (the
+   real trainer, DeepSpeed, one process each) from the same student with the same seed, steps
+   and batches; `--jobs` runs go side by side.
+3. **Report.** Accuracy (greedy; the answer taken out of the response by the recipe's
+   extractor) on the test and out-of-distribution splits for the teacher, the initial student
+   and every method; the share of the teacher-student gap each method recovered; wall time.
+   Written as `results.md` / `results.json`, and two plots: `accuracy.png` (accuracy over
+   steps) and `regimes.png` (DOPD's router shares over steps).
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from dopd_vlm.errors import InputError
+from dopd_vlm.testbeds import TESTBEDS
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 ASSETS_DIR = REPO / "demo_assets"
@@ -52,7 +58,13 @@ FAMILY = "qwen2_vl"
 RECIPE = "synthetic_scenes"
 PAIR_SEED = 0
 
-# What each demo method runs: `dopd-vlm train --config configs/demo.yaml` plus these overrides.
+# --testbed: the synthetic scenes, whose pair this module warms up, or a reasoning testbed of
+# dopd_vlm.testbeds, whose config names the pair it ships.
+SCENES = "scenes"
+DEMO_TESTBEDS = (SCENES, *TESTBEDS)
+DEFAULT_TESTBED = "arithmetic"
+
+# What each demo method runs: `dopd-vlm train --config <the testbed's config>` plus these overrides.
 METHODS: dict[str, list[str]] = {
     "dopd": ["method.name=dopd"],
     "vanilla_opd": ["method.name=vanilla_opd", "method.opd_divergence=topk"],
@@ -83,15 +95,17 @@ class DemoOptions:
 
     Attributes:
         out: Output folder (runs, results, plots).
-        cache: Cache of the tiny pair and the warmed-up checkpoints.
-        steps: Distillation steps per method.
+        testbed: One of DEMO_TESTBEDS: `scenes` (configs/demo.yaml, its pair warmed up here) or a
+            reasoning testbed (configs/testbed_<name>.yaml and the pair it ships).
+        cache: Cache of the tiny pair and the warmed-up checkpoints (scenes).
+        steps: Distillation steps per method (None: the testbed config's train.steps).
         seed: Trainer seed (data order, rollouts) shared by all methods.
         methods: Names from METHODS.
         jobs: Training runs side by side (each uses `threads_per_job` threads).
         eval_every: Evaluate the student every N steps (0 = start and end only).
         eval_samples: Samples per eval split (0 = whole split).
-        rebuild_teacher: Rerun the teacher warm-up and rewrite the shipped checkpoint.
-        teacher_warmup_steps / student_warmup_steps: Override the warm-up lengths (tests);
+        rebuild_teacher: Rerun the teacher warm-up and rewrite the shipped checkpoint (scenes).
+        teacher_warmup_steps / student_warmup_steps: Override the warm-up lengths (scenes, tests);
             a changed teacher warm-up is cached, never shipped.
         student_privileged_prob: Override how often the student's warm-up shows it p (1.0: a
             student that reads p but was never taught to answer without it).
@@ -101,8 +115,9 @@ class DemoOptions:
     """
 
     out: Path = Path("runs/demo")
+    testbed: str = DEFAULT_TESTBED
     cache: Path = Path(".cache/demo")
-    steps: int = 300
+    steps: int | None = None
     seed: int = 0
     methods: Sequence[str] = DEFAULT_METHODS
     jobs: int = 0
@@ -115,6 +130,32 @@ class DemoOptions:
     overrides: Sequence[str] = ()
     plots: bool = True
     progress: bool = True
+
+
+@dataclass(frozen=True)
+class DemoTestbed:
+    """How the demo runs and reports one testbed."""
+
+    config: Path
+    title: str  # plot titles
+    views: tuple[str, str]  # the teacher's two table rows: plain view, privileged view
+    section: str  # the BENCHMARKS.md section with its multi-seed numbers
+
+
+def demo_testbed(name: str) -> DemoTestbed:
+    if name == SCENES:
+        return DemoTestbed(DEMO_CONFIG, "synthetic scenes, tiny Qwen2-VL", ("image only", "image + boxes p"),
+                           "Learning: DOPD vs baselines on synthetic scenes")
+    testbed = TESTBEDS[name]
+    return DemoTestbed(testbed.config, f"{testbed.title}, tiny {testbed.family}",
+                       (testbed.plain_view, testbed.privileged_view), testbed.section)
+
+
+def configured_steps(name: str) -> int:
+    """The testbed config's train.steps: the demo's default length."""
+    from dopd_vlm.config import load_config
+
+    return load_config(demo_testbed(name).config).train.steps
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,8 +288,12 @@ def _accuracy(model, collator, samples, *, privileged: bool, max_new_tokens: int
 
 
 def prepare_models(options: DemoOptions, log=print) -> dict[str, Path]:
-    """The warmed-up teacher and student: shipped, cached, or built now (in that order)."""
+    """The warmed-up teacher and student: a reasoning testbed's shipped pair; for the scenes,
+    shipped, cached, or built now (in that order)."""
     from dopd_vlm.tiny import make_tiny_pair
+
+    if options.testbed != SCENES:
+        return shipped_testbed_pair(options, log)
 
     teacher_cfg, student_cfg = warmup_configs()
     if options.teacher_warmup_steps is not None:
@@ -286,6 +331,20 @@ def prepare_models(options: DemoOptions, log=print) -> dict[str, Path]:
             log(f"teacher: rewrote the shipped checkpoint {_display(SHIPPED_TEACHER)}")
         paths[role] = cached
     return paths
+
+
+def shipped_testbed_pair(options: DemoOptions, log=print) -> dict[str, Path]:
+    warmup_options = (options.rebuild_teacher, options.teacher_warmup_steps, options.student_warmup_steps,
+                      options.student_privileged_prob)
+    if any(value not in (None, False) for value in warmup_options):
+        raise InputError(f"the warm-up options are for --testbed {SCENES}; testbed {options.testbed!r} ships its "
+                         "pair (benchmarks/testbed_learning.py --rebuild warms one up)")
+    pair = TESTBEDS[options.testbed].shipped_pair()
+    for role, path in pair.items():
+        if not (path / "model.safetensors").is_file():
+            raise InputError(f"{_display(path)}: the {role} testbed {options.testbed!r} ships is missing")
+        log(f"{role}: shipped warm-up {_display(path)}")
+    return pair
 
 
 def _display(path: Path) -> str:
@@ -330,10 +389,13 @@ def train_command(method: str, models: Mapping[str, Path], out: Path, options: D
         f"train.seed={options.seed}",
         f"train.eval_every={options.eval_every}",
         f"data.max_eval_samples={options.eval_samples}",
+        "data.eval_splits=[test, ood]",
+        "train.teacher_eval=gathered",  # the table's teacher rows (a testbed config may skip them)
         f"train.output_dir={Path(out).resolve()}",
         *options.overrides,
     ]
-    return [sys.executable, "-m", "dopd_vlm", "train", "--config", str(DEMO_CONFIG), *overrides]
+    config = demo_testbed(options.testbed).config
+    return [sys.executable, "-m", "dopd_vlm", "train", "--config", str(config), *overrides]
 
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
@@ -447,15 +509,16 @@ def gap_recovered(method: float, student: float, teacher: float) -> float:
     return (method - student) / gap if gap > 1e-9 else math.nan
 
 
-def summarize_runs(results: Mapping[str, RunResult], splits: Sequence[str] = ("test", "ood")) -> dict[str, Any]:
-    """Rows of the results table: teacher (plain and with p), initial student, every method."""
+def summarize_runs(results: Mapping[str, RunResult], splits: Sequence[str] = ("test", "ood"),
+                   views: tuple[str, str] = ("image only", "image + boxes p")) -> dict[str, Any]:
+    """Rows of the results table: teacher (plain and with p: `views`), initial student, every method."""
     first = next(iter(results.values())).baseline
     teacher = {s: first.get(f"teacher/{s}", math.nan) for s in splits}
     teacher_p = {s: first.get(f"teacher_privileged/{s}", math.nan) for s in splits}
     student = {s: first.get(f"student/{s}", math.nan) for s in splits}
     rows = [
-        {"name": "teacher (image only)", "accuracy": teacher},
-        {"name": "teacher (image + boxes p)", "accuracy": teacher_p},
+        {"name": f"teacher ({views[0]})", "accuracy": teacher},
+        {"name": f"teacher ({views[1]})", "accuracy": teacher_p},
         {"name": "student, initial", "accuracy": student, "gap": {s: 0.0 for s in splits}},
     ]
     for method, result in results.items():
@@ -493,7 +556,8 @@ def _fmt(value, pattern: str) -> str:
     return pattern.format(value)
 
 
-def write_plots(results: Mapping[str, RunResult], out: Path, splits: Sequence[str] = ("test", "ood")) -> list[Path]:
+def write_plots(results: Mapping[str, RunResult], out: Path, testbed: DemoTestbed,
+                splits: Sequence[str] = ("test", "ood")) -> list[Path]:
     """accuracy.png (student accuracy over steps per method) and regimes.png (DOPD's shares)."""
     import matplotlib
 
@@ -509,7 +573,7 @@ def write_plots(results: Mapping[str, RunResult], out: Path, splits: Sequence[st
             if points:
                 ax.plot(*zip(*points), marker="o", markersize=3, label=LABELS.get(method, method))
         if f"teacher/{split}" in baseline:
-            ax.axhline(baseline[f"teacher/{split}"], color="black", linestyle="--", linewidth=1, label="teacher (image only)")
+            ax.axhline(baseline[f"teacher/{split}"], color="black", linestyle="--", linewidth=1, label=f"teacher ({testbed.views[0]})")
         if f"student/{split}" in baseline:
             ax.axhline(baseline[f"student/{split}"], color="gray", linestyle=":", linewidth=1, label="initial student")
         ax.set_title(f"{split} split")
@@ -517,7 +581,7 @@ def write_plots(results: Mapping[str, RunResult], out: Path, splits: Sequence[st
         ax.set_ylabel("exact-match accuracy (greedy)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Student accuracy during distillation (synthetic scenes, tiny Qwen2-VL)")
+    fig.suptitle(f"Student accuracy during distillation ({testbed.title})")
     fig.tight_layout()
     path = out / "accuracy.png"
     fig.savefig(path, dpi=110)
@@ -563,21 +627,25 @@ def _smooth(values: Sequence[float], window: int) -> list[float]:
 
 
 def run_demo(options: DemoOptions, log=print) -> dict[str, Any]:
-    """Steps 1-4 of the module docstring; returns the summary also written to results.json."""
+    """Steps 1-3 of the module docstring; returns the summary also written to results.json."""
     unknown = [m for m in options.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown demo method(s) {', '.join(unknown)} (known: {', '.join(METHODS)})")
+    if options.testbed not in DEMO_TESTBEDS:
+        raise ValueError(f"unknown demo testbed {options.testbed!r} (known: {', '.join(DEMO_TESTBEDS)})")
+    testbed = demo_testbed(options.testbed)
+    options = replace(options, steps=options.steps or configured_steps(options.testbed))
     started = time.perf_counter()
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     models = prepare_models(options, log=log)
     prepared = time.perf_counter() - started
-    log(f"distilling with {', '.join(options.methods)}: {options.steps} steps each, seed {options.seed}, "
+    log(f"{testbed.title}: distilling with {', '.join(options.methods)}: {options.steps} steps each, seed {options.seed}, "
         f"{_jobs(options)} run(s) at a time")
     results = run_methods(models, options)
-    summary = summarize_runs(results)
+    summary = summarize_runs(results, views=testbed.views)
     summary.update(
-        steps=options.steps, seed=options.seed, methods=list(options.methods),
+        testbed=options.testbed, steps=options.steps, seed=options.seed, methods=list(options.methods),
         models={k: str(v) for k, v in models.items()},
         commands={m: r.command[1:] for m, r in results.items()},
         prepare_seconds=round(prepared, 1), total_seconds=round(time.perf_counter() - started, 1),
@@ -585,14 +653,13 @@ def run_demo(options: DemoOptions, log=print) -> dict[str, Any]:
     table = format_table(summary)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
-    plots = write_plots(results, out) if options.plots else []
+    plots = write_plots(results, out, testbed) if options.plots else []
     summary["plots"] = [str(p) for p in plots]
     log("")
     log(table)
     log("")
-    log("gap recovered = (method - initial student) / (teacher image-only - initial student), same split")
-    log("multi-seed numbers, and why DOPD does not beat vanilla OPD on this toy task: BENCHMARKS.md, "
-        "section 'Learning: DOPD vs baselines on synthetic scenes'")
+    log(f"gap recovered = (method - initial student) / (teacher {testbed.views[0]} - initial student), same split")
+    log(f"multi-seed numbers, and what they say of DOPD on this testbed: BENCHMARKS.md, section '{testbed.section}'")
     log(f"results: {_display(out / 'results.md')}, {_display(out / 'results.json')}"
         + (f"; plots: {', '.join(_display(p) for p in plots)}" if plots else ""))
     log(f"total wall time {summary['total_seconds']:.0f} s (models ready after {prepared:.0f} s)")

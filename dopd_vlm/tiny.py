@@ -434,8 +434,8 @@ def _read_spec(path: Path) -> dict[str, Any] | None:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path):
-    """Serialise builders of one directory (e.g. several ranks calling make_tiny_pair at once)."""
+def exclusive_lock(lock_path: Path):
+    """Serialise processes that write one place (e.g. several ranks calling make_tiny_pair at once)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no locking
@@ -476,7 +476,7 @@ def make_tiny_pair(
     spec = _pair_spec(family, seed, teacher, student)
     spec_path = out_dir / SPEC_FILENAME
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out_dir / ".make_tiny.lock"):
+    with exclusive_lock(out_dir / ".make_tiny.lock"):
         existing = _read_spec(spec_path)
         complete = all((path / "config.json").is_file() for path in paths.values())
         if existing == spec and complete and not overwrite:

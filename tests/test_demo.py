@@ -1,9 +1,9 @@
 """`dopd-vlm demo`: the whole pipeline, shortened, and the pieces it is built from.
 
-The pipeline test runs what `make demo` runs (pair -> warm-ups -> one real `dopd-vlm train`
-subprocess per method -> table and plots) with 2-step warm-ups, 2 training steps and 8 eval
-samples per split, so it checks plumbing and report, not learning (benchmarks/learning.py
-measures learning).
+The pipeline tests run what `make demo` runs (the shipped arithmetic pair -> one real
+`dopd-vlm train` subprocess per method -> table and plots), and the scenes testbed's own
+warm-ups, with 2 training steps and 8 eval samples per split, so they check plumbing and report,
+not learning (benchmarks/testbed_learning.py and benchmarks/learning.py measure learning).
 """
 
 import json
@@ -20,7 +20,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def test_short_demo_writes_table_plots_and_sane_numbers(tmp_path):
     options = demo.DemoOptions(
-        out=tmp_path / "out", cache=tmp_path / "cache", steps=2, eval_every=1, eval_samples=8,
+        out=tmp_path / "out", testbed="scenes", cache=tmp_path / "cache", steps=2, eval_every=1, eval_samples=8,
         teacher_warmup_steps=2, student_warmup_steps=2, jobs=2, progress=False,
     )
     lines = []
@@ -97,6 +97,33 @@ def test_warmup_is_deterministic(tiny_pairs):
     assert not torch.equal(weights[0]["lm_head.weight"], load_model(path).state_dict()["lm_head.weight"])
 
 
+def test_the_default_demo_distils_the_arithmetic_testbeds_shipped_pair(tmp_path):
+    options = demo.DemoOptions(out=tmp_path / "out", steps=2, eval_every=2, eval_samples=8,
+                               methods=("dopd", "vanilla_opd"), jobs=2, progress=False)
+    assert options.testbed == "arithmetic"
+    lines = []
+    summary = demo.run_demo(options, log=lines.append)
+    pair = demo.TESTBEDS["arithmetic"].shipped_pair()
+    assert summary["models"] == {role: str(path) for role, path in pair.items()}
+    assert "teacher: shipped warm-up" in lines[0] and "arithmetic testbed" in lines[2]
+    rows = {row["name"]: row for row in summary["rows"]}
+    # the shipped pair's manifests say what the table must show at step 0 (8 samples: a prefix of their 200)
+    assert set(rows) == {"teacher (question only)", "teacher (question + hint p)", "student, initial", "DOPD", "vanilla OPD"}
+    assert all(0.0 <= row["accuracy"][split] <= 1.0 for row in rows.values() for split in ("test", "ood"))
+    assert rows["teacher (question only)"]["accuracy"]["test"] > rows["student, initial"]["accuracy"]["test"]
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "dopd" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "student/ood" in m] == [0, 2] and "teacher/ood" in metrics[0]
+    assert any("section 'Learning on the arithmetic testbed'" in line for line in lines)
+
+
+def test_warmup_options_are_refused_for_a_testbed_that_ships_its_pair(tmp_path, capsys):
+    code = build_parser().parse_args(["demo", "--testbed", "arithmetic", "--rebuild-teacher", "--out", str(tmp_path)])
+    assert code.run(code) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["dopd-vlm demo: error: the warm-up options are for --testbed scenes; testbed 'arithmetic' ships "
+                   "its pair (benchmarks/testbed_learning.py --rebuild warms one up)"]
+
+
 def test_gap_recovered_and_table():
     assert demo.gap_recovered(0.5, 0.3, 0.7) == pytest.approx(0.5)
     assert demo.gap_recovered(0.2, 0.3, 0.7) == pytest.approx(-0.25)
@@ -130,6 +157,8 @@ def test_training_runs_share_the_cpus_the_process_may_use(tmp_path, monkeypatch)
 def test_demo_command_line():
     args = build_parser().parse_args(["demo", "--steps", "3", "--methods", "dopd", "sft", "--", "optim.lr=5e-4"])
     assert args.steps == 3 and args.methods == ["dopd", "sft"] and args.overrides == ["optim.lr=5e-4"]
+    assert build_parser().parse_args(["demo"]).testbed == "arithmetic"
+    assert [demo.configured_steps(name) for name in ("arithmetic", "cells", "scenes")] == [200, 200, 300]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--methods", "nope"])
     command = demo.train_command("vanilla_opd", {"teacher": "t", "student": "s"}, "o", demo.DemoOptions(steps=7))

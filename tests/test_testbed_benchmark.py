@@ -77,21 +77,52 @@ def test_a_setting_is_extended_only_with_the_same_models_steps_and_overrides(tmp
     result_file.write_text(json.dumps(stored))
     pair = {"teacher": Path("T"), "student": Path("S")}
     same = argparse.Namespace(setting="s", steps=80, overrides=["optim.lr=2e-3"], seeds=[1, 2], eval_samples=10)
-    record = testbed_learning.start_record(result_file, same, pair)
+    testbed = testbed_learning.TESTBEDS["arithmetic"]
+    record = testbed_learning.start_record(testbed, result_file, same, pair)
     assert record["seeds"] == [0, 1, 2] and len(record["commands"]) == 2 and record["preconditions"] == PRE
     other = argparse.Namespace(**{**vars(same), "overrides": ["optim.lr=1e-3"]})
     with pytest.raises(SystemExit, match="extend it with the same ones"):
-        testbed_learning.start_record(result_file, other, pair)
+        testbed_learning.start_record(testbed, result_file, other, pair)
 
 
-def test_the_shipped_pair_is_the_one_the_recorded_settings_measured():
+@pytest.mark.parametrize("name", sorted(testbed_learning.TESTBEDS))
+def test_the_shipped_pair_is_the_one_the_recorded_settings_measured(name):
     import hashlib
     import json
 
-    pair = testbed_learning.shipped_pair()
-    for file in sorted(testbed_learning.RESULTS.glob("testbed_arithmetic_*.json")):
+    testbed = testbed_learning.TESTBEDS[name]
+    pair = testbed.shipped_pair()
+    files = sorted(testbed_learning.RESULTS.glob(f"testbed_{name}_*.json"))
+    assert files, f"no recorded setting of the {name} testbed"
+    for file in files:
         pre = json.loads(file.read_text())["preconditions"]
         for role, folder in pair.items():
             manifest = json.loads((folder / "warmup_manifest.json").read_text())
             assert hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() == manifest["sha256"], folder
             assert manifest["accuracy_greedy_200_samples"]["test"] == pre[f"{role}/plain"], (file.name, role)
+
+
+def test_runs_of_one_setting_stored_by_two_processes_are_all_kept(tmp_path):
+    import copy
+    import json
+
+    result_file = tmp_path / "s.json"
+    fresh = {"setting": "s", "command": "python x --seeds 0", "seeds": [0], "steps": 80, "overrides": [],
+             "models": {"teacher": "T", "student": "S"}, "preconditions": PRE, "runs": []}
+    first, second = copy.deepcopy(fresh), {**copy.deepcopy(fresh), "command": "python x --seeds 1"}  # started together
+    row = {"rc": 0, "seconds": 60, **testbed_learning.summarize_metrics(metrics(0.5, [0.1]))}
+    testbed_learning.add_run(result_file, first, {"method": "dopd", "seed": 0, **row})
+    testbed_learning.add_run(result_file, second, {"method": "dopd", "seed": 1, **row})
+    testbed_learning.add_run(result_file, second, {"method": "dopd", "seed": 1, **row, "seconds": 120})  # a rerun replaces
+    stored = json.loads(result_file.read_text())
+    assert sorted((r["seed"], r["seconds"]) for r in stored["runs"]) == [(0, 60), (1, 120)]
+    assert stored["minutes"] == 4.0 and stored["commands"] == ["python x --seeds 0", "python x --seeds 1"]
+    assert stored["aggregate"]["dopd"]["seeds"] == [0, 1]
+
+
+def test_the_operands_a_cell_chain_response_wrote_are_read_back():
+    import cells_reading
+
+    assert cells_reading.read_operands("1*7+7=4 4*8=2 answer 2") == [1, 7, 7, 8]
+    assert cells_reading.read_operands("7-1-9=7 7+5*6=2 2+5=7 answer 7") == [7, 1, 9, 5, 6, 5]
+    assert cells_reading.read_operands("answer 3") == [] and cells_reading.read_operands("1*7") == []

@@ -1,0 +1,36 @@
+"""dopd_vlm.testbeds: every testbed's config loads, and the pair it ships is the one its warm-ups describe."""
+
+import hashlib
+import json
+from dataclasses import asdict
+
+import pytest
+
+from dopd_vlm.data import load_recipe
+from dopd_vlm.testbeds import TESTBEDS
+
+
+@pytest.mark.parametrize("name", sorted(TESTBEDS))
+def test_a_testbed_reads_its_config_and_ships_the_pair_its_warmups_describe(name):
+    testbed = TESTBEDS[name]
+    teacher_warmup, student_warmup = testbed.warmups()
+    teacher_size, student_size = testbed.sizes()
+    assert teacher_size == student_size  # the warm-ups alone make the gap
+    assert student_warmup.steps < teacher_warmup.steps
+    sample = load_recipe(testbed.recipe, "test", family=testbed.family, limit=1)[0]
+    assert "{privileged}" in testbed.template and sample.privileged
+    assert sample.reference.count("=") >= 2  # a reasoning chain of steps, not a bare answer
+    for role, folder in testbed.shipped_pair().items():
+        manifest = json.loads((folder / "warmup_manifest.json").read_text())
+        assert hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() == manifest["sha256"], folder
+        warmup = asdict(teacher_warmup if role == "teacher" else student_warmup)
+        assert {key: warmup[key] for key in manifest["warmup"]} == manifest["warmup"], (name, role)
+        config = json.loads((folder / "config.json").read_text())
+        text = config.get("text_config", config)
+        assert text["hidden_size"] == testbed.size["hidden_size"] and text["num_hidden_layers"] == testbed.size["num_layers"]
+    pair = testbed.shipped_pair()
+    accuracy = {role: json.loads((pair[role] / "warmup_manifest.json").read_text())["accuracy_greedy_200_samples"]
+                for role in pair}
+    # the preconditions the testbed was built for: the student reads p, the teacher leads given the same p
+    assert accuracy["student"]["test_with_p"] > accuracy["student"]["test"] + 0.1
+    assert accuracy["teacher"]["test_with_p"] > accuracy["student"]["test_with_p"] + 0.2
