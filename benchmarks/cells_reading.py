@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import RESULTS, ROOT, machine  # noqa: E402
+from testbed_learning import load_checkpoint  # noqa: E402
 
 from dopd_vlm.testbeds import TESTBEDS  # noqa: E402
 
@@ -40,17 +41,14 @@ def read_operands(response: str) -> list[int]:
 def reading_and_accuracy(path: Path, samples: int) -> dict[str, float]:
     import torch
 
-    from dopd_vlm.collate import DualViewCollator
     from dopd_vlm.config import RolloutConfig
     from dopd_vlm.data import load_recipe
-    from dopd_vlm.models import load_model, load_processor
     from dopd_vlm.rollout import sample_responses
 
     testbed = TESTBEDS["cells"]
     split = load_recipe(testbed.recipe, "test", family=testbed.family, limit=samples)
     test = list(split)
-    model = load_model(path, dtype=torch.float32).eval()
-    collator = DualViewCollator(load_processor(path), privileged_template=testbed.template, max_privileged_tokens=0)
+    model, collator = load_checkpoint(testbed, path)
     with torch.no_grad():
         ids, mask = sample_responses(model, collator, test, RolloutConfig(num_rollouts=1, max_new_tokens=testbed.max_new_tokens),
                                      greedy=True)
