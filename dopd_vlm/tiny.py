@@ -388,16 +388,19 @@ def build_tiny_processor(family: str, tokenizer):
     )
 
 
-def build_tiny_model(family: str, size: TinySize, tokenizer, *, seed: int) -> PreTrainedModel:
-    """Random-init model; weights depend only on (family, size, tokenizer, seed).
+def build_tiny_model(family: str, size: TinySize, tokenizer, *, seed: int,
+                     dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Random-init model; weights depend only on (family, size, tokenizer, seed, dtype).
 
     The global torch RNG is forked so building a model does not disturb the caller's RNG stream.
+    `dtype` other than float32 builds the weights in that dtype directly (a 2B-shaped model in
+    bfloat16, as real checkpoints are stored, without a float32 copy first).
     """
     config = build_tiny_config(family, size, tokenizer)
     model_cls = getattr(transformers, family_info(family).model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = model_cls(config)
+        model = model_cls(config) if dtype == torch.float32 else model_cls._from_config(config, dtype=dtype)
     model.generation_config = _generation_config(tokenizer)
     return model.eval()
 
@@ -410,8 +413,8 @@ SPEC_FILENAME = "tiny_spec.json"
 BUILDER_VERSION = 1  # bump when the tiny configs change, so cached pairs get rebuilt
 
 
-def _pair_spec(family: str, seed: int, teacher: TinySize, student: TinySize) -> dict[str, Any]:
-    return {
+def _pair_spec(family: str, seed: int, teacher: TinySize, student: TinySize, dtype: torch.dtype) -> dict[str, Any]:
+    spec = {
         "builder_version": BUILDER_VERSION,
         "family": family,
         "seed": seed,
@@ -419,6 +422,9 @@ def _pair_spec(family: str, seed: int, teacher: TinySize, student: TinySize) -> 
         "teacher": asdict(teacher),
         "student": asdict(student),
     }
+    if dtype != torch.float32:  # float32 pairs keep the spec they were cached with
+        spec["dtype"] = str(dtype).removeprefix("torch.")
+    return spec
 
 
 def _role_seed(seed: int, family: str, role: str) -> int:
@@ -449,8 +455,8 @@ def exclusive_lock(lock_path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _save_tiny(family: str, size: TinySize, tokenizer, out: Path, *, seed: int) -> None:
-    build_tiny_model(family, size, tokenizer, seed=seed).save_pretrained(out)
+def _save_tiny(family: str, size: TinySize, tokenizer, out: Path, *, seed: int, dtype: torch.dtype) -> None:
+    build_tiny_model(family, size, tokenizer, seed=seed, dtype=dtype).save_pretrained(out)
     build_tiny_processor(family, tokenizer).save_pretrained(out)
 
 
@@ -462,18 +468,20 @@ def make_tiny_pair(
     teacher: TinySize = TEACHER_SIZE,
     student: TinySize = STUDENT_SIZE,
     overwrite: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Path]:
     """Write a tiny teacher and student of `family` to out_dir/teacher and out_dir/student.
 
     Each directory holds a `save_pretrained` model plus its processor (the tokenizer alone for
-    text-only qwen3); both share the same tokenizer. A spec file is written last: a later call
-    with the same spec returns at once, a different spec raises unless `overwrite=True`.
+    text-only qwen3); both share the same tokenizer, and the weights are stored in `dtype`. A spec
+    file is written last: a later call with the same spec returns at once, a different spec raises
+    unless `overwrite=True`.
     Returns {"teacher": path, "student": path}.
     """
     family_info(family)  # an unknown family: the one clear error
     out_dir = Path(out_dir)
     paths = {"teacher": out_dir / "teacher", "student": out_dir / "student"}
-    spec = _pair_spec(family, seed, teacher, student)
+    spec = _pair_spec(family, seed, teacher, student, dtype)
     spec_path = out_dir / SPEC_FILENAME
     out_dir.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out_dir / ".make_tiny.lock"):
@@ -491,6 +499,6 @@ def make_tiny_pair(
             shutil.rmtree(path, ignore_errors=True)
         tokenizer = build_tiny_tokenizer()
         for role, size in (("teacher", teacher), ("student", student)):
-            _save_tiny(family, size, tokenizer, paths[role], seed=_role_seed(seed, family, role))
+            _save_tiny(family, size, tokenizer, paths[role], seed=_role_seed(seed, family, role), dtype=dtype)
         spec_path.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
     return paths

@@ -341,3 +341,20 @@ def test_zero3_scoring_with_uneven_token_counts_across_ranks_does_not_hang(tiny_
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("ok ") == 2
+
+
+def test_phase_timer_records_time_and_the_peak_memory_of_each_phase():
+    from dopd_vlm.step import PhaseTimer
+
+    timer = PhaseTimer()
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    timer.lap("setup/big")  # since the timer started
+    del big
+    for _ in range(2):
+        with timer("small"):
+            torch.ones(16)
+    metrics = timer.metrics()
+    assert set(metrics) == {"time/setup/big", "time/small", "memory/setup/big", "memory/small"}
+    assert all(value > 0 for value in metrics.values())
+    # each phase has its own peak: the small phase's is not the big one's
+    assert metrics["memory/setup/big"] - metrics["memory/small"] > 48 / 1024
