@@ -92,8 +92,11 @@ def child(args) -> None:
     from dopd_vlm.config import load_config
     from dopd_vlm.train import train
 
-    paths = build_pair(args.layers, args.vision_depth)
-    parameters, bytes_per_parameter = weight_bytes_per_parameter(paths["student"])
+    paths = {role: Path(args.pair) / role for role in ("teacher", "student")}
+    if args.variant == "weights":
+        parameters, bytes_per_parameter = weight_bytes_per_parameter(paths["student"])
+        C.emit(dict(variant="weights", parameters=parameters, weight_bytes_per_parameter=bytes_per_parameter))
+        return
     out = Path(tempfile.mkdtemp(prefix=f"dopd_real_shape_{args.variant}_"))
     cfg = load_config(None, [
         f"model.teacher={paths['teacher']}", f"model.student={paths['student']}", "model.dtype=bfloat16",
@@ -104,6 +107,7 @@ def child(args) -> None:
         *VARIANTS[args.variant],
     ])
     device, _ = C.device_and_dtype()
+    resident_before = C.current_rss()  # imports only: the phases' memory/<phase> are absolute
     with C.PeakMemory(device) as mem:
         result = train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -111,28 +115,33 @@ def child(args) -> None:
     later = rows[2:] or rows[1:]  # step 1 pays for first-call set-up (DeepSpeed's prefetch trace)
     step_phases = {key: statistics.median(r[key] for r in later) for key in later[0]
                    if key.startswith(("time/", "memory/")) or key == "step_time"}
-    C.emit(dict(variant=args.variant, layers=args.layers, vision_depth=args.vision_depth, parameters=parameters,
-                weight_bytes_per_parameter=bytes_per_parameter, peak_gib=C.gib(mem.peak), seconds=mem.seconds,
-                run_phases=result.phases, step_phases=step_phases, steps=args.steps,
+    C.emit(dict(variant=args.variant, resident_before_gib=C.gib(resident_before), peak_gib=C.gib(mem.peak),
+                seconds=mem.seconds, run_phases=getattr(result, "phases", None), step_phases=step_phases, steps=args.steps,
                 response_tokens=statistics.median(r["response_tokens"] for r in later),
                 load_average_1min=os.getloadavg()[0]))
 
 
 def run(args) -> dict:
+    pair = Path(args.pair) if args.pair else build_pair(args.layers, args.vision_depth)["student"].parent
+    runs = [("weights", None), *((variant, None) for variant in args.variants)]
+    if args.baseline_code:  # the same variants on another checkout's code, in this same invocation
+        runs += [(variant, args.baseline_code) for variant in args.variants]
     rows = []
-    for variant in args.variants:
-        cmd = [C.python(), __file__, "--child", "1", "--variant", variant, "--layers", str(args.layers),
-               "--vision-depth", str(args.vision_depth), "--steps", str(args.steps),
-               "--max-new-tokens", str(args.max_new_tokens)]
+    for variant, code in runs:
+        cmd = [C.python(), __file__, "--child", "1", "--variant", variant, "--pair", str(pair),
+               "--steps", str(args.steps), "--max-new-tokens", str(args.max_new_tokens)]
+        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        if code:
+            env["PYTHONPATH"] = str(Path(code).resolve())
         started = time.perf_counter()
         try:
-            row = C.run_json(cmd, env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}, timeout=args.timeout)
+            row = C.run_json(cmd, env=env, timeout=args.timeout)
         except RuntimeError as err:  # e.g. killed for memory: recorded as the measured reason
             row = dict(variant=variant, failed=str(err)[-2000:])
-        row["command_seconds"] = time.perf_counter() - started
+        row.update(code=code or "this checkout", command_seconds=time.perf_counter() - started)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    return dict(machine=C.machine(), rows=rows, args=vars(args))
+    return dict(machine=C.machine(), pair=str(pair), rows=rows, args=vars(args))
 
 
 def main() -> None:
@@ -144,6 +153,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--pair", help="an existing pair folder (teacher/, student/) instead of building one")
+    p.add_argument("--baseline-code", metavar="DIR",
+                   help="also run the variants on the dopd_vlm of another checkout (e.g. the commit before a fix)")
     p.add_argument("--name", default="real_shape", help="results file benchmarks/results/NAME.json")
     args = p.parse_args()
     if args.child:
