@@ -10,6 +10,7 @@ depend on the weight seed), so any tiny teacher can be distilled into any tiny s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -78,6 +79,107 @@ QWEN_CHAT_TEMPLATE = """\
     {{- '<|im_start|>assistant\\n' -}}
 {%- endif -%}
 """
+
+# Templates that behave like the published ones, written for this project, for tests of chat-
+# template arguments and thinking models (`TinyChat`; `make_tiny_pair(chat=...)`).
+#
+# Qwen3's: string content only (list content renders empty, as in Qwen3's template), no default
+# system turn, earlier assistant turns without their reasoning; `enable_thinking=false` puts an
+# empty, closed think block in the generation prompt, otherwise the model opens its own.
+QWEN3_CHAT_TEMPLATE = """\
+{%- for message in messages -%}
+    {%- if message['content'] is string -%}
+        {%- set content = message['content'] -%}
+    {%- else -%}
+        {%- set content = '' -%}
+    {%- endif -%}
+    {%- if message['role'] == 'assistant' and '</think>' in content -%}
+        {%- set content = content.split('</think>')[-1].lstrip('\\n') -%}
+    {%- endif -%}
+    {{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\\n' -}}
+    {%- if enable_thinking is defined and enable_thinking is false -%}
+        {{- '<think>\\n\\n</think>\\n\\n' -}}
+    {%- endif -%}
+{%- endif -%}
+"""
+# Qwen2-VL's and Qwen2.5-VL's: a default system turn when the conversation has none, images and
+# videos as vision-pad tokens, `add_vision_id=true` numbering them ("Picture 1: ").
+QWEN2_VL_CHAT_TEMPLATE = """\
+{%- set image_count = namespace(value=0) -%}
+{%- set video_count = namespace(value=0) -%}
+{%- for message in messages -%}
+    {%- if loop.first and message['role'] != 'system' -%}
+        {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}
+    {%- endif -%}
+    {{- '<|im_start|>' + message['role'] + '\\n' -}}
+    {%- if message['content'] is string -%}
+        {{- message['content'] -}}
+    {%- else -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' or 'image' in item or 'image_url' in item -%}
+                {%- set image_count.value = image_count.value + 1 -%}
+                {%- if add_vision_id -%}{{- 'Picture ' + image_count.value|string + ': ' -}}{%- endif -%}
+                {{- '<|vision_start|><|image_pad|><|vision_end|>' -}}
+            {%- elif item['type'] == 'video' or 'video' in item -%}
+                {%- set video_count.value = video_count.value + 1 -%}
+                {%- if add_vision_id -%}{{- 'Video ' + video_count.value|string + ': ' -}}{%- endif -%}
+                {{- '<|vision_start|><|video_pad|><|vision_end|>' -}}
+            {%- elif 'text' in item -%}
+                {{- item['text'] -}}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+    {{- '<|im_end|>\\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\\n' -}}
+{%- endif -%}
+"""
+# Qwen3-VL-Thinking's: ChatML with images, no default system turn, and a generation prompt that
+# opens the think block (`<|im_start|>assistant\n<think>\n`): the response starts in its reasoning.
+QWEN3_VL_THINKING_CHAT_TEMPLATE = """\
+{%- for message in messages -%}
+    {{- '<|im_start|>' + message['role'] + '\\n' -}}
+    {%- if message['content'] is string -%}
+        {{- message['content'] -}}
+    {%- else -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' or 'image' in item or 'image_url' in item -%}
+                {{- '<|vision_start|><|image_pad|><|vision_end|>' -}}
+            {%- elif item['type'] == 'video' or 'video' in item -%}
+                {{- '<|vision_start|><|video_pad|><|vision_end|>' -}}
+            {%- elif 'text' in item -%}
+                {{- item['text'] -}}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+    {{- '<|im_end|>\\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\\n<think>\\n' -}}
+{%- endif -%}
+"""
+# Qwen3's reasoning delimiters, added after the special tokens as Qwen3's tokenizer has them:
+# added tokens that are *not* special (decoding with skip_special_tokens keeps them).
+THINK_TOKENS = ("<think>", "</think>")
+
+
+@dataclass(frozen=True)
+class TinyChat:
+    """The chat template of a tiny pair's processor and the tokens added to its tokenizer (as plain,
+    non-special added tokens, after the special ones)."""
+
+    template: str = QWEN_CHAT_TEMPLATE
+    added_tokens: tuple[str, ...] = ()
+
+
+CHATML = TinyChat()  # the default: every tiny pair and the shipped ones
+QWEN3_CHAT = TinyChat(QWEN3_CHAT_TEMPLATE, THINK_TOKENS)
+QWEN2_VL_CHAT = TinyChat(QWEN2_VL_CHAT_TEMPLATE)
+QWEN3_VL_THINKING_CHAT = TinyChat(QWEN3_VL_THINKING_CHAT_TEMPLATE, THINK_TOKENS)
 
 _COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "black", "white", "gray", "pink")
 _SHAPES = ("circle", "square", "triangle", "rectangle", "star", "diamond", "ellipse", "hexagon")
@@ -151,13 +253,14 @@ def _train_bpe(seed: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
     return dict(model["vocab"]), merges
 
 
-def build_tiny_tokenizer(seed: int = TINY_TOKENIZER_SEED) -> PreTrainedTokenizerBase:
-    """A Qwen2Tokenizer (~500 tokens) trained locally: byte-level BPE, Qwen special tokens, ChatML.
+def build_tiny_tokenizer(seed: int = TINY_TOKENIZER_SEED, chat: TinyChat = CHATML) -> PreTrainedTokenizerBase:
+    """A Qwen2Tokenizer (~500 tokens) trained locally: byte-level BPE, Qwen special tokens, ChatML
+    (or `chat`'s template, with its added tokens after the special ones).
 
     eos = <|im_end|> (ends an assistant turn, as in Qwen instruct models), pad = <|endoftext|>.
     The same seed gives byte-identical tokenizer files.
     """
-    from transformers import Qwen2Tokenizer
+    from transformers import AddedToken, Qwen2Tokenizer
 
     vocab, merges = _train_bpe(seed)
     for token in QWEN_SPECIAL_TOKENS:
@@ -171,7 +274,9 @@ def build_tiny_tokenizer(seed: int = TINY_TOKENIZER_SEED) -> PreTrainedTokenizer
         extra_special_tokens=[t for t in QWEN_SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")],
         model_max_length=32768,
     )
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    if chat.added_tokens:
+        tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in chat.added_tokens])
+    tokenizer.chat_template = chat.template
     return tokenizer
 
 
@@ -365,7 +470,7 @@ def _generation_config(tokenizer) -> GenerationConfig:
     )
 
 
-def build_tiny_processor(family: str, tokenizer):
+def build_tiny_processor(family: str, tokenizer, chat_template: str = QWEN_CHAT_TEMPLATE):
     """The family's real processor class around `tokenizer`, sized for tiny images."""
     classes = family_info(family)
     if not classes.vision:
@@ -384,7 +489,7 @@ def build_tiny_processor(family: str, tokenizer):
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
-        chat_template=QWEN_CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
 
 
@@ -410,8 +515,8 @@ SPEC_FILENAME = "tiny_spec.json"
 BUILDER_VERSION = 1  # bump when the tiny configs change, so cached pairs get rebuilt
 
 
-def _pair_spec(family: str, seed: int, teacher: TinySize, student: TinySize) -> dict[str, Any]:
-    return {
+def _pair_spec(family: str, seed: int, teacher: TinySize, student: TinySize, chat: TinyChat) -> dict[str, Any]:
+    spec = {
         "builder_version": BUILDER_VERSION,
         "family": family,
         "seed": seed,
@@ -419,6 +524,10 @@ def _pair_spec(family: str, seed: int, teacher: TinySize, student: TinySize) -> 
         "teacher": asdict(teacher),
         "student": asdict(student),
     }
+    if chat != CHATML:  # the default pairs' specs (and the shipped pairs' files) stay as they were
+        spec["chat"] = {"template_sha256": hashlib.sha256(chat.template.encode()).hexdigest(),
+                        "added_tokens": list(chat.added_tokens)}
+    return spec
 
 
 def _role_seed(seed: int, family: str, role: str) -> int:
@@ -451,7 +560,7 @@ def exclusive_lock(lock_path: Path):
 
 def _save_tiny(family: str, size: TinySize, tokenizer, out: Path, *, seed: int) -> None:
     build_tiny_model(family, size, tokenizer, seed=seed).save_pretrained(out)
-    build_tiny_processor(family, tokenizer).save_pretrained(out)
+    build_tiny_processor(family, tokenizer, tokenizer.chat_template).save_pretrained(out)
 
 
 def make_tiny_pair(
@@ -462,18 +571,20 @@ def make_tiny_pair(
     teacher: TinySize = TEACHER_SIZE,
     student: TinySize = STUDENT_SIZE,
     overwrite: bool = False,
+    chat: TinyChat = CHATML,
 ) -> dict[str, Path]:
     """Write a tiny teacher and student of `family` to out_dir/teacher and out_dir/student.
 
     Each directory holds a `save_pretrained` model plus its processor (the tokenizer alone for
     text-only qwen3); both share the same tokenizer. A spec file is written last: a later call
     with the same spec returns at once, a different spec raises unless `overwrite=True`.
-    Returns {"teacher": path, "student": path}.
+    `chat` gives both another chat template (and added tokens): e.g. `QWEN3_CHAT`, a Qwen3-like
+    thinking template. Returns {"teacher": path, "student": path}.
     """
     family_info(family)  # an unknown family: the one clear error
     out_dir = Path(out_dir)
     paths = {"teacher": out_dir / "teacher", "student": out_dir / "student"}
-    spec = _pair_spec(family, seed, teacher, student)
+    spec = _pair_spec(family, seed, teacher, student, chat)
     spec_path = out_dir / SPEC_FILENAME
     out_dir.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out_dir / ".make_tiny.lock"):
@@ -489,7 +600,7 @@ def make_tiny_pair(
         spec_path.unlink(missing_ok=True)
         for path in paths.values():
             shutil.rmtree(path, ignore_errors=True)
-        tokenizer = build_tiny_tokenizer()
+        tokenizer = build_tiny_tokenizer(chat=chat)
         for role, size in (("teacher", teacher), ("student", student)):
             _save_tiny(family, size, tokenizer, paths[role], seed=_role_seed(seed, family, role))
         spec_path.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
