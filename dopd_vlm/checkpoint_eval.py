@@ -90,8 +90,8 @@ def eval_request(cfg: RunConfig, *, model: str | None = None, adapter: str | Non
                          "data.eval_splits)")
     if not adapter and model and lora.is_adapter_folder(model):
         model, adapter = None, model
-    from_adapter = bool(adapter and not model)
-    base = model or (lora.adapter_base(adapter) if adapter else cfg.model.student)
+    named = lora.adapter_base(adapter) if adapter else ""  # also: an adapter folder at all, before anything loads
+    base = model or named or cfg.model.student
     if not base:
         raise InputError("--model is required (or --adapter, or a --config naming model.student)")
     data = dataclasses.replace(cfg.data, recipe=recipe if recipe is not None else cfg.data.recipe,
@@ -100,7 +100,7 @@ def eval_request(cfg: RunConfig, *, model: str | None = None, adapter: str | Non
     train = dataclasses.replace(cfg.train, eval_max_new_tokens=max_new_tokens or eval_max_new_tokens(cfg))
     cfg = dataclasses.replace(cfg, data=data, train=train)
     return EvalRequest(cfg, base, adapter or "", privileged, batch_size or eval_batch_size(cfg), config_path,
-                       from_adapter)
+                       base_from_adapter=bool(named) and not model)
 
 
 @dataclass
