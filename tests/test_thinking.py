@@ -10,7 +10,11 @@ tests/test_eval_cli.py, with the command that evaluates its result.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -29,11 +33,13 @@ from dopd_vlm.models import load_model, load_processor
 from dopd_vlm.tiny import QWEN3_CHAT, build_tiny_tokenizer
 from dopd_vlm.vllm_rollout import engine_request
 from test_collate import image, sample_with_logits, view_logprobs
+from test_train import REPO, launch, metrics_lines, write_config
 
 TEMPLATE = "Boxes:\n{privileged}\n{question}"
 THINKING_OFF = {"enable_thinking": False}
 # what each pair is rendered with in these tests (a variable its template reads)
 KWARGS = {"qwen3_thinking": THINKING_OFF, "qwen2_vl_system": {"add_vision_id": True}, "qwen3_vl_thinking": {}}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 
 
 def collator_for(pairs, name, kwargs=None, **options) -> DualViewCollator:
@@ -274,3 +280,40 @@ def test_think_tags_survive_decoding_even_where_a_tokenizer_marks_them_special()
         # what decoding with skip_special_tokens reads: the tags survive only where they are not special
         kept = tokenizer.decode(ids, skip_special_tokens=True)
         assert kept == (text if tokenizer is qwen3 else "\nthe sum is 3\n\n3")
+
+
+# -- 2 ranks -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_zero3_ranks_train_and_evaluate_thinking_models_with_the_arguments(tmp_path, template_pairs):
+    # enable_thinking=false on both pairs: Qwen3's template closes an empty think block; Qwen3-VL-
+    # Thinking's never reads it (left out, as the published one ignores it) and opens the block, so
+    # its answers are unclosed unless the model writes </think>. Training evaluation and
+    # `dopd-vlm eval` (the same 2-rank sharding) must count them alike.
+    config = write_config(tmp_path / "c.yaml", template_pairs, family="qwen3_thinking", recipe="synthetic_text",
+                          train={"steps": 1}, data={"chat_template_kwargs": THINKING_OFF})
+    vl = template_pairs["qwen3_vl_thinking"]
+    vl_overrides = [f"model.student={vl['student']}", f"model.teacher={vl['teacher']}", "data.recipe=synthetic_scenes"]
+    results = launch(tmp_path, config, [
+        {"name": "qwen3_thinking", "overrides": [f"train.output_dir={tmp_path / 'qwen3'}"]},
+        {"name": "qwen3_vl_thinking", "overrides": [*vl_overrides, f"train.output_dir={tmp_path / 'qwen3_vl'}"]},
+    ])
+    for name in ("qwen3_thinking", "qwen3_vl_thinking"):
+        assert results[name]["finished"] and results[name]["teacher_unchanged"], name
+    logged = {name: metrics_lines(tmp_path / name) for name in ("qwen3", "qwen3_vl")}
+    for lines in logged.values():
+        for prefix in ("student", "student_privileged", "teacher", "teacher_privileged"):
+            assert 0 <= lines[0][f"unclosed_think/{prefix}/test"] <= 4
+        assert "unclosed_think/student/test" in lines[-1]
+    start = logged["qwen3_vl"][0]
+    assert start["unclosed_think/student/test"] > 0  # the prompt opened the think blocks the student never closed
+    out = tmp_path / "eval.json"  # the initial student (model.student), as training evaluated it at step 0
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                           "dopd_vlm", "eval", "--config", str(config), "--json", str(out), *vl_overrides],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    report = json.loads(out.read_text())
+    (score,) = report["results"]
+    assert (score["accuracy"], score["unclosed_think"]) == (start["student/test"], start["unclosed_think/student/test"])
+    assert report["settings"]["chat_template_kwargs"] == THINKING_OFF and report["settings"]["generation_opens_think"]
