@@ -105,63 +105,42 @@ QWEN3_CHAT_TEMPLATE = """\
     {%- endif -%}
 {%- endif -%}
 """
-# Qwen2-VL's and Qwen2.5-VL's: a default system turn when the conversation has none, images and
-# videos as vision-pad tokens, `add_vision_id=true` numbering them ("Picture 1: ").
-QWEN2_VL_CHAT_TEMPLATE = """\
-{%- set image_count = namespace(value=0) -%}
-{%- set video_count = namespace(value=0) -%}
-{%- for message in messages -%}
-    {%- if loop.first and message['role'] != 'system' -%}
-        {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}
-    {%- endif -%}
-    {{- '<|im_start|>' + message['role'] + '\\n' -}}
-    {%- if message['content'] is string -%}
-        {{- message['content'] -}}
-    {%- else -%}
-        {%- for item in message['content'] -%}
-            {%- if item['type'] == 'image' or 'image' in item or 'image_url' in item -%}
-                {%- set image_count.value = image_count.value + 1 -%}
-                {%- if add_vision_id -%}{{- 'Picture ' + image_count.value|string + ': ' -}}{%- endif -%}
-                {{- '<|vision_start|><|image_pad|><|vision_end|>' -}}
-            {%- elif item['type'] == 'video' or 'video' in item -%}
-                {%- set video_count.value = video_count.value + 1 -%}
-                {%- if add_vision_id -%}{{- 'Video ' + video_count.value|string + ': ' -}}{%- endif -%}
-                {{- '<|vision_start|><|video_pad|><|vision_end|>' -}}
-            {%- elif 'text' in item -%}
-                {{- item['text'] -}}
-            {%- endif -%}
-        {%- endfor -%}
-    {%- endif -%}
-    {{- '<|im_end|>\\n' -}}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{- '<|im_start|>assistant\\n' -}}
-{%- endif -%}
-"""
-# Qwen3-VL-Thinking's: ChatML with images, no default system turn, and a generation prompt that
-# opens the think block (`<|im_start|>assistant\n<think>\n`): the response starts in its reasoning.
-QWEN3_VL_THINKING_CHAT_TEMPLATE = """\
-{%- for message in messages -%}
-    {{- '<|im_start|>' + message['role'] + '\\n' -}}
-    {%- if message['content'] is string -%}
-        {{- message['content'] -}}
-    {%- else -%}
-        {%- for item in message['content'] -%}
-            {%- if item['type'] == 'image' or 'image' in item or 'image_url' in item -%}
-                {{- '<|vision_start|><|image_pad|><|vision_end|>' -}}
-            {%- elif item['type'] == 'video' or 'video' in item -%}
-                {{- '<|vision_start|><|video_pad|><|vision_end|>' -}}
-            {%- elif 'text' in item -%}
-                {{- item['text'] -}}
-            {%- endif -%}
-        {%- endfor -%}
-    {%- endif -%}
-    {{- '<|im_end|>\\n' -}}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{- '<|im_start|>assistant\\n<think>\\n' -}}
-{%- endif -%}
-"""
+
+
+def _edited(template: str, *changes: tuple[str, str]) -> str:
+    """`template` with each (old, new) replaced; every old text must occur exactly once."""
+    for old, new in changes:
+        if template.count(old) != 1:
+            raise ValueError(f"{old!r} occurs {template.count(old)} times in the template")
+        template = template.replace(old, new)
+    return template
+
+
+# Qwen2-VL's and Qwen2.5-VL's: the ChatML above with a default system turn when the conversation
+# has none, and `add_vision_id=true` numbering the images and videos ("Picture 1: ").
+QWEN2_VL_CHAT_TEMPLATE = _edited(
+    QWEN_CHAT_TEMPLATE,
+    ("{%- for message in messages -%}\n",
+     "{%- set image_count = namespace(value=0) -%}\n{%- set video_count = namespace(value=0) -%}\n"
+     "{%- for message in messages -%}\n"
+     "    {%- if loop.first and message['role'] != 'system' -%}\n"
+     "        {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}\n"
+     "    {%- endif -%}\n"),
+    ("{{- '<|vision_start|><|image_pad|>",
+     "{%- set image_count.value = image_count.value + 1 -%}"
+     "{%- if add_vision_id -%}{{- 'Picture ' + image_count.value|string + ': ' -}}{%- endif -%}"
+     "{{- '<|vision_start|><|image_pad|>"),
+    ("{{- '<|vision_start|><|video_pad|>",
+     "{%- set video_count.value = video_count.value + 1 -%}"
+     "{%- if add_vision_id -%}{{- 'Video ' + video_count.value|string + ': ' -}}{%- endif -%}"
+     "{{- '<|vision_start|><|video_pad|>"),
+)
+
+# Qwen3-VL-Thinking's: the ChatML above, but the generation prompt opens the think block
+# (`<|im_start|>assistant\n<think>\n`): the response starts in its reasoning.
+QWEN3_VL_THINKING_CHAT_TEMPLATE = _edited(
+    QWEN_CHAT_TEMPLATE, ("{{- '<|im_start|>assistant\\n' -}}", "{{- '<|im_start|>assistant\\n<think>\\n' -}}"))
+
 # Qwen3's reasoning delimiters, added after the special tokens as Qwen3's tokenizer has them:
 # added tokens that are *not* special (decoding with skip_special_tokens keeps them).
 THINK_TOKENS = ("<think>", "</think>")
