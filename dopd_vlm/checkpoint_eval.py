@@ -98,6 +98,8 @@ def eval_request(cfg: RunConfig, *, model: str | None = None, adapter: str | Non
                                eval_splits=list(splits) if splits else cfg.data.eval_splits,
                                max_eval_samples=limit if limit is not None else cfg.data.max_eval_samples)
     train = dataclasses.replace(cfg.train, eval_max_new_tokens=max_new_tokens or eval_max_new_tokens(cfg))
+    if not data.eval_splits:
+        raise InputError("no split to evaluate: give --split (the config's data.eval_splits is empty)")
     cfg = dataclasses.replace(cfg, data=data, train=train)
     return EvalRequest(cfg, base, adapter or "", privileged, batch_size or eval_batch_size(cfg), config_path,
                        base_from_adapter=bool(named) and not model)

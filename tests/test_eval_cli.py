@@ -163,6 +163,7 @@ def test_every_expected_failure_of_eval_is_one_line_exit_code_2(tmp_path, tiny_p
         "images_for_a_text_model": (["eval", "--config", str(config), "--recipe", "synthetic_scenes", "--split", "test",
                                      "--limit", "1"], "1 image(s), but --model is a text-only model"),
         "prompt_too_long": ([*plain, "data.max_prompt_tokens=3"], "> data.max_prompt_tokens = 3"),
+        "no_split": (["eval", "--config", str(config), "data.eval_splits=[]"], "no split to evaluate"),
     }
     results = run_cases(tmp_path, {case: argv for case, (argv, _) in cases.items()})
     for case, (_, expected) in cases.items():
