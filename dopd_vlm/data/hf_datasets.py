@@ -21,10 +21,9 @@ from typing import Any, Literal
 
 import datasets
 
-from dopd_vlm.data.local_files import FORMATS, read_file
 from dopd_vlm.data.rows import BadRow, Part, RowNumbers, RowReader, RowRules, display_path, one_line, required_text
 from dopd_vlm.data.schema import IMAGE_PLACEHOLDER, RecipeError
-from dopd_vlm.data.tables import ArrowSource, JsonlSource, Source, read_split
+from dopd_vlm.data.tables import FORMATS, ArrowSource, Source, read_file, read_split
 from dopd_vlm.validation import INTERNAL
 
 logger = logging.getLogger(__name__)
@@ -105,6 +104,11 @@ class HFDatasetRecipe(RowRules):
         """A path of the recipe: relative paths are relative to the recipe's directory."""
         return Path(os.path.abspath(self.base_dir / os.path.expanduser(text)))
 
+    def patterns(self, name: str) -> list[str]:
+        """The file patterns of `data_files.<name>` (one, or a list)."""
+        patterns = self.data_files[name]
+        return [patterns] if isinstance(patterns, str) else patterns
+
     @property
     def image_dir(self) -> Path | None:
         """`image_root` as a path; None when unset."""
@@ -146,7 +150,7 @@ def split_sources(recipe: HFDatasetRecipe, split: str) -> tuple[list[Source], st
         loaded = hub_dataset(recipe) if recipe.hub_id else disk_dataset(recipe)
         tables = {name: [loaded.source(recipe, split, name)] for name in dict.fromkeys(names)}
         what = f"{loaded.shown} split {spec!r}"
-    lengths = {name: sum(_length(source) for source in sources) for name, sources in tables.items()}
+    lengths = {name: sum(source.size for source in sources) for name, sources in tables.items()}
     sources: list[Source] = []
     for instruction in datasets.ReadInstruction.from_spec(spec).to_absolute(lengths):
         sources += _rows_between(tables[instruction.splitname], instruction.from_, instruction.to)
@@ -160,9 +164,8 @@ def file_sources(recipe: HFDatasetRecipe, split: str, name: str) -> list[Source]
     if name not in recipe.data_files:
         raise RecipeError(f"recipe {recipe.source}: key 'splits.{split}': data_files has no split {name!r} "
                           f"(it has {', '.join(recipe.data_files)})")
-    patterns = recipe.data_files[name]
     files: list[str] = []
-    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+    for pattern in recipe.patterns(name):
         matches = [path for path in sorted(glob.glob(str(recipe.path(pattern)), recursive=True)) if os.path.isfile(path)]
         if not matches:
             raise RecipeError(f"recipe {recipe.source}: key '{key}': no file matches {pattern!r} (relative to "
@@ -228,26 +231,20 @@ def disk_dataset(recipe: HFDatasetRecipe) -> LoadedDataset:
 
 
 def _patterns(recipe: HFDatasetRecipe, name: str) -> str:
-    patterns = recipe.data_files[name]
-    return patterns if isinstance(patterns, str) else ", ".join(patterns)
-
-
-def _length(source: Source) -> int:
-    return len(source.rows) if isinstance(source, JsonlSource) else len(source.table)
+    """`data_files.<name>` as messages show it: relative to the working directory, like the files."""
+    return ", ".join(display_path(recipe.path(pattern)) for pattern in recipe.patterns(name))
 
 
 def _rows_between(sources: list[Source], start: int, stop: int) -> list[Source]:
     """Rows start..stop-1 of the sources taken one after the other, as sources restricted to them."""
     kept, offset = [], 0
     for source in sources:
-        length = _length(source)
+        length = source.size
         begin, end = max(start - offset, 0), min(stop - offset, length)
         if begin < end:
             kept.append(replace(source, start=begin, stop=end))
         offset += length
     return kept
-
-
 
 
 # -- the conversational format ----------------------------------------------------------------
@@ -341,9 +338,10 @@ class DatasetRowReader(RowReader):
             return super().prompt(raw)
         conversation = read_conversation(self.value(raw, "messages"), self.recipe.system_turn)
         self.dropped_system_turns += conversation.dropped_system
-        reference = conversation.reference
-        return required_text("question", conversation.question), "" if reference is None else required_text(
-            "reference", reference)
+        question = required_text("question", conversation.question)
+        if conversation.reference is None:
+            return question, ""
+        return question, required_text("reference", conversation.reference)
 
     def answer(self, raw: dict[str, Any], reference: str) -> str:
         if self.recipe.answer_from == "column":

@@ -15,13 +15,12 @@ from typing import Annotated, Literal
 
 import datasets
 
-from dopd_vlm.data.rows import Part, RowNumbers, RowReader, RowRules, display_path, one_line, read_jsonl
+from dopd_vlm.data.rows import RowReader, RowRules, display_path
 from dopd_vlm.data.schema import RecipeError
-from dopd_vlm.data.tables import ArrowSource, JsonlSource, Source, read_split
+from dopd_vlm.data.tables import FORMATS, read_file, read_split
 from dopd_vlm.validation import INTERNAL, NonEmpty
 
 Field = Literal["id", "question", "answer", "privileged", "images", "reference"]
-FORMATS = {".jsonl": "json", ".parquet": "parquet"}
 
 
 @dataclass(frozen=True)
@@ -64,16 +63,3 @@ def build_split(
     source = read_file(path, shown, image_dir=path.parent, cache_dir=None)
     return read_split([source], RowReader(recipe), limit=limit, skip_bad_rows=skip_bad_rows, what=shown,
                       empty=f"{shown}: no usable rows (split '{split}' of recipe {recipe.source})")
-
-
-def read_file(path: Path, shown: str, *, image_dir: Path | None, cache_dir: str | None) -> Source:
-    """A JSONL or Parquet file's rows; relative image paths resolve against `image_dir`."""
-    if path.suffix.lower() == ".jsonl":
-        columns, rows, numbers = read_jsonl(path, shown)
-        return JsonlSource(Part(shown, "file", numbers, path.stem, image_dir), columns, rows)
-    try:
-        table = datasets.load_dataset(FORMATS[path.suffix.lower()], data_files=str(path), split="train",
-                                      cache_dir=cache_dir)
-    except Exception as error:  # datasets and pyarrow raise parser errors of any kind; report the cause
-        raise RecipeError(f"{shown}: cannot read: {one_line(error.__cause__ or error)}") from None
-    return ArrowSource(Part(shown, "file", RowNumbers(), path.stem, image_dir), table)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import datasets
@@ -24,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dopd_vlm.data.dataset import sample_features
-from dopd_vlm.data.rows import BadRow, Part, RowReader
+from dopd_vlm.data.rows import BadRow, Part, RowNumbers, RowReader, one_line, read_jsonl
 from dopd_vlm.data.schema import RecipeError
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ FEATURES = sample_features(
     {"source": datasets.Value("string"), "row": datasets.Value("int64"), "location": datasets.Value("string")}
 )
 IMAGES_TYPE = FEATURES.arrow_schema.field("images").type  # list<struct<bytes: binary, path: string>>
+FORMATS = {".jsonl": "json", ".parquet": "parquet"}  # data file suffixes and their datasets builders
 WINDOW = 64  # rows validated at a time: bounds the image bytes held in Python at once
 BLANK = {"id": "", "question": "", "answer": "", "privileged": "", "reference": "",
          "meta": {"source": "", "row": -1, "location": ""}}  # stands for a bad row until it is dropped
@@ -70,8 +72,13 @@ class JsonlSource:
     start: int = 0
     stop: int | None = None
 
+    @property
+    def size(self) -> int:
+        """Rows in the file (whatever `start` and `stop`)."""
+        return len(self.rows)
+
     def windows(self, columns: list[str], images_column: str) -> Iterator[Window]:
-        stop = len(self.rows) if self.stop is None else self.stop
+        stop = self.size if self.stop is None else self.stop
         for begin in range(self.start, stop, WINDOW):
             yield Window(begin, self.rows[begin:min(begin + WINDOW, stop)])
 
@@ -89,10 +96,15 @@ class ArrowSource:
     def columns(self) -> list[str]:
         return self.table.column_names
 
+    @property
+    def size(self) -> int:
+        """Rows in the table (whatever `start` and `stop`)."""
+        return len(self.table)
+
     def windows(self, columns: list[str], images_column: str) -> Iterator[Window]:
         wanted = [name for name in columns if name in self.table.column_names]
         table = self.table.select_columns(wanted).with_format("arrow")
-        stop = len(self.table) if self.stop is None else self.stop
+        stop = self.size if self.stop is None else self.stop
         for begin in range(self.start, stop, WINDOW):
             rows = table[begin:min(begin + WINDOW, stop)]  # a zero-copy slice
             chunks = rows.column(images_column).chunks if images_column in wanted else None
@@ -100,6 +112,19 @@ class ArrowSource:
 
 
 Source = JsonlSource | ArrowSource
+
+
+def read_file(path: Path, shown: str, *, image_dir: Path | None, cache_dir: str | None) -> Source:
+    """A JSONL or Parquet file's rows; relative image paths resolve against `image_dir`."""
+    if path.suffix.lower() == ".jsonl":
+        columns, rows, numbers = read_jsonl(path, shown)
+        return JsonlSource(Part(shown, "file", numbers, path.stem, image_dir), columns, rows)
+    try:
+        table = datasets.load_dataset(FORMATS[path.suffix.lower()], data_files=str(path), split="train",
+                                      cache_dir=cache_dir)
+    except Exception as error:  # datasets and pyarrow raise parser errors of any kind; report the cause
+        raise RecipeError(f"{shown}: cannot read: {one_line(error.__cause__ or error)}") from None
+    return ArrowSource(Part(shown, "file", RowNumbers(), path.stem, image_dir), table)
 
 
 @dataclass
