@@ -4,6 +4,7 @@ conversational `messages` format. Every dataset here is written by `datasets` it
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -57,8 +58,8 @@ COLUMNS = datasets.Features({"qid": TEXT, "question": TEXT, "answer": TEXT, "ima
 COLUMN_FIELDS = {"id": "qid", "images": "image", "privileged": "caption"}
 
 
-def write_recipe(tmp_path: Path, **keys) -> Path:
-    path = tmp_path / "recipes" / "hf.yaml"
+def write_recipe(tmp_path: Path, name: str = "hf", /, **keys) -> Path:
+    path = tmp_path / "recipes" / f"{name}.yaml"
     path.parent.mkdir(exist_ok=True)
     path.write_text(yaml.safe_dump({"kind": "hf_dataset", "cache_dir": "../cache", **keys}))
     return path
@@ -139,6 +140,12 @@ def test_shards_by_glob_are_read_in_order_and_rows_named_by_shard(tmp_path):
     assert [pixels(s) for s in test] == [[(4, 5, 6)], [], [(1, 2, 3)], [(4, 5, 6)], [(1, 2, 3)]]
     assert test[1].meta["location"].endswith("data/more-00001-of-00002.jsonl line 2")
     assert test[1].id == "more-00001-of-00002-2"
+    # an Image column holding paths, as to_parquet leaves them (not embedded): relative to the shard's folder
+    with contextlib.chdir(data):  # datasets reads the files' sizes as it writes
+        paths.cast_column("image", datasets.List(datasets.Image())).to_parquet("paths.parquet")
+    stored = load_recipe(write_recipe(tmp_path, "paths", data_files={"train": "../data/paths.parquet"}, fields=fields),
+                         "train")
+    assert [pixels(s) for s in stored] == [[(1, 2, 3)], [(4, 5, 6)], [(1, 2, 3)], [(4, 5, 6)], []]
     bad = paths.map(lambda row: {"caption": "" if row["answer"] == "4" else row["caption"]})
     bad.shard(2, 1, contiguous=True).to_json(str(data / "more-00001-of-00002.jsonl"))
     with pytest.raises(RecipeError, match=r"data/more-00001-of-00002\.jsonl line 2 field 'caption' \(privileged\): "

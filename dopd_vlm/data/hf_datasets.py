@@ -23,7 +23,7 @@ import datasets
 
 from dopd_vlm.data.rows import BadRow, Part, RowNumbers, RowReader, RowRules, display_path, one_line, required_text
 from dopd_vlm.data.schema import IMAGE_PLACEHOLDER, RecipeError
-from dopd_vlm.data.tables import FORMATS, ArrowSource, Source, read_file, read_split
+from dopd_vlm.data.tables import FORMATS, LOAD_ERRORS, ArrowSource, Source, read_file, read_split
 from dopd_vlm.validation import INTERNAL
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class HFDatasetRecipe(RowRules):
         for split, spec in self.splits.items():
             try:
                 datasets.ReadInstruction.from_spec(spec)
-            except (ValueError, AssertionError) as error:
+            except ValueError as error:
                 raise RecipeError(f"recipe {self.source}: key 'splits.{split}': {one_line(error)}") from None
         self._check_fields()
 
@@ -209,7 +209,7 @@ def hub_dataset(recipe: HFDatasetRecipe) -> LoadedDataset:
             f"({recipe.cache or datasets.config.HF_DATASETS_CACHE}) and the Hub cannot be reached ({one_line(error)}); "
             "load it once where the Hub is reachable, or use a local copy (from_disk or data_files)"
         ) from None
-    except Exception as error:  # not found, gated, unknown config or revision: datasets raises many types
+    except LOAD_ERRORS as error:  # not found, gated, an unknown config or revision
         raise RecipeError(f"recipe {recipe.source}: {shown}: cannot load: {one_line(error)}") from None
     return LoadedDataset(dict(loaded), shown)
 
@@ -222,7 +222,7 @@ def disk_dataset(recipe: HFDatasetRecipe) -> LoadedDataset:
         raise RecipeError(f"recipe {recipe.source}: from_disk folder not found: {shown}")
     try:
         loaded = datasets.load_from_disk(str(folder))
-    except Exception as error:  # not a saved dataset, damaged files: datasets and pyarrow raise many types
+    except LOAD_ERRORS as error:  # not a saved dataset, a damaged file
         raise RecipeError(f"{shown}: cannot load (from_disk of recipe {recipe.source}): {one_line(error)}") from None
     if isinstance(loaded, datasets.Dataset):
         note = f" (a folder holding one Dataset, not a DatasetDict, has the one split '{SINGLE_DATASET_SPLIT}')"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import datasets
+import datasets.exceptions
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -35,6 +36,9 @@ FEATURES = sample_features(
 )
 IMAGES_TYPE = FEATURES.arrow_schema.field("images").type  # list<struct<bytes: binary, path: string>>
 FORMATS = {".jsonl": "json", ".parquet": "parquet"}  # data file suffixes and their datasets builders
+# What datasets, huggingface_hub and pyarrow raise for data they cannot load (a missing, damaged or
+# unknown dataset or file; no network: ConnectionError): an input error, not a bug of ours.
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, pa.ArrowException, datasets.exceptions.DatasetsError)
 WINDOW = 64  # rows validated at a time: bounds the image bytes held in Python at once
 BLANK = {"id": "", "question": "", "answer": "", "privileged": "", "reference": "",
          "meta": {"source": "", "row": -1, "location": ""}}  # stands for a bad row until it is dropped
@@ -122,7 +126,7 @@ def read_file(path: Path, shown: str, *, image_dir: Path | None, cache_dir: str 
     try:
         table = datasets.load_dataset(FORMATS[path.suffix.lower()], data_files=str(path), split="train",
                                       cache_dir=cache_dir)
-    except Exception as error:  # datasets and pyarrow raise parser errors of any kind; report the cause
+    except LOAD_ERRORS as error:  # datasets wraps pyarrow's parser errors: report the cause
         raise RecipeError(f"{shown}: cannot read: {one_line(error.__cause__ or error)}") from None
     return ArrowSource(Part(shown, "file", RowNumbers(), path.stem, image_dir), table)
 
