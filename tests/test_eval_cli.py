@@ -128,25 +128,48 @@ def test_eval_reproduces_training_evaluation_for_checkpoints_adapters_and_two_ra
     assert proc.stdout.count("unclosed_think") == 1, proc.stdout  # one table, from rank 0
 
 
-def test_every_expected_failure_of_eval_is_one_line_exit_code_2(tmp_path, tiny_pairs):
+def saved_dataset_recipe(root: Path) -> Path:
+    """A recipe of kind hf_dataset over a DatasetDict written by `datasets` (save_to_disk), with images."""
+    import datasets
+
+    from test_data import png
+
+    rows = {"qid": ["q0", "q1", "q2"], "question": ["How many shapes?"] * 3, "answer": ["1", "2", "3"],
+            "image": [[{"bytes": png(size=(40 + i, 30)), "path": None}] for i in range(3)],
+            "caption": ["red circle", "two squares", "three stars"]}
+    features = datasets.Features({"qid": datasets.Value("string"), "question": datasets.Value("string"),
+                                  "answer": datasets.Value("string"), "image": datasets.List(datasets.Image()),
+                                  "caption": datasets.Value("string")})
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict(rows, features=features)}).save_to_disk(
+        str(root / "saved"))
+    recipe = root / "saved_recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"kind": "hf_dataset", "from_disk": "saved", "splits": {"test": "validation"},
+                                      "fields": {"id": "qid", "images": "image", "privileged": "caption"}}))
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def fast_cases(tmp_path_factory, tiny_pairs):
+    """Every case of the fast tests below through one command-line process: (cases, results)."""
+    root = tmp_path_factory.mktemp("eval_cli")
     student = tiny_pairs["qwen3"]["student"]
-    orphan = tmp_path / "orphan_adapter"  # an adapter whose base folder is gone
+    orphan = root / "orphan_adapter"  # an adapter whose base folder is gone
     orphan.mkdir()
-    (orphan / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "gone"),
+    (orphan / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(root / "gone"),
                                                             "peft_type": "LORA"}))
-    config = tmp_path / "c.yaml"
+    config = root / "c.yaml"
     config.write_text(yaml.safe_dump({"model": {"student": str(student)}, "data": {"recipe": "synthetic_text"}}))
     plain = ["eval", "--model", str(student), "--recipe", "synthetic_text", "--split", "test", "--limit", "2"]
-    cases = {
-        "missing_model": (["eval", "--model", str(tmp_path / "nope"), "--recipe", "synthetic_text", "--split", "test"],
-                          f"checkpoint {tmp_path / 'nope'}: no such local folder, and not loadable as a Hub id"),
+    errors = {
+        "missing_model": (["eval", "--model", str(root / "nope"), "--recipe", "synthetic_text", "--split", "test"],
+                          f"checkpoint {root / 'nope'}: no such local folder, and not loadable as a Hub id"),
         "unknown_split": ([*plain[:-4], "--split", "validation"], "has no split 'validation' (splits: train, test, ood)"),
         "missing_recipe": ([*plain[:3], "--recipe", "recipes/nope.yaml", "--split", "test"],
                            "recipe file not found: recipes/nope.yaml"),
         "unknown_recipe": ([*plain[:3], "--recipe", "nope", "--split", "test"], "unknown recipe 'nope'"),
         "adapter_base_missing": (["eval", "--adapter", str(orphan), "--recipe", "synthetic_text", "--split", "test"],
-                                 f"adapter {orphan}: its base model {tmp_path / 'gone'} (base_model_name_or_path in "
-                                 f"adapter_config.json) cannot be loaded: checkpoint {tmp_path / 'gone'}: no such local "
+                                 f"adapter {orphan}: its base model {root / 'gone'} (base_model_name_or_path in "
+                                 f"adapter_config.json) cannot be loaded: checkpoint {root / 'gone'}: no such local "
                                  "folder"),
         "not_an_adapter": ([*plain, "--adapter", str(student)],
                            f"adapter {student}: no adapter_config.json (not a PEFT adapter folder"),
@@ -157,15 +180,32 @@ def test_every_expected_failure_of_eval_is_one_line_exit_code_2(tmp_path, tiny_p
         "zero_batch": ([*plain, "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
         "config_key": ([*plain, "data.chat_template_kwargs=false"],
                        "config key 'data.chat_template_kwargs': expected a mapping, got bool False"),
-        "missing_config": (["eval", "--config", str(tmp_path / "none.yaml")], "config file not found"),
-        "json_folder_missing": ([*plain, "--json", str(tmp_path / "no" / "r.json")],
-                                f"--json {tmp_path / 'no' / 'r.json'}: its folder does not exist"),
+        "missing_config": (["eval", "--config", str(root / "none.yaml")], "config file not found"),
+        "json_folder_missing": ([*plain, "--json", str(root / "no" / "r.json")],
+                                f"--json {root / 'no' / 'r.json'}: its folder does not exist"),
         "images_for_a_text_model": (["eval", "--config", str(config), "--recipe", "synthetic_scenes", "--split", "test",
                                      "--limit", "1"], "1 image(s), but --model is a text-only model"),
         "prompt_too_long": ([*plain, "data.max_prompt_tokens=3"], "> data.max_prompt_tokens = 3"),
         "no_split": (["eval", "--config", str(config), "data.eval_splits=[]"], "no split to evaluate"),
     }
-    results = run_cases(tmp_path, {case: argv for case, (argv, _) in cases.items()})
+    argvs = {case: argv for case, (argv, _) in errors.items()}
+    argvs["datasets_recipe"] = ["eval", "--model", str(tiny_pairs["qwen2_vl"]["student"]), "--recipe",
+                                str(saved_dataset_recipe(root)), "--split", "test", "--max-new-tokens", "3",
+                                "--privileged", "--json", str(root / "datasets.json")]
+    return root, errors, run_cases(root, argvs)
+
+
+def test_eval_scores_a_datasets_recipe(fast_cases):
+    # any recipe kind goes through load_recipe: here a save_to_disk folder written by `datasets`
+    root, _, results = fast_cases
+    succeeded(results["datasets_recipe"], "datasets_recipe")
+    report = json.loads((root / "datasets.json").read_text())
+    assert report["recipe"].endswith("saved_recipe.yaml") and report["view"] == "privileged"
+    assert [(s["split"], s["total"]) for s in report["results"]] == [("test", 3)]
+
+
+def test_every_expected_failure_of_eval_is_one_line_exit_code_2(fast_cases):
+    root, cases, results = fast_cases
     for case, (_, expected) in cases.items():
         result = results[case]
         assert result["traceback"] is None and result["code"] == 2, (case, result["stderr"][-3000:])
@@ -173,4 +213,4 @@ def test_every_expected_failure_of_eval_is_one_line_exit_code_2(tmp_path, tiny_p
         errors = [line for line in result["stderr"].splitlines() if line.startswith(ERROR)]
         assert len(errors) == 1 and expected in errors[0], (case, result["stderr"][-3000:])
         assert result["stdout"] == "", case
-    assert not (tmp_path / "no").exists()
+    assert not (root / "no").exists()
