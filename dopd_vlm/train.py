@@ -339,21 +339,32 @@ def baseline_accuracies(models: Models, eval_sets, cfg: RunConfig) -> dict[str, 
 
 def accuracies(models: Models, eval_sets, cfg: RunConfig, *, prefix: str, engine=None, collator=None,
                privileged: bool = False, gather: bool = True) -> dict[str, float]:
-    """Greedy exact-match accuracy per eval split (the student's by default), the model gathered
-    once for all splits unless `gather` is False (see `engine.gathered_for_generation`)."""
+    """Greedy exact-match accuracy per eval split (the student's by default), `<prefix>/<split>`, and
+    the count of answers left inside an open think block, `unclosed_think/<prefix>/<split>`; the
+    model gathered once for all splits unless `gather` is False (see `engine.gathered_for_generation`)."""
     engine = engine if engine is not None else models.student
     model = models.student_module if engine is models.student else engine.module
-    batch = cfg.train.prompts_per_micro_batch * cfg.rollout.num_rollouts
-    max_new_tokens = cfg.train.eval_max_new_tokens or cfg.rollout.max_new_tokens
+    metrics: dict[str, float] = {}
     with gathered_for_generation(engine, gather) as synced_gpus:
-        return {
-            f"{prefix}/{split}": evaluate_accuracy(
-                model, collator or models.collator, samples, max_new_tokens=max_new_tokens, batch_size=batch,
-                privileged=privileged, suppress_token_ids=models.suppress_token_ids, synced_gpus=synced_gpus,
-                extractor=samples.answer_extractor,
-            ).accuracy
-            for split, samples in eval_sets.items()
-        }
+        for split, samples in eval_sets.items():
+            result = evaluate_accuracy(
+                model, collator or models.collator, samples, max_new_tokens=eval_max_new_tokens(cfg),
+                batch_size=eval_batch_size(cfg), privileged=privileged, suppress_token_ids=models.suppress_token_ids,
+                synced_gpus=synced_gpus, extractor=samples.answer_extractor,
+            )
+            metrics[f"{prefix}/{split}"] = result.accuracy
+            metrics[f"unclosed_think/{prefix}/{split}"] = result.unclosed_think
+    return metrics
+
+
+def eval_max_new_tokens(cfg: RunConfig) -> int:
+    """The length cap of greedy evaluation answers: train.eval_max_new_tokens, else the rollouts'."""
+    return cfg.train.eval_max_new_tokens or cfg.rollout.max_new_tokens
+
+
+def eval_batch_size(cfg: RunConfig) -> int:
+    """Sequences per greedy evaluation `generate` call: one micro-batch's sequences."""
+    return cfg.train.prompts_per_micro_batch * cfg.rollout.num_rollouts
 
 
 # -- metrics: metrics.jsonl, TensorBoard, optional Weights & Biases ------------------------------

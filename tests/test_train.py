@@ -170,8 +170,12 @@ def test_two_ranks_zero3_every_method_trains_and_exports(tmp_path, tiny_pairs):
         assert ("teacher_privileged/test" in lines[0]) == (name != "opsd")  # train.teacher_eval=skip
         assert [line["step"] for line in lines[1:]] == [1, 2]
         for key in ("loss", "entropy", "time/rollout", "time/student_pass", "time/loss", "time/backward",
-                    "time/optimizer", "tokens_per_second", "lr"):
+                    "time/optimizer", "memory/rollout", "memory/loss", "memory/backward", "tokens_per_second", "lr"):
             assert key in lines[-1], (name, key)
+        for key in ("time/setup/checks", "time/setup/models", "time/setup/engines", "time/eval/baseline",
+                    "memory/setup/models", "memory/eval/baseline"):
+            assert lines[0][key] > 0, (name, key)
+        assert {"time/export", "time/checkpoint", "time/eval"} <= set(result["phases"]), name
         assert "student/test" in lines[-1]
     dopd = metrics_lines(tmp_path / "dopd")[-1]
     assert sum(dopd[f"share/{r}"] for r in ("LH", "LL", "HT", "HS")) == pytest.approx(1.0)
