@@ -17,11 +17,11 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
-from dopd_vlm.chunks import LossPath
+from dopd_vlm.head_loss import LossPath
 from dopd_vlm.collate import SpecialTokenPolicy
 from dopd_vlm.data.schema import IMAGE_PLACEHOLDER
 from dopd_vlm.errors import InputError
-from dopd_vlm.losses import TopKVariant
+from dopd_vlm.divergences import TopKVariant
 from dopd_vlm.methods import METHODS, Ablation, Divergence, OpdDivergence, RegimeWeights
 from dopd_vlm.router import Normalization, TokenDrop
 from dopd_vlm.validation import Above, AtLeast, Between, Invalid, NonEmpty, build

@@ -2,8 +2,8 @@
 
 A method is one row of `METHODS`: which scoring passes it needs, whether it routes, and its
 per-token objective, a function of the method's config returning `Chunk -> [n] losses`
-(`chunks.Chunk` gives the student's log-probs, the targets and the divergences on one chunk of
-tokens). Everything else — chunking, the fused LM-head gradient, ZeRO-3 — is `chunks.evaluate`'s.
+(`head_loss.Chunk` gives the student's log-probs, the targets and the divergences on one chunk of
+tokens). Everything else — chunking, the fused LM-head gradient, ZeRO-3 — is `head_loss.evaluate`'s.
 
     dopd         routed teacher / privileged-student supervision (docs/algorithm.md section 2)
     vanilla_opd  teacher on every token: sampled-token, top-K or full reverse KL
@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 
-from dopd_vlm import chunks, losses
-from dopd_vlm.chunks import Chunk, LossInputs, LossPath, PerToken
+from dopd_vlm import divergences, head_loss
+from dopd_vlm.head_loss import Chunk, LossInputs, LossPath, PerToken
 from dopd_vlm.distributed import world_size
 from dopd_vlm.router import HS, HT, LH, LL, REGIME_NAMES
 
@@ -100,7 +100,7 @@ def vanilla_opd(cfg: MethodConfig) -> PerToken:
     """The teacher on every token, with the divergence `method.opd_divergence`."""
     def per_token(c: Chunk) -> torch.Tensor:
         if cfg.opd_divergence == "sampled":
-            return losses.sampled_token_reverse_kl(c.token_logprobs(), c.token_logprobs(c.teacher))
+            return divergences.sampled_token_reverse_kl(c.token_logprobs(), c.token_logprobs(c.teacher))
         if cfg.opd_divergence == "topk":
             return c.topk_rkl(True)
         return c.jsd(c.teacher, 1.0)
@@ -120,7 +120,7 @@ def gkd(cfg: MethodConfig) -> PerToken:
 
 def sft(cfg: MethodConfig) -> PerToken:
     """Cross-entropy to the reference answer's tokens (the batch's responses are the references)."""
-    return lambda c: losses.token_cross_entropy(c.student_logits, c.token_ids)
+    return lambda c: divergences.token_cross_entropy(c.student_logits, c.token_ids)
 
 
 # -- the method table -----------------------------------------------------------------------------
@@ -188,9 +188,9 @@ def compute_loss(cfg: MethodConfig, inputs: LossInputs, chunk_size: int,
     """
     method = METHODS[cfg.name]
     check_inputs(cfg, method, inputs)
-    fused = chunks.use_fused(loss_path, inputs.student_head)
-    chunks.check_partitioned_heads(inputs, fused, world_size())
-    loss, columns = chunks.evaluate(method.objective(cfg), cfg, inputs, chunk_size, fused)
+    fused = head_loss.use_fused(loss_path, inputs.student_head)
+    head_loss.check_partitioned_heads(inputs, fused, world_size())
+    loss, columns = head_loss.evaluate(method.objective(cfg), cfg, inputs, chunk_size, fused)
     stats = TokenStats(
         loss=columns[:, 0].detach(),
         entropy=columns[:, 1].detach(),

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dopd_vlm.chunks import LossInputs
+from dopd_vlm.head_loss import LossInputs
 from dopd_vlm.collate import DualViewCollator, ScoringViews, reference_responses
 from dopd_vlm.data.schema import Sample
 from dopd_vlm.distributed import all_ranks_sum, all_ranks_true, world_size

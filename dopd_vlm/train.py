@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from dopd_vlm import prompt_checks
-from dopd_vlm.chunks import check_heads, use_fused
+from dopd_vlm.head_loss import check_heads, use_fused
 from dopd_vlm.collate import DualViewCollator, check_same_tokenizer, check_shared_vocab
 from dopd_vlm.config import RunConfig, load_deepspeed_config
 from dopd_vlm.data.dataset import SampleDataset

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from dopd_vlm import lora
-from dopd_vlm.chunks import LossInputs
+from dopd_vlm.head_loss import LossInputs
 from dopd_vlm.collate import DualViewCollator
 from dopd_vlm.config import LORA_TARGETS, ConfigError, DataConfig, LoraConfig, ModelConfig, load_config
 from dopd_vlm.data.recipes import load_recipe

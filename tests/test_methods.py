@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from dopd_vlm import losses
-from dopd_vlm.chunks import LossInputs, check_heads, check_partitioned_heads, use_fused
+from dopd_vlm import divergences
+from dopd_vlm.head_loss import LossInputs, check_heads, check_partitioned_heads, use_fused
 from dopd_vlm.config import MethodConfig
 from dopd_vlm.errors import InputError
 from dopd_vlm.methods import compute_loss, summarize
@@ -68,13 +68,13 @@ def test_dopd_regime_targets_and_weights_match_the_table():
         expected = torch.empty(8)
         for i, r in enumerate(regimes.tolist()):
             if r == LH:
-                expected[i] = 0.6 * losses.topk_reverse_kl(s[i : i + 1], t[i : i + 1], 8, TOPK_VARIANT)[0]
+                expected[i] = 0.6 * divergences.topk_reverse_kl(s[i : i + 1], t[i : i + 1], 8, TOPK_VARIANT)[0]
             elif r == LL:
-                expected[i] = 0.3 * losses.topk_reverse_kl(s[i : i + 1], p[i : i + 1], 8, TOPK_VARIANT)[0]
+                expected[i] = 0.3 * divergences.topk_reverse_kl(s[i : i + 1], p[i : i + 1], 8, TOPK_VARIANT)[0]
             elif r == HT:
-                expected[i] = 1.0 * losses.generalized_jsd(s[i : i + 1], t[i : i + 1], 0.5)[0]
+                expected[i] = 1.0 * divergences.generalized_jsd(s[i : i + 1], t[i : i + 1], 0.5)[0]
             else:
-                expected[i] = 0.6 * losses.topk_reverse_kl(s[i : i + 1], p[i : i + 1], 8, TOPK_VARIANT)[0]
+                expected[i] = 0.6 * divergences.topk_reverse_kl(s[i : i + 1], p[i : i + 1], 8, TOPK_VARIANT)[0]
     torch.testing.assert_close(stats.loss, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -101,9 +101,9 @@ def test_a_frozen_privileged_head_is_the_target_of_the_privileged_regimes(fused)
         p = inputs.privileged_hidden @ frozen_w.T
         for i in (0, 1, 4, 5):
             weight = 0.3 if regimes[i] == LL else 0.6
-            expected = weight * losses.topk_reverse_kl(s[i : i + 1], p[i : i + 1], 8, TOPK_VARIANT)[0]
+            expected = weight * divergences.topk_reverse_kl(s[i : i + 1], p[i : i + 1], 8, TOPK_VARIANT)[0]
             torch.testing.assert_close(stats.loss[i], expected, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(opsd_stats.loss, losses.generalized_jsd(s, p, 0.5), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(opsd_stats.loss, divergences.generalized_jsd(s, p, 0.5), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -123,9 +123,9 @@ def test_dopd_ablations_swap_sources_or_objective(options, teacher_regimes):
         p = inputs.student_head(inputs.privileged_hidden)
         for i, r in enumerate(regimes.tolist()):
             target = t if r in teacher_regimes else p
-            value = losses.topk_reverse_kl(s[i : i + 1], target[i : i + 1], 8, TOPK_VARIANT)[0]
+            value = divergences.topk_reverse_kl(s[i : i + 1], target[i : i + 1], 8, TOPK_VARIANT)[0]
             if r == HT and options.get("ablation") == "no_student":
-                value = losses.generalized_jsd(s[i : i + 1], t[i : i + 1], 0.5)[0]
+                value = divergences.generalized_jsd(s[i : i + 1], t[i : i + 1], 0.5)[0]
             torch.testing.assert_close(stats.loss[i], weights[r] * value, rtol=1e-5, atol=1e-6)
 
 
@@ -148,11 +148,11 @@ def test_dopd_regime_weights_and_divergences_match_brute_force(regime_weights, d
             target = t if r in (LH, HT) else p
             row, target_row = s[i : i + 1], target[i : i + 1]
             if divergence == "js" or (divergence == "routed" and r == HT):
-                value = losses.generalized_jsd(row, target_row, 0.5)[0]
+                value = divergences.generalized_jsd(row, target_row, 0.5)[0]
             elif divergence == "reverse_kl":
-                value = losses.generalized_jsd(row, target_row, 1.0)[0]
+                value = divergences.generalized_jsd(row, target_row, 1.0)[0]
             else:
-                value = losses.topk_reverse_kl(row, target_row, 8, TOPK_VARIANT)[0]
+                value = divergences.topk_reverse_kl(row, target_row, 8, TOPK_VARIANT)[0]
             torch.testing.assert_close(stats.loss[i], weights[r] * value, rtol=1e-5, atol=1e-6)
 
 

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Callable, Literal
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dopd_vlm import losses
+from dopd_vlm import divergences
 from dopd_vlm.errors import InputError
-from dopd_vlm.losses import log_probs, upcast
+from dopd_vlm.divergences import log_probs, upcast
 from dopd_vlm.lora import LowRank
 from dopd_vlm.scoring import Head, ResponseTokens, WeightHead, at_least_float32, linear_float32, matmul_float32
 
@@ -171,14 +171,14 @@ class Chunk:
         variant = self.cfg.topk_variant
         if variant == "tail":  # needs every target token outside the support: full rows
             rows = _routed_rows(targets, lambda source: source.log_probs())
-            return losses.topk_reverse_kl_from_logprobs(self.log_p_s, rows, self.cfg.top_k, variant)
+            return divergences.topk_reverse_kl_from_logprobs(self.log_p_s, rows, self.cfg.top_k, variant)
         support_t = _routed_rows(targets, lambda source: source.support_log_probs(self.support))
-        return losses.topk_reverse_kl_on_support(self.log_p_s.gather(-1, self.support), support_t, variant)
+        return divergences.topk_reverse_kl_on_support(self.log_p_s.gather(-1, self.support), support_t, variant)
 
     def jsd(self, target: Target, beta: float, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Full-vocabulary generalised JSD to ``target`` on all rows or the given row indices."""
         log_p_s = self.log_p_s if rows is None else self.log_p_s[rows]
-        return losses.generalized_jsd_from_logprobs(log_p_s, target.log_probs(rows), beta)
+        return divergences.generalized_jsd_from_logprobs(log_p_s, target.log_probs(rows), beta)
 
     def full_divergence(self, use_teacher: torch.Tensor, beta: float) -> torch.Tensor:
         """Full-vocabulary generalised JSD per row (beta 0.5: JS, 1: reverse KL) to the teacher
@@ -208,10 +208,10 @@ class Chunk:
         """KL(P_S ‖ P_T): full where the teacher's rows exist, else over the top-K plus one bucket."""
         teacher = self.teacher
         if self.cfg.temperature != 1.0:
-            return losses.generalized_jsd(self.student_logits, teacher.head(teacher.hidden), beta=1.0)
+            return divergences.generalized_jsd(self.student_logits, teacher.head(teacher.hidden), beta=1.0)
         if teacher.has_full or teacher.sparse is None:
-            return losses.generalized_jsd_from_logprobs(self.log_p_s, teacher.log_probs(), beta=1.0)
-        return losses.support_bucket_kl(self.log_p_s.gather(-1, self.support), teacher.support_log_probs(self.support))
+            return divergences.generalized_jsd_from_logprobs(self.log_p_s, teacher.log_probs(), beta=1.0)
+        return divergences.support_bucket_kl(self.log_p_s.gather(-1, self.support), teacher.support_log_probs(self.support))
 
 
 def _routed_rows(targets, rows_of: Callable[[Target], torch.Tensor]) -> torch.Tensor:

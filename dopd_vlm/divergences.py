@@ -60,7 +60,7 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- token helpers
 
 
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def log_probs_at(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature)[ids], computed as logit − logsumexp (stable).
 
     ``logits`` [..., V], ``ids`` [...] (int64) -> [...].
@@ -88,7 +88,7 @@ def token_cross_entropy(
 ) -> torch.Tensor:
     """SFT loss per token: −log P_S(target). Positions whose id is ``ignore_index`` give 0."""
     ignored = target_ids == ignore_index
-    nll = -token_logprobs(student_logits, target_ids.masked_fill(ignored, 0))
+    nll = -log_probs_at(student_logits, target_ids.masked_fill(ignored, 0))
     return nll.masked_fill(ignored, 0.0)
 
 
