@@ -65,8 +65,7 @@ def run_child(args) -> dict:
     import dopd_vlm  # noqa: F401  (torchvision shim before transformers)
     from dopd_vlm import divergences
     from dopd_vlm.config import MethodConfig
-    from dopd_vlm.head_loss import LossInputs
-    from dopd_vlm.methods import compute_loss
+    from dopd_vlm.methods import LossInputs, compute_loss
     from dopd_vlm.router import HT, compute_thresholds, assign_regimes
     from dopd_vlm.scoring import Head, ResponseTokens, WeightHead
 

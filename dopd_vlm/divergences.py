@@ -21,13 +21,10 @@ At real vocabulary sizes ``[N, V]`` logits for all response tokens do not fit in
 from __future__ import annotations
 
 import math
-import typing
-from typing import Literal
 
 import torch
 
-TopKVariant = Literal["unbiased", "renormalized", "tail"]
-TOPK_VARIANTS = typing.get_args(TopKVariant)
+from dopd_vlm.choices import TOPK_VARIANTS
 
 
 # --------------------------------------------------------------------------- small helpers

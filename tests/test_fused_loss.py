@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from dopd_vlm import divergences, head_loss
-from dopd_vlm.head_loss import LossInputs
-from dopd_vlm.methods import compute_loss
+from dopd_vlm.methods import LossInputs, compute_loss
 from dopd_vlm.scoring import LMHead, ResponseTokens, WeightHead, token_logprobs_and_lse
 from helpers.method_configs import config_id, method_configs
 
