@@ -15,7 +15,7 @@ Conventions shared by every function here:
 - ``temperature`` divides the logits of both distributions before the softmax; no T^2 rescaling.
 
 At real vocabulary sizes ``[N, V]`` logits for all response tokens do not fit in memory:
-``dopd_vlm.chunks`` applies the LM head and these functions one chunk of tokens at a time.
+``dopd_vlm.head_loss`` applies the LM head and these functions one chunk of tokens at a time.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def topk_reverse_kl_on_support(
     gradient; ``support_log_p_t`` the target's at the same tokens (detached here). These two
     variants need nothing outside the support, which lets a caller compute the target's
     support log-probs without materialising its full-vocabulary logits (see
-    ``methods.compute_loss``). The ``"tail"`` variant needs the full rows: use
+    ``methods.Target.support_log_probs``). The ``"tail"`` variant needs the full rows: use
     :func:`topk_reverse_kl`.
     """
     support_log_p_t = support_log_p_t.detach()
