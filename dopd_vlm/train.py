@@ -57,7 +57,7 @@ from dopd_vlm.models import (
 )
 from dopd_vlm.rollout import eos_token_ids
 from dopd_vlm.scoring import output_head
-from dopd_vlm.step import Models, derive_seed, dopd_step, step_batches
+from dopd_vlm.step import Models, PhaseTimer, derive_seed, dopd_step, step_batches
 from dopd_vlm import lora, vllm_rollout
 
 log = logging.getLogger("dopd_vlm.train")
@@ -75,6 +75,7 @@ class Run:
     eval_sets: dict[str, SampleDataset]
     out: Path
     start_step: int
+    phases: PhaseTimer  # set-up's phases, then the run's evaluations, checkpoints and export
 
 
 @dataclass
@@ -87,6 +88,7 @@ class TrainResult:
     teacher: nn.Module | None
     finished: bool
     rollout_engine: Any = None  # rollout.engine=vllm: the live engine (close it when done)
+    phases: dict[str, float] | None = None  # time/<phase> and memory/<phase> of set-up, evaluations, checkpoints, export
 
 
 # -- set-up --------------------------------------------------------------------------------------
@@ -102,6 +104,7 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     # DeepSpeed calls torch.distributed's renamed collectives on every step
     warnings.filterwarnings("ignore", message=r".*is deprecated. Please use `torch.distributed", category=FutureWarning)
     check_config(cfg)  # the config's checks that need the method table
+    phases = PhaseTimer()
     if cfg.rollout.engine == "vllm":  # a missing extra fails before anything loads
         vllm_rollout.require_vllm()
     if cfg.model.lora.enabled:
@@ -123,6 +126,7 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
         vllm_rollout.check_student(cfg, torch.cuda.is_available(), world_size())
     data, eval_sets = load_splits(cfg, family)
     data, eval_sets = check_prompts(cfg, collator, data, eval_sets)
+    phases.lap("setup/checks")  # config, checkpoints' headers, processors, data, every prompt
 
     method = METHODS[cfg.method.name]
     initial_privileged = method.needs_privileged_student and cfg.method.privileged_target == "initial"
@@ -138,6 +142,7 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
     vocab_size = check_shared_vocab(collator.teacher_processor, collator.processor,
                                     head_rows(teacher if teacher is not None else student), head_rows(student))
     check_first_samples(collator, cfg, {cfg.data.train_split: data, **eval_sets})
+    phases.lap("setup/models")
 
     engine, scheduler, optimizer = student_engine(student, ds_config, cfg.optim, lambda step: lr_factor(step, cfg))
     models = Models(student=engine, teacher_engine=frozen_engine(teacher, ds_config), collator=collator,
@@ -147,12 +152,14 @@ def setup(cfg: RunConfig, *, resume: bool = False) -> Run:
                     peft_student=peft_student, privileged_base=initial_privileged and with_lora)
     check_loss_path(models, cfg)
     start_step = load_latest_checkpoint(engine, out) if resume else 0
+    phases.lap("setup/engines")
     if cfg.rollout.engine == "vllm" and method.on_policy:  # one engine per rank, from the student checkpoint
         models.rollout_engine = vllm_rollout.start_engine(cfg, collator, dtype, eos_token_ids(student, collator.tokenizer),
                                                           models.suppress_token_ids)
         if start_step:
             models.rollout_engine.sync_weights(engine)  # the resumed weights, not the checkpoint's initial ones
-    return Run(cfg, models, scheduler, collator.processor, data, eval_sets, out, start_step)
+        phases.lap("setup/vllm")
+    return Run(cfg, models, scheduler, collator.processor, data, eval_sets, out, start_step, phases)
 
 
 def check_loss_path(models: Models, cfg: RunConfig) -> None:
@@ -248,7 +255,9 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after_step: int | None =
     models, t = run.models, cfg.train
     logger = MetricsLogger(run.out, cfg, enabled=rank() == 0, append=run.start_step > 0)
     if run.start_step == 0:
-        logger.write(0, baseline_accuracies(models, run.eval_sets, cfg))
+        with run.phases("eval/baseline"):
+            baseline = baseline_accuracies(models, run.eval_sets, cfg)
+        logger.write(0, {**baseline, **run.phases.metrics()})
     from tqdm.auto import tqdm
 
     progress = tqdm(range(run.start_step, t.steps), initial=run.start_step, total=t.steps,
@@ -285,21 +294,24 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after_step: int | None =
         last = done == t.steps
         evaluate_now = last or every(done, t.eval_every)
         if evaluate_now:
-            metrics.update(accuracies(models, run.eval_sets, cfg, prefix="student"))
+            with run.phases("eval"):
+                metrics.update(accuracies(models, run.eval_sets, cfg, prefix="student"))
         if evaluate_now or every(done, t.log_every):
             logger.write(done, metrics)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}")
         stopping = stop_after_step is not None and done >= stop_after_step
         if last or stopping or every(done, t.save_every):
-            save_checkpoint(models.student, run.out, done)
+            with run.phases("checkpoint"):
+                save_checkpoint(models.student, run.out, done)
         if stopping and not last:
             log.info("stopped after step %d as asked; continue with --resume", done)
             logger.close()
-            return TrainResult(metrics, models.student, models.teacher, False, models.rollout_engine)
+            return TrainResult(metrics, models.student, models.teacher, False, models.rollout_engine, run.phases.metrics())
     merged = run.out / "final_merged" if cfg.model.lora.enabled and cfg.model.lora.export_merged else None
-    export_student(models.student, run.processor, run.out / "final", models.peft_student, merged)
+    with run.phases("export"):
+        export_student(models.student, run.processor, run.out / "final", models.peft_student, merged)
     logger.close()
-    return TrainResult(metrics, models.student, models.teacher, True, models.rollout_engine)
+    return TrainResult(metrics, models.student, models.teacher, True, models.rollout_engine, run.phases.metrics())
 
 
 def every(step: int, period: int) -> bool:
@@ -330,21 +342,32 @@ def baseline_accuracies(models: Models, eval_sets, cfg: RunConfig) -> dict[str, 
 
 def accuracies(models: Models, eval_sets, cfg: RunConfig, *, prefix: str, engine=None, collator=None,
                privileged: bool = False, gather: bool = True) -> dict[str, float]:
-    """Greedy exact-match accuracy per eval split (the student's by default), the model gathered
-    once for all splits unless `gather` is False (see `engine.gathered_for_generation`)."""
+    """Greedy exact-match accuracy per eval split (the student's by default), `<prefix>/<split>`, and
+    the count of answers left inside an open think block, `unclosed_think/<prefix>/<split>`; the
+    model gathered once for all splits unless `gather` is False (see `engine.gathered_for_generation`)."""
     engine = engine if engine is not None else models.student
     model = models.student_module if engine is models.student else engine.module
-    batch = cfg.train.prompts_per_micro_batch * cfg.rollout.num_rollouts
-    max_new_tokens = cfg.train.eval_max_new_tokens or cfg.rollout.max_new_tokens
+    metrics: dict[str, float] = {}
     with gathered_for_generation(engine, gather) as synced_gpus:
-        return {
-            f"{prefix}/{split}": evaluate_accuracy(
-                model, collator or models.collator, samples, max_new_tokens=max_new_tokens, batch_size=batch,
-                privileged=privileged, suppress_token_ids=models.suppress_token_ids, synced_gpus=synced_gpus,
-                extractor=samples.answer_extractor,
-            ).accuracy
-            for split, samples in eval_sets.items()
-        }
+        for split, samples in eval_sets.items():
+            result = evaluate_accuracy(
+                model, collator or models.collator, samples, max_new_tokens=eval_max_new_tokens(cfg),
+                batch_size=eval_batch_size(cfg), privileged=privileged, suppress_token_ids=models.suppress_token_ids,
+                synced_gpus=synced_gpus, extractor=samples.answer_extractor,
+            )
+            metrics[f"{prefix}/{split}"] = result.accuracy
+            metrics[f"unclosed_think/{prefix}/{split}"] = result.unclosed_think
+    return metrics
+
+
+def eval_max_new_tokens(cfg: RunConfig) -> int:
+    """The length cap of greedy evaluation answers: train.eval_max_new_tokens, else the rollouts'."""
+    return cfg.train.eval_max_new_tokens or cfg.rollout.max_new_tokens
+
+
+def eval_batch_size(cfg: RunConfig) -> int:
+    """Sequences per greedy evaluation `generate` call: one micro-batch's sequences."""
+    return cfg.train.prompts_per_micro_batch * cfg.rollout.num_rollouts
 
 
 # -- metrics: metrics.jsonl, TensorBoard, optional Weights & Biases ------------------------------

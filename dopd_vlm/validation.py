@@ -129,6 +129,8 @@ def convert(value: Any, hint: Any, path: str) -> Any:
 
 def _convert_plain(value: Any, hint: Any, path: str) -> Any:
     origin = typing.get_origin(hint)
+    if hint is Any:  # free-form (e.g. chat-template arguments): any YAML value
+        return value
     if dataclasses.is_dataclass(hint):
         return build(hint, value, f"{path}.")
     if origin is Literal:
@@ -190,6 +192,8 @@ def _convert_mapping(value: Any, hint: Any, path: str) -> dict:
     allowed = typing.get_args(key_type) if typing.get_origin(key_type) is Literal else None
     out = {}
     for name, item in value.items():
+        if key_type is str and not isinstance(name, str):
+            raise Invalid(f"{path}.{name}", f"keys must be strings, got {describe(name)} (quote it)")
         if allowed is not None and name not in allowed:
             raise Invalid(f"{path}.{name}", f"not allowed (allowed: {', '.join(allowed)})")
         out[name] = convert(item, value_type, f"{path}.{name}")
