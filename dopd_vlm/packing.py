@@ -112,11 +112,15 @@ class PassPositions:
 
     @staticmethod
     def metrics(totals: Sequence[float]) -> dict[str, float]:
-        """`perf/padding_share` (padded over computed positions, all passes) and
-        `perf/padding_share/<pass>` for each pass that ran, from `totals` summed over ranks."""
+        """`perf/padding_share` (padded over computed positions, all passes), and for each pass
+        that ran `perf/padding_share/<pass>` and `perf/positions/<pass>` (the positions it
+        computed), from `totals` summed over ranks."""
         pairs = {name: (totals[2 * i], totals[2 * i + 1]) for i, name in enumerate(PASSES)}
         computed = sum(c for c, _ in pairs.values())
         real = sum(r for _, r in pairs.values())
         out = {"perf/padding_share": (computed - real) / computed if computed else 0.0}
-        out.update({f"perf/padding_share/{name}": (c - r) / c for name, (c, r) in pairs.items() if c})
+        for name, (c, r) in pairs.items():
+            if c:
+                out[f"perf/padding_share/{name}"] = (c - r) / c
+                out[f"perf/positions/{name}"] = c
         return out
