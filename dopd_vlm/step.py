@@ -209,65 +209,6 @@ def rollout_groups(num_micro_batches: int, cfg: RunConfig) -> list[range]:
     return [range(start, min(start + size, num_micro_batches)) for start in range(0, num_micro_batches, size)]
 
 
-def sample_rollouts(models: Models, micro_batches: Sequence[Sequence[Sample]], cfg: RunConfig,
-                    seeds: Sequence[int]) -> Rollouts:
-    """Sample cfg.rollout.num_rollouts responses per prompt of every micro-batch in one call (HF
-    `generate` seeded by the first micro-batch's seed, or the vLLM engine, each row seeded from its
-    own micro-batch's seed); off-policy methods take the recipe's reference responses."""
-    repeated = [[s for s in samples for _ in range(cfg.rollout.num_rollouts)] for samples in micro_batches]
-    everything = [s for rows in repeated for s in rows]
-    row_seeds = [row_seed(seed, row) for rows, seed in zip(repeated, seeds) for row in range(len(rows))]
-    pad_id = models.collator.tokenizer.pad_token_id
-    if not METHODS[cfg.method.name].on_policy:
-        ids, mask = reference_responses(models.collator, everything)
-        return Rollouts(everything, ids, mask, row_seeds, pad_id)
-    if models.rollout_engine is not None:
-        sampled = models.rollout_engine.sample(everything, row_seeds)
-        call = GenerateCall(0, len(everything), sampled.ids.shape[1], padded=False)
-        return Rollouts(everything, sampled.ids, sampled.mask, row_seeds, pad_id, sampled.logprobs, [call])
-    torch.manual_seed(seeds[0])
-    with gathered_for_generation(models.student) as synced_gpus:
-        ids, mask = sample_responses(models.student_module, models.collator, everything, cfg.rollout,
-                                     suppress_token_ids=models.suppress_token_ids, synced_gpus=synced_gpus)
-    padding_row = models.collator.vision and not any(s.images for s in everything)
-    return Rollouts(everything, ids, mask, row_seeds, pad_id, calls=[GenerateCall(0, len(everything), ids.shape[1], padding_row)])
-
-
-def micro_batch_rows(models: Models, rollouts: Rollouts, cfg: RunConfig) -> tuple[list[list[int]], int]:
-    """The rank's sequences (indices into `rollouts`) in the micro-batches that score and train on
-    them: the prompts' micro-batches, or under `train.micro_batch_tokens` longest first within the
-    budget, as many on every rank (a collective; see packing.py); and how many micro-batches this
-    rank split to match the rank with the most."""
-    t = cfg.train
-    per_micro = t.prompts_per_micro_batch * cfg.rollout.num_rollouts
-    if not t.micro_batch_tokens:
-        return fixed_groups(len(rollouts), per_micro), 0
-    lengths = [prompt + response for prompt, response in zip(longest_prompts(models, rollouts, cfg), rollouts.lengths)]
-    groups = budget_groups(lengths, t.micro_batch_tokens, t.padding_free)
-    count = int(all_ranks_max(len(groups)))
-    return split_to(groups, lengths, count, t.padding_free), count - len(groups)
-
-
-def longest_prompts(models: Models, rollouts: Rollouts, cfg: RunConfig) -> list[int]:
-    """Per sequence, its prompt's tokens in the longest view the step's passes read (the plain
-    student view, and the privileged and teacher views the method scores), counted without building
-    the views (`DualViewCollator.prompt_lengths`); each distinct prompt is counted once."""
-    collator = models.collator
-    teacher, privileged = scoring_passes(cfg.method)
-    views = [(False, collator.processor)]
-    if privileged:
-        views.append((True, collator.processor))
-    if teacher:
-        views.append((cfg.method.teacher_privileged, collator.teacher_processor))
-    distinct = list({id(s): s for s in rollouts.samples}.values())
-    longest = dict.fromkeys(map(id, distinct), 0)
-    for with_p, processor in views:
-        prompts = [(s.id, s.question, s.privileged if with_p else None, [image.size for image in s.images]) for s in distinct]
-        for sample, length in zip(distinct, collator.prompt_lengths(prompts, processor)):
-            longest[id(sample)] = max(longest[id(sample)], length)
-    return [longest[id(s)] for s in rollouts.samples]
-
-
 class GenerateCall(NamedTuple):
     """One sampling call of a step's rollouts: sequences [start, stop), for the positions it computed."""
 
@@ -331,6 +272,65 @@ class Rollouts:
         if self.logprobs is not None:
             views = replace(views, rollout_logprobs=self.logprobs[index, :width])
         return views
+
+
+def sample_rollouts(models: Models, micro_batches: Sequence[Sequence[Sample]], cfg: RunConfig,
+                    seeds: Sequence[int]) -> Rollouts:
+    """Sample cfg.rollout.num_rollouts responses per prompt of every micro-batch in one call (HF
+    `generate` seeded by the first micro-batch's seed, or the vLLM engine, each row seeded from its
+    own micro-batch's seed); off-policy methods take the recipe's reference responses."""
+    repeated = [[s for s in samples for _ in range(cfg.rollout.num_rollouts)] for samples in micro_batches]
+    everything = [s for rows in repeated for s in rows]
+    row_seeds = [row_seed(seed, row) for rows, seed in zip(repeated, seeds) for row in range(len(rows))]
+    pad_id = models.collator.tokenizer.pad_token_id
+    if not METHODS[cfg.method.name].on_policy:
+        ids, mask = reference_responses(models.collator, everything)
+        return Rollouts(everything, ids, mask, row_seeds, pad_id)
+    if models.rollout_engine is not None:
+        sampled = models.rollout_engine.sample(everything, row_seeds)
+        call = GenerateCall(0, len(everything), sampled.ids.shape[1], padded=False)
+        return Rollouts(everything, sampled.ids, sampled.mask, row_seeds, pad_id, sampled.logprobs, [call])
+    torch.manual_seed(seeds[0])
+    with gathered_for_generation(models.student) as synced_gpus:
+        ids, mask = sample_responses(models.student_module, models.collator, everything, cfg.rollout,
+                                     suppress_token_ids=models.suppress_token_ids, synced_gpus=synced_gpus)
+    padding_row = models.collator.vision and not any(s.images for s in everything)
+    return Rollouts(everything, ids, mask, row_seeds, pad_id, calls=[GenerateCall(0, len(everything), ids.shape[1], padding_row)])
+
+
+def micro_batch_rows(models: Models, rollouts: Rollouts, cfg: RunConfig) -> tuple[list[list[int]], int]:
+    """The rank's sequences (indices into `rollouts`) in the micro-batches that score and train on
+    them: the prompts' micro-batches, or under `train.micro_batch_tokens` longest first within the
+    budget, as many on every rank (a collective; see packing.py); and how many micro-batches this
+    rank split to match the rank with the most."""
+    t = cfg.train
+    per_micro = t.prompts_per_micro_batch * cfg.rollout.num_rollouts
+    if not t.micro_batch_tokens:
+        return fixed_groups(len(rollouts), per_micro), 0
+    lengths = [prompt + response for prompt, response in zip(longest_prompts(models, rollouts, cfg), rollouts.lengths)]
+    groups = budget_groups(lengths, t.micro_batch_tokens, t.padding_free)
+    count = int(all_ranks_max(len(groups)))
+    return split_to(groups, lengths, count, t.padding_free), count - len(groups)
+
+
+def longest_prompts(models: Models, rollouts: Rollouts, cfg: RunConfig) -> list[int]:
+    """Per sequence, its prompt's tokens in the longest view the step's passes read (the plain
+    student view, and the privileged and teacher views the method scores), counted without building
+    the views (`DualViewCollator.prompt_lengths`); each distinct prompt is counted once."""
+    collator = models.collator
+    teacher, privileged = scoring_passes(cfg.method)
+    views = [(False, collator.processor)]
+    if privileged:
+        views.append((True, collator.processor))
+    if teacher:
+        views.append((cfg.method.teacher_privileged, collator.teacher_processor))
+    distinct = list({id(s): s for s in rollouts.samples}.values())
+    longest = dict.fromkeys(map(id, distinct), 0)
+    for with_p, processor in views:
+        prompts = [(s.id, s.question, s.privileged if with_p else None, [image.size for image in s.images]) for s in distinct]
+        for sample, length in zip(distinct, collator.prompt_lengths(prompts, processor)):
+            longest[id(sample)] = max(longest[id(sample)], length)
+    return [longest[id(s)] for s in rollouts.samples]
 
 
 @torch.no_grad()
