@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 from torch import nn
 
+from dopd_vlm.run_folder import after_write
+
 if TYPE_CHECKING:  # config imports the loss code, which imports this module: config only at run time
     from dopd_vlm.config import LoraConfig, ModelConfig
 
@@ -254,11 +256,17 @@ def export_merged(adapter_dir: Path, target: Path, dtype: torch.dtype) -> None:
 
 def write_folder(target: Path, *writers: Callable[[Path], Any]) -> None:
     """Each writer (e.g. a `save_pretrained`) fills a temporary sibling folder, which then replaces
-    `target` at once: a crash mid-export leaves no half-written `target`."""
+    `target` at once: a crash mid-export leaves no half-written `target`, and a writer that fails
+    (a full disk) leaves no temporary folder either."""
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    for write in writers:
-        write(tmp)
+    try:
+        for write in writers:
+            write(tmp)
+        after_write("export", target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
 
