@@ -36,12 +36,13 @@ class PreemptionSignals:
     `received` names the first one. The handlers from before are back after the block. Outside
     the main thread (where Python cannot take signals) it does nothing.
 
-    `before_exit`, if set, runs before a second signal ends the process (the run lock's release).
+    `before_exit`, if given, runs before a second signal ends the process (`train` releases the
+    run folder's lock there).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, before_exit: Callable[[], None] | None = None) -> None:
         self.received: str | None = None
-        self.before_exit: Callable[[], None] | None = None
+        self.before_exit = before_exit
         self._first_at = 0.0
         self._previous: dict[int, object] = {}
 

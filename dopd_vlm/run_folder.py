@@ -217,6 +217,7 @@ class RunLock:
         if path is not None and holder is not None:
             self.heartbeat = Heartbeat(path, holder.token)
             self.heartbeat.start()
+            HELD_LOCKS.append(self)
 
     @classmethod
     def acquire(cls, out: Path) -> RunLock:
@@ -242,6 +243,7 @@ class RunLock:
         if self.path is None:
             return
         path, self.path = self.path, None
+        HELD_LOCKS.remove(self)
         if self.heartbeat is not None:
             self.heartbeat.stop.set()
         try:
@@ -249,6 +251,17 @@ class RunLock:
                 path.unlink()
         except OSError as err:
             log.warning("could not remove %s (%s); the next run takes it over as stale", path, err.strerror)
+
+
+# The locks this process holds, for `release_held_locks`.
+HELD_LOCKS: list[RunLock] = []
+
+
+def release_held_locks() -> None:
+    """Release every run lock this process holds: a process about to end at once (a second
+    preemption signal) leaves no lock for the next launch to wait out."""
+    for lock in list(HELD_LOCKS):
+        lock.release()
 
 
 class Heartbeat(threading.Thread):

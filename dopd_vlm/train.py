@@ -64,7 +64,16 @@ from dopd_vlm.models import (
     vision_special_token_ids,
 )
 from dopd_vlm.rollout import eos_token_ids
-from dopd_vlm.run_folder import WRITE_ERRORS, RunLock, RunWriteError, after_write, claim, remove_earlier_run, write_failure
+from dopd_vlm.run_folder import (
+    WRITE_ERRORS,
+    RunLock,
+    RunWriteError,
+    after_write,
+    claim,
+    release_held_locks,
+    remove_earlier_run,
+    write_failure,
+)
 from dopd_vlm.scoring import output_head
 from dopd_vlm.step import Models, derive_seed, dopd_step, step_batches
 from dopd_vlm import lora, vllm_rollout
@@ -273,9 +282,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     finishes with exactly the weights of an uninterrupted run. SIGTERM or SIGUSR1 does the same
     at the end of the step under way and raises `Preempted` (`preemption`).
     """
-    with PreemptionSignals() as signals:
+    with PreemptionSignals(before_exit=release_held_locks) as signals:
         run = setup(cfg, resume=resume, overwrite=overwrite)
-        signals.before_exit = run.lock.release
         try:
             return run_steps(run, signals, resume=resume, stop_after_step=stop_after_step)
         finally:

@@ -5,6 +5,7 @@ against a real full tmpfs where it may mount one).
 A fault: {"kind": "checkpoint" | "pointer" | "export" | "metrics" | "tensorboard" | "config",
           "path_contains": "step_2",        (optional: only writes whose path holds this)
           "rank": 1,                        (optional: only on this rank)
+          "skip": 2,                        (optional: let the first 2 matching writes succeed)
           "error": one of ERRORS}
 """
 
@@ -52,12 +53,14 @@ class Fault:
     """A write hook raising `spec["error"]` for the writes `spec` matches."""
 
     def __init__(self, spec: dict):
-        self.spec = spec
+        self.spec, self.matched = spec, 0
 
     def __call__(self, kind: str, path: Path) -> None:
         spec = self.spec
         if kind == spec["kind"] and spec.get("path_contains", "") in str(path) and spec.get("rank", rank()) == rank():
-            raise ERRORS[spec["error"]](path)
+            self.matched += 1
+            if self.matched > spec.get("skip", 0):
+                raise ERRORS[spec["error"]](path)
 
 
 class injected:
