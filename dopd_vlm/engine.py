@@ -313,23 +313,25 @@ def move_pointer(checkpoints: Path, tag: str) -> str | None:
     """Rank 0: `latest_complete` names `tag`; a failed write as one line."""
     pointer = checkpoints / LATEST
     try:
-        write_durably(pointer, tag)
-        after_write("pointer", pointer)
+        write_durably(pointer, tag, kind="pointer")
     except WRITE_ERRORS as err:
         return write_failure(err, pointer)
     return None
 
 
-def write_durably(path: Path, text: str) -> None:
+def write_durably(path: Path, text: str, kind: str | None = None) -> None:
     """Replace `path`'s content atomically and durably: a crash (or a power cut) leaves the old
     content or the new, and the new one is on disk before the call returns. A failed write leaves
-    the old content (and no temporary file)."""
+    the old content (and no temporary file). `kind`: the run's write hooks run (as `kind`) once
+    the new content is written, before it replaces the old."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "w") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        if kind is not None:
+            after_write(kind, path)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -131,8 +131,9 @@ _write_hooks: list[WriteHook] = []
 
 def add_write_hook(hook: WriteHook) -> None:
     """Fault injection, for tests: `hook(kind, path)` runs after each write of a run (kind one of
-    WRITE_KINDS; "checkpoint" once per file DeepSpeed saves) and before the write counts as done.
-    What it raises is handled as that write's own failure. Remove it with `remove_write_hook`."""
+    WRITE_KINDS; "checkpoint" once per file DeepSpeed saves) and before the write counts as done
+    (before the new pointer or export folder replaces the old). What it raises is handled as that
+    write's own failure. Remove it with `remove_write_hook`."""
     _write_hooks.append(hook)
 
 
