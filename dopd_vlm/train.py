@@ -297,8 +297,8 @@ def run_steps(run: Run, signals: PreemptionSignals, *, resume: bool, stop_after_
     try:
         if run.start_step == 0:
             logger.write(0, baseline_accuracies(models, run.eval_sets, cfg))
-        if stop_agreed(run, logger, signals, run.start_step):
-            raise Preempted(f"{signals.received} received before step {run.start_step + 1}: nothing trained to "
+        if signal_name := stop_agreed(run, logger, signals, run.start_step):
+            raise Preempted(f"{signal_name} received before step {run.start_step + 1}: nothing trained to "
                             f"save; last complete checkpoint: {latest_tag(run.out) or 'none'} under "
                             f"{run.out / 'checkpoints'} (continue with --resume)")
         metrics, finished = train_steps(run, logger, signals, stop_after_step)
@@ -319,64 +319,66 @@ def train_steps(run: Run, logger: MetricsLogger, signals: PreemptionSignals,
     cfg, models, t = run.cfg, run.models, run.cfg.train
     from tqdm.auto import tqdm
 
-    progress = tqdm(range(run.start_step, t.steps), initial=run.start_step, total=t.steps,
-                    disable=rank() != 0, desc=cfg.method.name, unit="step")
     metrics: dict[str, Any] = {}
     bad_steps = skipped_total = 0
-    for step in progress:
-        micro_batches, seeds = step_batches(run.data, cfg, step, rank(), world_size())
-        started = time.perf_counter()
-        try:
-            metrics = dopd_step(models, micro_batches, cfg, seeds)
-        except vllm_rollout.RolloutEngineError as err:  # name what is left to resume from
-            raise vllm_rollout.RolloutEngineError(
-                f"{err}; the run stopped in step {step + 1}; last complete checkpoint: "
-                f"{latest_tag(run.out) or 'none'} under {run.out / 'checkpoints'}"
-            ) from None
-        done = step + 1
-        bad_steps = bad_steps + 1 if metrics["skipped_step"] else 0
-        skipped_total += int(metrics["skipped_step"])
-        metrics.update(skipped_steps_total=skipped_total, lr=run.scheduler.get_last_lr()[0],
-                       step_time=time.perf_counter() - started)
-        metrics["tokens_per_second"] = metrics["response_tokens"] / metrics["step_time"]
-        if bad_steps:
-            log.warning("step %d: non-finite loss or gradients, update skipped (%d in a row)", done, bad_steps)
-        if bad_steps >= t.max_bad_steps:
-            logger.write(done, metrics)
-            raise NonFiniteTraining(
-                f"{bad_steps} consecutive steps had non-finite loss or gradients (last: step {done}); "
-                f"weights are those of step {done - bad_steps}; last complete checkpoint: "
-                f"{latest_tag(run.out) or 'none'} under {run.out / 'checkpoints'}"
-            )
-        last = done == t.steps
-        evaluate_now = last or every(done, t.eval_every)
-        if evaluate_now:
-            metrics.update(accuracies(models, run.eval_sets, cfg, prefix="student"))
-        if evaluate_now or every(done, t.log_every):
-            logger.write(done, metrics)
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-        preempted = stop_agreed(run, logger, signals, done)
-        stopping = preempted or (stop_after_step is not None and done >= stop_after_step)
-        if last or stopping or every(done, t.save_every):
-            save_checkpoint(models.student, run.out, done)
-        if stopping and not last:
-            if preempted:
-                raise Preempted(f"{signals.received} received: stopped after step {done} with checkpoint "
-                                f"{run.out / 'checkpoints' / f'step_{done}'} (continue with --resume)")
-            log.info("stopped after step %d as asked; continue with --resume", done)
-            return metrics, False
+    # closed on the way out, so that an error line after it starts on a line of its own
+    with tqdm(range(run.start_step, t.steps), initial=run.start_step, total=t.steps,
+              disable=rank() != 0, desc=cfg.method.name, unit="step") as progress:
+        for step in progress:
+            micro_batches, seeds = step_batches(run.data, cfg, step, rank(), world_size())
+            started = time.perf_counter()
+            try:
+                metrics = dopd_step(models, micro_batches, cfg, seeds)
+            except vllm_rollout.RolloutEngineError as err:  # name what is left to resume from
+                raise vllm_rollout.RolloutEngineError(
+                    f"{err}; the run stopped in step {step + 1}; last complete checkpoint: "
+                    f"{latest_tag(run.out) or 'none'} under {run.out / 'checkpoints'}"
+                ) from None
+            done = step + 1
+            bad_steps = bad_steps + 1 if metrics["skipped_step"] else 0
+            skipped_total += int(metrics["skipped_step"])
+            metrics.update(skipped_steps_total=skipped_total, lr=run.scheduler.get_last_lr()[0],
+                           step_time=time.perf_counter() - started)
+            metrics["tokens_per_second"] = metrics["response_tokens"] / metrics["step_time"]
+            if bad_steps:
+                log.warning("step %d: non-finite loss or gradients, update skipped (%d in a row)", done, bad_steps)
+            if bad_steps >= t.max_bad_steps:
+                logger.write(done, metrics)
+                raise NonFiniteTraining(
+                    f"{bad_steps} consecutive steps had non-finite loss or gradients (last: step {done}); "
+                    f"weights are those of step {done - bad_steps}; last complete checkpoint: "
+                    f"{latest_tag(run.out) or 'none'} under {run.out / 'checkpoints'}"
+                )
+            last = done == t.steps
+            evaluate_now = last or every(done, t.eval_every)
+            if evaluate_now:
+                metrics.update(accuracies(models, run.eval_sets, cfg, prefix="student"))
+            if evaluate_now or every(done, t.log_every):
+                logger.write(done, metrics)
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+            preempted = stop_agreed(run, logger, signals, done)
+            stopping = preempted is not None or (stop_after_step is not None and done >= stop_after_step)
+            if last or stopping or every(done, t.save_every):
+                save_checkpoint(models.student, run.out, done)
+            if stopping and not last:
+                if preempted:
+                    raise Preempted(f"{preempted} received: stopped after step {done} with checkpoint "
+                                    f"{run.out / 'checkpoints' / f'step_{done}'} (continue with --resume)")
+                log.info("stopped after step %d as asked; continue with --resume", done)
+                return metrics, False
     return metrics, True
 
 
-def stop_agreed(run: Run, logger: MetricsLogger, signals: PreemptionSignals, done: int) -> bool:
+def stop_agreed(run: Run, logger: MetricsLogger, signals: PreemptionSignals, done: int) -> str | None:
     """At a step's end, every rank alike (one collective): RunWriteError on every rank if a
-    metrics write failed (on rank 0); True if any rank received a preemption signal."""
+    metrics write failed (on rank 0); the signal's name if any rank received a preemption signal
+    (the lowest such rank's: a signal may reach some ranks only)."""
     preempted, write_failed = all_ranks_any([signals.received is not None, logger.failure is not None])
     if write_failed:
         raise RunWriteError(f"{first_failure(logger.failure)}; the run stopped after step {done}; last complete "
                             f"checkpoint: {latest_tag(run.out) or 'none'} under {run.out / 'checkpoints'} "
                             "(continue with --resume)")
-    return preempted
+    return first_failure(signals.received) if preempted else None
 
 
 def export(run: Run) -> None:
