@@ -150,6 +150,9 @@ def test_a_folder_in_use_or_holding_an_earlier_run_is_refused_in_one_line(tmp_pa
     for case in ("earlier_run", "overwrite_but_set_up_fails", "resume"):
         fabricate_earlier_run(runs / case)
     (runs / "incomplete_checkpoint" / "checkpoints" / "step_3").mkdir(parents=True)
+    (runs / "metrics_only").mkdir()
+    (runs / "metrics_only" / "metrics.jsonl").write_text('{"step": 0, "student/test": 0.25}\n')
+    (runs / "export_only" / "final").mkdir(parents=True)
     (runs / "unrelated_files").mkdir()
     (runs / "unrelated_files" / "train.log").write_text("a launcher's log")
     before = {case: folder_hashes(runs / case) for case in ("earlier_run", "overwrite_but_set_up_fails", "resume")}
@@ -166,6 +169,8 @@ def test_a_folder_in_use_or_holding_an_earlier_run_is_refused_in_one_line(tmp_pa
         "stale_elsewhere": argv("stale_elsewhere", bad_deepspeed),
         "earlier_run": argv("earlier_run"),
         "incomplete_checkpoint": argv("incomplete_checkpoint"),
+        "metrics_only": argv("metrics_only"),
+        "export_only": argv("export_only"),
         "overwrite_but_set_up_fails": argv("overwrite_but_set_up_fails", "--overwrite", bad_deepspeed),
         "resume": argv("resume", "--resume", bad_deepspeed),
         "unrelated_files": argv("unrelated_files", bad_deepspeed),
@@ -185,6 +190,8 @@ def test_a_folder_in_use_or_holding_an_earlier_run_is_refused_in_one_line(tmp_pa
                        "metrics.jsonl through step 9): continue it with --resume, or delete it and start over "
                        "with --overwrite",
         "incomplete_checkpoint": "holds an earlier run (incomplete checkpoint step_3)",
+        "metrics_only": "holds an earlier run (metrics.jsonl through step 0)",
+        "export_only": "holds an earlier run (final/)",
         "overwrite_but_set_up_fails": deepspeed_error,
         "resume": deepspeed_error,
         "unrelated_files": deepspeed_error,
@@ -261,7 +268,8 @@ def tmpfs(tmp_path):
         proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
-            pytest.skip(f"mounting a tmpfs is not permitted here ({proc.stderr.strip() or proc.returncode}): "
+            reason = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[0]
+            pytest.skip(f"mounting a tmpfs is not permitted here ({reason}): "
                         "the real full-filesystem checks did not run")
         mounted.append(path)
         return path
@@ -549,6 +557,8 @@ def test_one_rank_lock_preemption_and_a_forgotten_resume(one_rank, tmp_path):
     # SIGTERM: the step under way finishes, a checkpoint is written, exit 75
     wait_for(logged(run, 1), "step 1", first.proc)
     os.kill(first.proc.pid, signal.SIGTERM)
+    time.sleep(0.3)
+    os.kill(first.proc.pid, signal.SIGTERM)  # the same signal again at once (Slurm and torchrun both send it): one request
     code, stderr = first.finish()
     line = one_line(stderr, PREEMPTED)
     step = preempted_step(line)
@@ -562,6 +572,14 @@ def test_one_rank_lock_preemption_and_a_forgotten_resume(one_rank, tmp_path):
         f"train.output_dir {run} holds an earlier run (checkpoints up to step_{step}, metrics.jsonl through step "
         f"{step}): continue it with --resume, or delete it and start over with --overwrite"), again.stderr[-3000:]
     assert folder_hashes(run) == before
+    # a signal during set-up: the run stops before its first step, with nothing to save
+    early = Launch([*cmd, "--resume"], tmp_path)
+    wait_for(lambda: has_lock(run), "the resumed launch holds the folder", early.proc)
+    os.kill(early.proc.pid, signal.SIGTERM)
+    code, stderr = early.finish()
+    assert code == 75 and one_line(stderr, PREEMPTED) == (
+        f"SIGTERM received before step {step + 1}: nothing trained to save; last complete checkpoint: step_{step} "
+        f"under {run / 'checkpoints'} (continue with --resume)"), stderr[-3000:]
     # a second signal (past the duplicate window) ends the run at once, without a checkpoint
     resumed = Launch([*cmd, "--resume"], tmp_path)
     wait_for(lambda: has_lock(run), "the resumed launch holds the folder", resumed.proc)
