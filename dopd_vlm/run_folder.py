@@ -248,8 +248,10 @@ class RunLock:
         if self.heartbeat is not None:
             self.heartbeat.stop.set()
         try:
-            if read_token(path) == self.holder.token:
+            if read_token(path) == self.holder.token:  # not a lock another launch took over meanwhile
                 path.unlink()
+        except FileNotFoundError:
+            pass
         except OSError as err:
             log.warning("could not remove %s (%s); the next run takes it over as stale", path, err.strerror)
 
@@ -275,13 +277,18 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self.stop.wait(HEARTBEAT_S):
             try:
-                if read_token(self.path) != self.token:
-                    log.error("%s was taken over by another launch (judged stale); this run no longer owns "
-                              "the folder", self.path)
-                    return
-                os.utime(self.path)
-            except OSError as err:
+                ours = read_token(self.path) == self.token
+                if ours:
+                    os.utime(self.path)
+            except FileNotFoundError:
+                ours = False
+            except OSError as err:  # e.g. a filesystem gone read-only: the next write of the run fails anyway
                 log.warning("cannot refresh %s (%s)", self.path, err.strerror)
+                continue
+            if not ours:
+                log.error("%s was removed or taken over by another launch; this run no longer owns its folder",
+                          self.path)
+                return
 
 
 def read_holder(path: Path) -> tuple[bytes, Holder | None]:
