@@ -251,6 +251,105 @@ def _train(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# eval
+# --------------------------------------------------------------------------------------------
+
+EVAL_DESCRIPTION = """\
+Greedy accuracy of a saved model on recipe splits, exactly as training evaluation measures it.
+
+--model is a checkpoint folder or hub id (a run's final/, the teacher, the initial student), or a
+PEFT adapter folder (a LoRA run's final/) on the base it names; --adapter puts an adapter on
+--model (or on the base it names). With --config the settings are the run's: data.* (recipe,
+eval_splits, max_eval_samples, pixel bounds, chat_template_kwargs, privileged_template), the
+length cap (train.eval_max_new_tokens, else rollout.max_new_tokens), one micro-batch of
+sequences per generate call, model.dtype; flags and dotted overrides change them. Answers are
+read with the recipe's answer_extractor, after a thinking model's last </think>; a response
+whose think block never closes is wrong and counted (unclosed_think). Under torchrun the ranks
+share the samples and rank 0 prints one result:
+
+  torchrun --nproc_per_node 8 -m dopd_vlm eval --config run.yaml --model runs/x/final --json -
+"""
+
+
+def _add_eval(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="greedy accuracy of a checkpoint or adapter on recipe splits (a table and JSON)",
+        description=EVAL_DESCRIPTION,
+        epilog="examples:\n"
+        "  dopd-vlm eval --config configs/tiny_dopd.yaml --model runs/tiny_dopd/final\n"
+        "  dopd-vlm eval --model Qwen/Qwen3-VL-2B-Instruct --recipe my_recipe.yaml --split test --limit 500 \\\n"
+        "      data.max_pixels=401408 \"data.chat_template_kwargs={enable_thinking: false}\" --json results.json",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--config", metavar="YAML", help="run config whose evaluation settings to use")
+    parser.add_argument("--model", metavar="PATH", help="checkpoint or adapter folder, or hub id "
+                        "(default: the config's model.student)")
+    parser.add_argument("--adapter", metavar="PATH", help="PEFT adapter folder to put on the model")
+    parser.add_argument("--recipe", metavar="R", help="recipe name or YAML (default: the config's data.recipe)")
+    parser.add_argument("--split", action="append", metavar="S", dest="splits",
+                        help="split to evaluate; repeat for several (default: the config's data.eval_splits)")
+    parser.add_argument("--limit", type=int, metavar="N",
+                        help="first N samples per split, 0 = all (default: the config's data.max_eval_samples)")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N", help="length cap of the answers "
+                        "(default: train.eval_max_new_tokens, else rollout.max_new_tokens)")
+    parser.add_argument("--batch-size", type=int, metavar="N", help="sequences per generate call "
+                        "(default: train.prompts_per_micro_batch x rollout.num_rollouts)")
+    parser.add_argument("--privileged", action="store_true", help="score the privileged view (x + p)")
+    parser.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE ('-': stdout, "
+                        "the table then goes to stderr)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    parser.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Exit codes: 0 done; 2 an unusable input (one line, every rank), as `train`."""
+    return one_line_input_errors("eval", lambda: _eval(args))
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from dopd_vlm.config import load_config
+
+    cfg = load_config(args.config, args.overrides, training=False)  # before the heavy imports
+    json_target = _json_target(args.json)
+    from dopd_vlm.checkpoint_eval import eval_request, evaluate_checkpoint
+    from dopd_vlm.distributed import rank
+
+    request = eval_request(cfg, model=args.model, adapter=args.adapter, recipe=args.recipe, splits=args.splits,
+                           limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                           privileged=args.privileged, config_path=args.config or "")
+    report = evaluate_checkpoint(request)
+    if rank() == 0:
+        print(report.table(), file=sys.stderr if json_target == "-" else sys.stdout, flush=True)
+        if json_target == "-":
+            print(json.dumps(report.to_json(), indent=1), flush=True)
+        elif json_target is not None:
+            json_target.write_text(json.dumps(report.to_json(), indent=1) + "\n")
+    return 0
+
+
+def _json_target(value: str | None):
+    """Where --json writes: None, "-" (stdout) or a file whose folder exists and can be written
+    (checked now, not after the evaluation)."""
+    import os
+    from pathlib import Path
+
+    from dopd_vlm.errors import InputError
+
+    if value is None or value == "-":
+        return value
+    path = Path(value)
+    folder = path.parent
+    if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        reason = "is a folder" if path.is_dir() else "its folder does not exist" if not folder.is_dir() else \
+            "its folder cannot be written"
+        raise InputError(f"--json {value}: {reason}")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
 # demo
 # --------------------------------------------------------------------------------------------
 
@@ -339,7 +438,7 @@ def _demo(options) -> int:
 # Program
 # --------------------------------------------------------------------------------------------
 
-_COMMANDS = (_add_make_tiny, _add_train, _add_demo)
+_COMMANDS = (_add_make_tiny, _add_train, _add_eval, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

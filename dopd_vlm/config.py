@@ -121,6 +121,11 @@ class DataConfig:
         max_prompt_tokens: The longest view of a prompt (plain or with p, image tokens included)
             may have at most this many tokens; longer prompts are bad rows at load time
             (0 = only the models' context limits apply).
+        chat_template_kwargs: Variables for the models' chat templates (TRL's and vLLM's name),
+            e.g. `{enable_thinking: false}` for Qwen3 (and Qwen3-VL) templates, `{add_vision_id:
+            true}` for Qwen2-VL's. Rendered into every prompt alike: the rollout, the three
+            scoring views, evaluation, warm-ups, the load-time prompt checks and the vLLM engine.
+            A variable a model's template never reads is left out for it (logged once).
     """
 
     recipe: str = "synthetic_scenes"
@@ -134,6 +139,17 @@ class DataConfig:
     max_pixels: NonNegative = 0
     special_tokens: SpecialTokenPolicy = "reject"
     max_prompt_tokens: Annotated[int, AtLeast(0)] = 0
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+# `apply_chat_template`'s own parameters (tokenizers' and processors'): the collator sets or never
+# uses them, so they are not template variables a run may set (`data.chat_template_kwargs`).
+CHAT_TEMPLATE_PARAMETERS = (
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs",
+    "load_audio_from_video",
+)
 
 
 @dataclass
@@ -330,8 +346,12 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML config (or start from defaults), apply `a.b=value` overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), *, training: bool = True) -> RunConfig:
+    """Read a YAML config (or start from defaults), apply `a.b=value` overrides, validate.
+
+    `training=False` (`dopd-vlm eval`) checks every key's type and value but, across keys, only
+    the data section's rules: an evaluation needs no teacher, method or DeepSpeed set-up.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -353,7 +373,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         cfg = build(RunConfig, raw)
     except Invalid as err:
         raise config_error(err) from None
-    validate(cfg)
+    if training:
+        validate(cfg)
+    else:
+        validate_data(cfg.data)
     return cfg
 
 
@@ -427,6 +450,16 @@ def validate(cfg: RunConfig) -> None:
         f"{t.prompts_per_step} is not a multiple of prompts_per_micro_batch "
         f"({t.prompts_per_micro_batch}); micro-batches must be equal for the loss mean to be exact",
     )
+    validate_data(d)
+    _check(bool(t.output_dir), "train.output_dir", "is required")
+    per_micro = t.prompts_per_micro_batch * cfg.rollout.num_rollouts
+    _check(cfg.rollout.batch_size % per_micro == 0, "rollout.batch_size",
+           f"{cfg.rollout.batch_size} is not a multiple of prompts_per_micro_batch x num_rollouts = {per_micro} "
+           "(a generate call covers whole micro-batches; 0 = a rank's whole step)")
+
+
+def validate_data(d: DataConfig) -> None:
+    """The data section's rules across keys (training and evaluation alike). Raises ConfigError."""
     _check(
         "{privileged}" in d.privileged_template and "{question}" in d.privileged_template,
         "data.privileged_template",
@@ -437,11 +470,10 @@ def validate(cfg: RunConfig) -> None:
     _check_template_fields(d.privileged_template)
     _check(IMAGE_PLACEHOLDER not in d.privileged_template, "data.privileged_template",
            f"must not contain {IMAGE_PLACEHOLDER} (image placeholders belong in the questions)")
-    _check(bool(t.output_dir), "train.output_dir", "is required")
-    per_micro = t.prompts_per_micro_batch * cfg.rollout.num_rollouts
-    _check(cfg.rollout.batch_size % per_micro == 0, "rollout.batch_size",
-           f"{cfg.rollout.batch_size} is not a multiple of prompts_per_micro_batch x num_rollouts = {per_micro} "
-           "(a generate call covers whole micro-batches; 0 = a rank's whole step)")
+    for name in d.chat_template_kwargs:
+        _check(name not in CHAT_TEMPLATE_PARAMETERS, f"data.chat_template_kwargs.{name}",
+               "is an argument of apply_chat_template, which the collator sets itself; only template variables "
+               "(e.g. enable_thinking) go here")
 
 
 def load_deepspeed_config(

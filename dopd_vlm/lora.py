@@ -6,6 +6,7 @@ adapters on its linear layers are trained.
     linear_parts(module)                             # an output layer as base weight + low-rank update
     merged_weights(model)                            # (HF name, base + adapter): vLLM's weight sync
     save_adapter(peft_student, dir) / export_merged(dir, merged_dir, dtype)
+    adapter_base(dir) / load_adapter(model, dir)     # a saved adapter back on its base (`dopd-vlm eval`)
 
 The rest of the package keeps seeing the Hugging Face model (its backbone, `generate`,
 `get_output_embeddings`), with PEFT's LoRA layers in place of the targeted `nn.Linear` modules;
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 from torch import nn
 
+from dopd_vlm.errors import InputError
 from dopd_vlm.run_folder import after_write
 
 if TYPE_CHECKING:  # config imports the loss code, which imports this module: config only at run time
@@ -252,6 +255,49 @@ def export_merged(adapter_dir: Path, target: Path, dtype: torch.dtype) -> None:
     except (OSError, ValueError):  # a text-only student: its tokenizer is the processor
         processor = AutoTokenizer.from_pretrained(adapter_dir)
     write_folder(target, merged.save_pretrained, processor.save_pretrained)
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_folder(path: str | os.PathLike) -> bool:
+    """A folder holding a PEFT adapter and no model of its own (a LoRA run's `final/`)."""
+    folder = Path(path)
+    return (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file()
+
+
+def adapter_base(folder: str | os.PathLike) -> str:
+    """The base checkpoint a saved adapter names (adapter_config.json's base_model_name_or_path;
+    `adapt` writes it as an absolute path). InputError (one line) when there is none."""
+    config = Path(folder) / ADAPTER_CONFIG
+    if not config.is_file():
+        raise InputError(f"adapter {folder}: no {ADAPTER_CONFIG} (not a PEFT adapter folder, as a LoRA run's "
+                         "final/ is)")
+    try:
+        base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (ValueError, AttributeError):
+        raise InputError(f"adapter {folder}: {ADAPTER_CONFIG} is not a valid JSON object") from None
+    if not isinstance(base, str) or not base:
+        raise InputError(f"adapter {folder}: {ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
+    return base
+
+
+def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+    """`model` with the adapter saved in `folder` (`save_adapter`) in place, unmerged and in the
+    model's dtype: the student as training evaluated it (base layers + PEFT's LoRA layers). InputError
+    (one line) when peft is missing or the adapter does not fit the model."""
+    if importlib.util.find_spec("peft") is None:
+        raise InputError(f"adapter {folder}: peft is not installed; {EXTRA_HINT}")
+    import peft
+
+    try:
+        peft_model = peft.PeftModel.from_pretrained(model, str(folder), autocast_adapter_dtype=False)
+    except (RuntimeError, ValueError, KeyError, OSError) as err:  # shapes or names of another base
+        reason = " ".join(str(err).split())
+        reason = reason if len(reason) <= 300 else reason[:297] + "..."
+        raise InputError(f"adapter {folder}: cannot be put on its base model ({type(err).__name__}: {reason})") from None
+    peft_model.eval()
+    return peft_model.get_base_model()
 
 
 def write_folder(target: Path, *writers: Callable[[Path], Any]) -> None:

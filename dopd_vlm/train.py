@@ -75,7 +75,7 @@ from dopd_vlm.run_folder import (
     write_failure,
 )
 from dopd_vlm.scoring import output_head
-from dopd_vlm.step import Models, derive_seed, dopd_step, step_batches
+from dopd_vlm.step import Models, PhaseTimer, derive_seed, dopd_step, step_batches
 from dopd_vlm import lora, vllm_rollout
 
 log = logging.getLogger("dopd_vlm.train")
@@ -93,6 +93,7 @@ class Run:
     eval_sets: dict[str, SampleDataset]
     out: Path
     start_step: int
+    phases: PhaseTimer  # set-up's phases, then the run's evaluations, checkpoints and export
     lock: RunLock
 
 
@@ -106,6 +107,7 @@ class TrainResult:
     teacher: nn.Module | None
     finished: bool
     rollout_engine: Any = None  # rollout.engine=vllm: the live engine (close it when done)
+    phases: dict[str, float] | None = None  # time/<phase> and memory/<phase> of set-up, evaluations, checkpoints, export
 
 
 # -- set-up --------------------------------------------------------------------------------------
@@ -125,6 +127,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> R
     """
     # DeepSpeed calls torch.distributed's renamed collectives on every step
     warnings.filterwarnings("ignore", message=r".*is deprecated. Please use `torch.distributed", category=FutureWarning)
+    phases = PhaseTimer()
     if cfg.rollout.engine == "vllm":  # a missing extra fails before anything loads
         vllm_rollout.require_vllm()
     if cfg.model.lora.enabled:
@@ -136,7 +139,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> R
     check_output_dir(out)
     lock = claim(out, resume=resume, overwrite=overwrite)
     try:
-        run = build_run(cfg, out, lock, resume=resume)
+        run = build_run(cfg, out, lock, phases, resume=resume)
         if overwrite:
             remove_earlier_run(out)
     except BaseException:
@@ -145,7 +148,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> R
     return run
 
 
-def build_run(cfg: RunConfig, out: Path, lock: RunLock, *, resume: bool) -> Run:
+def build_run(cfg: RunConfig, out: Path, lock: RunLock, phases: PhaseTimer, *, resume: bool) -> Run:
     """`setup` once the folder is claimed: data, models, engines, the resumed checkpoint."""
     dtype = resolve_dtype(cfg.model.dtype, torch.cuda.is_available())
     ds_config = load_deepspeed_config(cfg.train.deepspeed, cfg, world_size(), bf16_enabled=dtype == torch.bfloat16)
@@ -159,6 +162,7 @@ def build_run(cfg: RunConfig, out: Path, lock: RunLock, *, resume: bool) -> Run:
         vllm_rollout.check_student(cfg, torch.cuda.is_available(), world_size())
     data, eval_sets = load_splits(cfg, family)
     data, eval_sets = check_prompts(cfg, collator, data, eval_sets)
+    phases.lap("setup/checks")  # config, checkpoints' headers, processors, data, every prompt
 
     method = METHODS[cfg.method.name]
     initial_privileged = method.needs_privileged_student and cfg.method.privileged_target == "initial"
@@ -174,6 +178,7 @@ def build_run(cfg: RunConfig, out: Path, lock: RunLock, *, resume: bool) -> Run:
     vocab_size = check_shared_vocab(collator.teacher_processor, collator.processor,
                                     head_rows(teacher if teacher is not None else student), head_rows(student))
     check_first_samples(collator, cfg, {cfg.data.train_split: data, **eval_sets})
+    phases.lap("setup/models")
 
     engine, scheduler, optimizer = student_engine(student, ds_config, cfg.optim, lambda step: lr_factor(step, cfg))
     models = Models(engine, frozen_engine(teacher, ds_config), collator, vocab_size, optimizer,
@@ -181,12 +186,14 @@ def build_run(cfg: RunConfig, out: Path, lock: RunLock, *, resume: bool) -> Run:
                     peft_student=peft_student, privileged_base=initial_privileged and with_lora)
     check_loss_path(models, cfg)
     start_step = load_latest_checkpoint(engine, out) if resume else 0
+    phases.lap("setup/engines")
     if cfg.rollout.engine == "vllm" and method.on_policy:  # one engine per rank, from the student checkpoint
         models.rollout_engine = vllm_rollout.start_engine(cfg, collator, dtype, eos_token_ids(student, collator.tokenizer),
                                                           models.suppress_token_ids)
         if start_step:
             models.rollout_engine.sync_weights(engine)  # the resumed weights, not the checkpoint's initial ones
-    return Run(cfg, models, scheduler, collator.processor, data, eval_sets, out, start_step, lock)
+        phases.lap("setup/vllm")
+    return Run(cfg, models, scheduler, collator.processor, data, eval_sets, out, start_step, phases, lock)
 
 
 def check_loss_path(models: Models, cfg: RunConfig) -> None:
@@ -296,20 +303,23 @@ def run_steps(run: Run, signals: PreemptionSignals, *, resume: bool, stop_after_
     logger = MetricsLogger(run.out, cfg, enabled=rank() == 0, append=resume)
     try:
         if run.start_step == 0:
-            logger.write(0, baseline_accuracies(models, run.eval_sets, cfg))
+            with run.phases("eval/baseline"):
+                baseline = baseline_accuracies(models, run.eval_sets, cfg)
+            logger.write(0, {**baseline, **run.phases.metrics()})
         if signal_name := stop_agreed(run, logger, signals, run.start_step):
             raise Preempted(f"{signal_name} received before step {run.start_step + 1}: nothing trained to "
                             f"save; last complete checkpoint: {latest_tag(run.out) or 'none'} under "
                             f"{run.out / 'checkpoints'} (continue with --resume)")
         metrics, finished = train_steps(run, logger, signals, stop_after_step)
         if not finished:
-            return TrainResult(metrics, models.student, models.teacher, False, models.rollout_engine)
+            return TrainResult(metrics, models.student, models.teacher, False, models.rollout_engine, run.phases.metrics())
         logger.close()
         stop_agreed(run, logger, signals, t.steps)  # the metrics' last writes (TensorBoard's flush at close)
-        export(run)
+        with run.phases("export"):
+            export(run)
     finally:
         logger.close()
-    return TrainResult(metrics, models.student, models.teacher, True, models.rollout_engine)
+    return TrainResult(metrics, models.student, models.teacher, True, models.rollout_engine, run.phases.metrics())
 
 
 def train_steps(run: Run, logger: MetricsLogger, signals: PreemptionSignals,
@@ -352,14 +362,16 @@ def train_steps(run: Run, logger: MetricsLogger, signals: PreemptionSignals,
             last = done == t.steps
             evaluate_now = last or every(done, t.eval_every)
             if evaluate_now:
-                metrics.update(accuracies(models, run.eval_sets, cfg, prefix="student"))
+                with run.phases("eval"):
+                    metrics.update(accuracies(models, run.eval_sets, cfg, prefix="student"))
             if evaluate_now or every(done, t.log_every):
                 logger.write(done, metrics)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}")
             preempted = stop_agreed(run, logger, signals, done)
             stopping = preempted is not None or (stop_after_step is not None and done >= stop_after_step)
             if last or stopping or every(done, t.save_every):
-                save_checkpoint(models.student, run.out, done)
+                with run.phases("checkpoint"):
+                    save_checkpoint(models.student, run.out, done)
             if stopping and not last:
                 if preempted:
                     raise Preempted(f"{preempted} received: stopped after step {done} with checkpoint "
@@ -421,21 +433,32 @@ def baseline_accuracies(models: Models, eval_sets, cfg: RunConfig) -> dict[str, 
 
 def accuracies(models: Models, eval_sets, cfg: RunConfig, *, prefix: str, engine=None, collator=None,
                privileged: bool = False, gather: bool = True) -> dict[str, float]:
-    """Greedy exact-match accuracy per eval split (the student's by default), the model gathered
-    once for all splits unless `gather` is False (see `engine.gathered_for_generation`)."""
+    """Greedy exact-match accuracy per eval split (the student's by default), `<prefix>/<split>`, and
+    the count of answers left inside an open think block, `unclosed_think/<prefix>/<split>`; the
+    model gathered once for all splits unless `gather` is False (see `engine.gathered_for_generation`)."""
     engine = engine if engine is not None else models.student
     model = models.student_module if engine is models.student else engine.module
-    batch = cfg.train.prompts_per_micro_batch * cfg.rollout.num_rollouts
-    max_new_tokens = cfg.train.eval_max_new_tokens or cfg.rollout.max_new_tokens
+    metrics: dict[str, float] = {}
     with gathered_for_generation(engine, gather) as synced_gpus:
-        return {
-            f"{prefix}/{split}": evaluate_accuracy(
-                model, collator or models.collator, samples, max_new_tokens=max_new_tokens, batch_size=batch,
-                privileged=privileged, suppress_token_ids=models.suppress_token_ids, synced_gpus=synced_gpus,
-                extractor=samples.answer_extractor,
-            ).accuracy
-            for split, samples in eval_sets.items()
-        }
+        for split, samples in eval_sets.items():
+            result = evaluate_accuracy(
+                model, collator or models.collator, samples, max_new_tokens=eval_max_new_tokens(cfg),
+                batch_size=eval_batch_size(cfg), privileged=privileged, suppress_token_ids=models.suppress_token_ids,
+                synced_gpus=synced_gpus, extractor=samples.answer_extractor,
+            )
+            metrics[f"{prefix}/{split}"] = result.accuracy
+            metrics[f"unclosed_think/{prefix}/{split}"] = result.unclosed_think
+    return metrics
+
+
+def eval_max_new_tokens(cfg: RunConfig) -> int:
+    """The length cap of greedy evaluation answers: train.eval_max_new_tokens, else the rollouts'."""
+    return cfg.train.eval_max_new_tokens or cfg.rollout.max_new_tokens
+
+
+def eval_batch_size(cfg: RunConfig) -> int:
+    """Sequences per greedy evaluation `generate` call: one micro-batch's sequences."""
+    return cfg.train.prompts_per_micro_batch * cfg.rollout.num_rollouts
 
 
 # -- metrics: metrics.jsonl, TensorBoard, optional Weights & Biases ------------------------------

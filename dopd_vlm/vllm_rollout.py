@@ -267,10 +267,7 @@ class VllmRollout:
         return self._responses(samples, outputs)
 
     def request(self, sample: Sample) -> dict[str, Any]:
-        request: dict[str, Any] = {"prompt": self.collator.prompt_text(sample, privileged=False)}
-        if sample.images:
-            request["multi_modal_data"] = {"image": list(sample.images)}
-        return request
+        return engine_request(self.collator, sample)
 
     def sampling_params(self, seed: int, greedy: bool):
         from vllm import SamplingParams
@@ -394,6 +391,15 @@ class VllmRollout:
             return
         where = f"on rank {rank()}: {type(failure).__name__}: {_one_line(failure)}" if failure else "on another rank"
         raise RolloutEngineError(f"the vLLM rollout engine failed while {what} {where}")
+
+
+def engine_request(collator: DualViewCollator, sample: Sample) -> dict[str, Any]:
+    """What the engine samples from: the collator's rendered rollout view (chat template and
+    `data.chat_template_kwargs` applied there, never by vLLM) and the sample's images."""
+    request: dict[str, Any] = {"prompt": collator.prompt_text(sample, privileged=False)}
+    if sample.images:
+        request["multi_modal_data"] = {"image": list(sample.images)}
+    return request
 
 
 def student_weights(module) -> list[tuple[str, torch.Tensor]]:

@@ -206,3 +206,19 @@ def test_a_tied_head_gets_the_gradient_of_both_its_uses(tmp_path, loss_path):
     reference.backward()  # equal sequence lengths: the sequence mean is the token mean
     torch.testing.assert_close(loss.detach(), reference.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got, weight.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_a_low_precision_head_wider_than_one_upcast_block_gives_the_float32_product():
+    # matmul_float32 upcasts a wide bf16 head block by block on CPU (no head-sized float32 copy)
+    from dopd_vlm.scoring import UPCAST_COLUMNS, linear_float32
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(3 * UPCAST_COLUMNS + 17, 48, generator=generator).to(torch.bfloat16)
+    hidden = torch.randn(5, 48, generator=generator).to(torch.bfloat16)
+    logits = linear_float32(hidden, weight)
+    assert logits.dtype == torch.float32 and logits.shape == (5, weight.shape[0])
+    torch.testing.assert_close(logits, hidden.float() @ weight.float().T, rtol=1e-6, atol=1e-5)
+    # with a gradient to carry, the plain product (one autograd node)
+    hidden.requires_grad_(True)
+    linear_float32(hidden, weight).sum().backward()
+    assert hidden.grad is not None and hidden.grad.shape == hidden.shape

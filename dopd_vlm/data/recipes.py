@@ -1,7 +1,8 @@
 """Recipes: one small YAML file says where samples come from.
 
-`load_recipe` reads and validates the recipe, builds one split (generating synthetic scenes or
-reading and validating local files), and returns a `SampleDataset` of canonical `Sample`s.
+`load_recipe` reads and validates the recipe, builds one split (generating synthetic data, or
+reading and validating your rows: local files, `datasets` datasets), and returns a
+`SampleDataset` of canonical `Sample`s.
 Built-in recipes live in `<repo>/data_recipes/NAME.yaml` and are loaded by NAME.
 """
 
@@ -13,11 +14,13 @@ from typing import Any, Mapping, Union
 
 import yaml
 
-from dopd_vlm.data import arithmetic_chains, cell_chains, local_files, synthetic_scenes
+from dopd_vlm.data import arithmetic_chains, cell_chains, hf_datasets, local_files, synthetic_scenes
 from dopd_vlm.data.arithmetic_chains import ArithmeticChainsRecipe
 from dopd_vlm.data.cell_chains import CellChainsRecipe
 from dopd_vlm.data.dataset import SampleDataset
-from dopd_vlm.data.local_files import LocalFilesRecipe, display_path
+from dopd_vlm.data.hf_datasets import HFDatasetRecipe
+from dopd_vlm.data.local_files import LocalFilesRecipe
+from dopd_vlm.data.rows import display_path
 from dopd_vlm.data.schema import RecipeError
 from dopd_vlm.data.synthetic_scenes import SyntheticScenesRecipe
 from dopd_vlm.families import FAMILIES
@@ -29,8 +32,10 @@ KINDS = {
     "arithmetic_chains": ArithmeticChainsRecipe,
     "cell_chains": CellChainsRecipe,
     "local_files": LocalFilesRecipe,
+    "hf_dataset": HFDatasetRecipe,
 }
-Recipe = Union[SyntheticScenesRecipe, ArithmeticChainsRecipe, CellChainsRecipe, LocalFilesRecipe]
+Recipe = Union[SyntheticScenesRecipe, ArithmeticChainsRecipe, CellChainsRecipe, LocalFilesRecipe, HFDatasetRecipe]
+OWN_ROWS = (LocalFilesRecipe, HFDatasetRecipe)  # kinds that read your rows (base_dir, skip_bad_rows)
 
 
 def load_recipe(
@@ -66,15 +71,17 @@ def load_recipe(
             f"recipe {parsed.source} has no split {split!r} (splits: {', '.join(parsed.splits)})"
         )
     skipped: tuple[str, ...] = ()
-    skip = skip_bad_rows or (isinstance(parsed, LocalFilesRecipe) and parsed.skip_bad_rows)
+    skip = skip_bad_rows or (isinstance(parsed, OWN_ROWS) and parsed.skip_bad_rows)
     if isinstance(parsed, SyntheticScenesRecipe):
         hf = synthetic_scenes.build_split(parsed, split, family=family, limit=limit)
     elif isinstance(parsed, ArithmeticChainsRecipe):
         hf = arithmetic_chains.build_split(parsed, split, limit=limit)
     elif isinstance(parsed, CellChainsRecipe):
         hf = cell_chains.build_split(parsed, split, limit=limit)
-    else:
+    elif isinstance(parsed, LocalFilesRecipe):
         hf, skipped = local_files.build_split(parsed, split, limit=limit, skip_bad_rows=skip)
+    else:
+        hf, skipped = hf_datasets.build_split(parsed, split, limit=limit, skip_bad_rows=skip)
     return SampleDataset(hf=hf, recipe=parsed, split=split, family=family, skipped=skipped, skip_bad_rows=skip)
 
 
@@ -99,14 +106,14 @@ def read_recipe(recipe: str | os.PathLike | Mapping[str, Any]) -> Recipe:
 
 
 def parse_recipe(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Recipe:
-    """Validate a recipe mapping; `base_dir` anchors the relative data paths of local files."""
+    """Validate a recipe mapping; `base_dir` anchors the relative data paths of your own rows."""
     kind = data.get("kind")
     if kind is None:
         raise RecipeError(f"recipe {source}: missing key 'kind' (one of {', '.join(KINDS)})")
     if kind not in KINDS:
         raise RecipeError(f"recipe {source}: unknown kind {kind!r} (known: {', '.join(KINDS)})")
     cls = KINDS[kind]
-    internal = {"source": source, **({"base_dir": base_dir} if kind == "local_files" else {})}
+    internal = {"source": source, **({"base_dir": base_dir} if cls in OWN_ROWS else {})}
     try:
         return build(cls, {name: value for name, value in data.items() if name != "kind"}, **internal)
     except Invalid as err:

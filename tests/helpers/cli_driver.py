@@ -4,8 +4,8 @@ Usage: python tests/helpers/cli_driver.py CASES.json RESULT.json
 CASES: {name: [argv, ...]}      (argv without the program name, e.g. ["train", "--config", ...])
        or {name: {"argv": [...], "write_faults": [...]}}: write failures injected for that case
        (tests/helpers/write_faults.py)
-RESULT: {name: {"code": int, "stderr": str, "traceback": str | null}}; under torchrun rank r > 0
-        writes RESULT.rank<r>
+RESULT: {name: {"code": int, "stdout": str, "stderr": str, "traceback": str | null}}; under torchrun
+        rank r > 0 writes RESULT.rank<r>
 
 One process serves every case because imports dominate on CPU. `main` is what the console
 script's `entry_point` runs; an exception escaping it is what `entry_point` would print as a
@@ -27,16 +27,16 @@ from write_faults import injected
 
 
 def run_case(argv: list[str]) -> dict:
-    stderr = io.StringIO()
+    stdout, stderr = io.StringIO(), io.StringIO()
     failure = None
-    with contextlib.redirect_stderr(stderr):
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
             code = main(argv)
         except SystemExit as stop:  # argparse
             code = stop.code if isinstance(stop.code, int) else 1
         except BaseException:  # noqa: BLE001  (a bug: what entry_point prints)
             failure, code = traceback.format_exc(), 1
-    return {"code": code, "stderr": stderr.getvalue(), "traceback": failure}
+    return {"code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue(), "traceback": failure}
 
 
 def run_faulty_case(case: list[str] | dict) -> dict:

@@ -3,7 +3,7 @@
 Usage: torchrun --nproc_per_node N tests/helpers/train_driver.py SPEC.json RESULT.json
 SPEC: {"config": path, "runs": [{"name", "overrides": [...], "resume": bool, "stop_after_step": int|null,
                                  "fault": {...} | absent, "loss_path": "fallback" | absent}]}
-RESULT (rank 0): {name: {"metrics": {...}, "teacher_unchanged": bool, "finished": bool, "error": str|null}}
+RESULT (rank 0): {name: {"metrics": {...}, "phases": {...}, "teacher_unchanged": bool, "finished": bool, "error": str|null}}
 Several runs share one process start-up (torch + DeepSpeed imports dominate on CPU). Code paths
 (e.g. train.loss_path) are chosen by config overrides.
 
@@ -116,7 +116,7 @@ def main(spec_path: str, result_path: str) -> None:
         if result.rollout_engine is not None:  # rollout.engine=vllm: one engine at a time in this process
             result.rollout_engine.close()
         unchanged = teacher_unchanged(result.teacher, cfg.model.teacher) if result.teacher is not None else None
-        results[run["name"]] = {"metrics": result.metrics, "teacher_unchanged": unchanged,
+        results[run["name"]] = {"metrics": result.metrics, "phases": result.phases, "teacher_unchanged": unchanged,
                                 "finished": result.finished, "error": None}
     if not dist.is_initialized() or dist.get_rank() == 0:
         json.dump(results, open(result_path, "w"), indent=1)
