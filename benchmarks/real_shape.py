@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -97,7 +98,7 @@ def child(args) -> None:
         parameters, bytes_per_parameter = weight_bytes_per_parameter(paths["student"])
         C.emit(dict(variant="weights", parameters=parameters, weight_bytes_per_parameter=bytes_per_parameter))
         return
-    out = Path(tempfile.mkdtemp(prefix=f"dopd_real_shape_{args.variant}_"))
+    out = Path(args.out)
     cfg = load_config(None, [
         f"model.teacher={paths['teacher']}", f"model.student={paths['student']}", "model.dtype=bfloat16",
         "model.gradient_checkpointing=true", "data.recipe=synthetic_scenes", "data.eval_splits=[test]",
@@ -110,8 +111,7 @@ def child(args) -> None:
     resident_before = C.current_rss()  # imports only: the phases' memory/<phase> are absolute
     with C.PeakMemory(device) as mem:
         result = train(cfg)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    shutil.rmtree(out)
+    rows = metrics_rows(out)
     later = rows[2:] or rows[1:]  # step 1 pays for first-call set-up (DeepSpeed's prefetch trace)
     step_phases = {key: statistics.median(r[key] for r in later) for key in later[0]
                    if key.startswith(("time/", "memory/")) or key == "step_time"}
@@ -121,6 +121,35 @@ def child(args) -> None:
                 load_average_1min=os.getloadavg()[0]))
 
 
+def metrics_rows(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def run_child(cmd: list[str], env: dict, limit_gib: float, timeout: float) -> dict:
+    """`C.run_json`, with the child stopped once its resident set passes `limit_gib` (the machine's
+    other work must not meet the kernel's OOM killer); the stop is raised as RuntimeError."""
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, **env}, cwd=C.ROOT)
+    started, peak = time.perf_counter(), 0.0
+    while child.poll() is None:
+        try:
+            status = Path(f"/proc/{child.pid}/status").read_text()
+            peak = max(peak, next(int(l.split()[1]) for l in status.splitlines() if l.startswith("VmRSS:")) / 2**20)
+        except (OSError, StopIteration):
+            pass
+        if peak > limit_gib or time.perf_counter() - started > timeout:
+            child.kill()
+            child.communicate()
+            raise RuntimeError(f"stopped at a resident set of {peak:.1f} GiB (limit {limit_gib} GiB) "
+                               f"after {time.perf_counter() - started:.0f} s")
+        time.sleep(0.5)
+    stdout, stderr = child.communicate()
+    if child.returncode != 0:
+        raise RuntimeError(f"exit {child.returncode}: {stderr[-2000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
 def run(args) -> dict:
     pair = Path(args.pair) if args.pair else build_pair(args.layers, args.vision_depth)["student"].parent
     runs = [("weights", None), *((variant, None) for variant in args.variants)]
@@ -128,16 +157,18 @@ def run(args) -> dict:
         runs += [(variant, args.baseline_code) for variant in args.variants]
     rows = []
     for variant, code in runs:
-        cmd = [C.python(), __file__, "--child", "1", "--variant", variant, "--pair", str(pair),
+        out = Path(tempfile.mkdtemp(prefix=f"dopd_real_shape_{variant}_"))
+        cmd = [C.python(), __file__, "--child", "1", "--variant", variant, "--pair", str(pair), "--out", str(out),
                "--steps", str(args.steps), "--max-new-tokens", str(args.max_new_tokens)]
         env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         if code:
             env["PYTHONPATH"] = str(Path(code).resolve())
         started = time.perf_counter()
         try:
-            row = C.run_json(cmd, env=env, timeout=args.timeout)
-        except RuntimeError as err:  # e.g. killed for memory: recorded as the measured reason
-            row = dict(variant=variant, failed=str(err)[-2000:])
+            row = run_child(cmd, env, args.memory_limit_gib, args.timeout)
+        except RuntimeError as err:  # the measured reason, with the phases the run logged before it stopped
+            row = dict(variant=variant, failed=str(err)[-2000:], logged_rows=metrics_rows(out))
+        shutil.rmtree(out, ignore_errors=True)
         row.update(code=code or "this checkout", command_seconds=time.perf_counter() - started)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -153,6 +184,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--memory-limit-gib", type=float, default=18.0,
+                   help="stop a variant whose resident set passes this (default: %(default)s)")
+    p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--pair", help="an existing pair folder (teacher/, student/) instead of building one")
     p.add_argument("--baseline-code", metavar="DIR",
                    help="also run the variants on the dopd_vlm of another checkout (e.g. the commit before a fix)")

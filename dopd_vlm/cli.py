@@ -371,7 +371,7 @@ baselines, and report what each method achieved.
 
 
 def _add_demo(subparsers) -> None:
-    from dopd_vlm.demo import DEFAULT_METHODS, DEMO_TESTBEDS, METHODS, DemoOptions
+    from dopd_vlm.demo import DEFAULT_METHODS, DEMO_METHODS, DEMO_TESTBEDS, DemoOptions
 
     defaults = DemoOptions()
     parser = subparsers.add_parser(
@@ -390,8 +390,8 @@ def _add_demo(subparsers) -> None:
     parser.add_argument("--steps", type=int, metavar="N",
                         help="distillation steps per method (default: the testbed config's train.steps)")
     parser.add_argument("--seed", type=int, default=defaults.seed, metavar="N", help="trainer seed (default: %(default)s)")
-    parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=list(DEFAULT_METHODS), metavar="NAME",
-                        help=f"methods to run, of {', '.join(METHODS)} (default: all)")
+    parser.add_argument("--methods", nargs="+", choices=tuple(DEMO_METHODS), default=list(DEFAULT_METHODS), metavar="NAME",
+                        help=f"methods to run, of {', '.join(DEMO_METHODS)} (default: all)")
     parser.add_argument("--jobs", type=int, default=0, metavar="N",
                         help="training runs side by side (default: one per CPU core, at most one per method)")
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every, metavar="N",

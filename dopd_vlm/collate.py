@@ -16,13 +16,14 @@ import functools
 import logging
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
 from PIL import Image
 
 from dopd_vlm import image_cache
+from dopd_vlm.choices import SpecialTokenPolicy
 from dopd_vlm.data.answers import THINK_CLOSE, THINK_OPEN
 from dopd_vlm.data.schema import IMAGE_PLACEHOLDER, Sample
 from dopd_vlm.errors import InputError
@@ -37,7 +38,6 @@ PADDING_IMAGE = Image.new("RGB", (32, 32))
 # What data text holding a tokenizer's special token gets (`data.special_tokens`): refused at load
 # (prompt_checks), or kept as plain characters, the token broken by ESCAPE_MARK after its first
 # character so that the tokenizer no longer reads it as the token.
-SpecialTokenPolicy = Literal["reject", "escape"]
 ESCAPE_MARK = "\u200b"  # ZERO WIDTH SPACE
 
 log = logging.getLogger(__name__)

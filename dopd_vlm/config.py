@@ -17,13 +17,20 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
-from dopd_vlm.chunks import LossPath
-from dopd_vlm.collate import SpecialTokenPolicy
+from dopd_vlm.choices import (
+    Ablation,
+    Divergence,
+    LossPath,
+    MethodName,
+    Normalization,
+    OpdDivergence,
+    RegimeWeights,
+    SpecialTokenPolicy,
+    TokenDrop,
+    TopKVariant,
+)
 from dopd_vlm.data.schema import IMAGE_PLACEHOLDER
-from dopd_vlm.errors import InputError
-from dopd_vlm.losses import TopKVariant
-from dopd_vlm.methods import METHODS, Ablation, Divergence, OpdDivergence, RegimeWeights
-from dopd_vlm.router import Normalization, TokenDrop
+from dopd_vlm.errors import InputError, one_line
 from dopd_vlm.validation import Above, AtLeast, Between, Invalid, NonEmpty, build
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -190,7 +197,7 @@ class MethodConfig:
         temperature: Softmax temperature of the loss distributions.
     """
 
-    name: str = "dopd"
+    name: MethodName = "dopd"
     ablation: Ablation = "none"
     regime_weights: RegimeWeights = "paper"
     divergence: Divergence = "routed"
@@ -360,7 +367,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), *, tr
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {_one_line(err)}") from err
+            raise ConfigError(f"{path}: not valid YAML: {one_line(err)}") from err
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
         except OSError as err:
@@ -400,7 +407,7 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     try:
         node[leaf] = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {override!r}: the value is not valid YAML ({_one_line(err)}); "
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({one_line(err)}); "
                           "quote it, e.g. key='{...}'") from None
 
 
@@ -426,13 +433,14 @@ def _check(condition: bool, key: str, message: str) -> None:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Checks across keys, which the field types alone cannot express. Raises ConfigError."""
+    """Checks across keys, which the field types alone cannot express. Raises ConfigError.
+
+    Checks that need the method table (which methods have a teacher) run at set-up,
+    `methods.check_config`: the config imports none of the algorithms.
+    """
     m, t, d = cfg.method, cfg.train, cfg.data
-    _check(m.name in METHODS, "method.name", f"{m.name!r} is not one of {', '.join(METHODS)}")
     for key, neutral in (("ablation", "none"), ("regime_weights", "paper"), ("divergence", "routed")):
         _check(getattr(m, key) == neutral or m.name == "dopd", f"method.{key}", "only applies to dopd")
-    _check(m.token_drop == "none" or METHODS[m.name].needs_teacher, "method.token_drop",
-           f"needs a method with a teacher (the gap is |lT - lP|); {m.name} has none")
     _check(0 <= m.beta_w < m.beta_l, "method.beta_w", "must satisfy 0 <= beta_w < beta_l")
     r = cfg.rollout
     _check(r.vllm.max_model_len > r.max_new_tokens, "rollout.vllm.max_model_len",
@@ -442,8 +450,6 @@ def validate(cfg: RunConfig) -> None:
     _check(not (lora.enabled and lora.dropout and "lm_head" in lora.target_modules), "model.lora.dropout",
            "must be 0 when model.lora.target_modules has lm_head (the loss applies the output layer's adapter "
            "without dropout, as it applies it to the privileged student's targets)")
-    _check(bool(cfg.model.teacher) or not METHODS[m.name].needs_teacher, "model.teacher",
-           f"is required (method {m.name} distils from a teacher)")
     _check(
         t.prompts_per_step % t.prompts_per_micro_batch == 0,
         "train.prompts_per_step",
@@ -489,7 +495,7 @@ def load_deepspeed_config(
     try:
         ds = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: invalid DeepSpeed JSON: {_one_line(err)}") from None
+        raise ConfigError(f"{path}: invalid DeepSpeed JSON: {one_line(err)}") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: invalid DeepSpeed JSON: not UTF-8 (offset {err.start})") from None
     except OSError as err:
@@ -568,7 +574,3 @@ def _check_deepspeed_sections(ds: Any, path: Path) -> None:
         )
     if "scheduler" in ds:
         raise ConfigError(f"{path}: 'scheduler': remove it; the learning-rate schedule comes from the run config (optim.*)")
-
-
-def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split())

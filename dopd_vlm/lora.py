@@ -27,16 +27,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from dopd_vlm.errors import InputError
+from dopd_vlm.config import ConfigError, LoraConfig, ModelConfig
+from dopd_vlm.errors import InputError, one_line
 from dopd_vlm.run_folder import after_write
-
-if TYPE_CHECKING:  # config imports the loss code, which imports this module: config only at run time
-    from dopd_vlm.config import LoraConfig, ModelConfig
 
 EXTRA_HINT = 'pip install -e ".[lora]" (make test installs it)'
 OUTPUT_LAYER = "lm_head"  # the name model.lora.target_modules uses for the output layer
@@ -47,8 +45,6 @@ BASE_PART = ".base_layer."
 
 def require_peft() -> None:
     """Raise ConfigError (one line, naming the extra) unless PEFT can be imported here."""
-    from dopd_vlm.config import ConfigError
-
     if importlib.util.find_spec("peft") is None:
         raise ConfigError(f"config key 'model.lora.enabled': peft is not installed; {EXTRA_HINT}")
 
@@ -92,8 +88,6 @@ def target_names(model: nn.Module, cfg: LoraConfig, student: str) -> list[str]:
     ConfigError (one line) for a name that matches no linear layer there, and for an adapter on an
     output layer tied to the input embeddings (merging it would change the embeddings too).
     """
-    from dopd_vlm.config import ConfigError
-
     head = model.get_output_embeddings()
     decoder = model.get_decoder()
     decoder_prefix = next(name for name, module in model.named_modules() if module is decoder)
@@ -293,9 +287,8 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     try:
         peft_model = peft.PeftModel.from_pretrained(model, str(folder), autocast_adapter_dtype=False)
     except (RuntimeError, ValueError, KeyError, OSError) as err:  # shapes or names of another base
-        reason = " ".join(str(err).split())
-        reason = reason if len(reason) <= 300 else reason[:297] + "..."
-        raise InputError(f"adapter {folder}: cannot be put on its base model ({type(err).__name__}: {reason})") from None
+        raise InputError(f"adapter {folder}: cannot be put on its base model ({type(err).__name__}: "
+                         f"{one_line(err)})") from None
     peft_model.eval()
     return peft_model.get_base_model()
 

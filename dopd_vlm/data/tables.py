@@ -26,8 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dopd_vlm.data.dataset import sample_features
-from dopd_vlm.data.rows import BadRow, Part, RowNumbers, RowReader, one_line, read_jsonl
+from dopd_vlm.data.rows import BadRow, Part, RowNumbers, RowReader, read_jsonl
 from dopd_vlm.data.schema import RecipeError
+from dopd_vlm.errors import one_line
 
 logger = logging.getLogger(__name__)
 
