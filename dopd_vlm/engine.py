@@ -55,7 +55,7 @@ class CheckpointFileFailed(Exception):
 
 class FileNamingCheckpointEngine:
     """DeepSpeed's checkpoint engine, each file it saves followed by the run's write hooks
-    (`run_folder.add_write_hook`, kind "checkpoint") and its failure naming the file. Everything
+    (the `after_write` hook point, kind "checkpoint") and its failure naming the file. Everything
     else is the wrapped engine's."""
 
     def __init__(self, inner: Any):

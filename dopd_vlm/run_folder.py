@@ -5,7 +5,7 @@ every write of the run that fails says which file and why, in one line.
     remove_earlier_run(out)                         --overwrite, once set-up has succeeded
     lock.release()                                  at the end of the run, whatever the end
     write_failure(err, path)                        "writing PATH failed: No space left on device (ENOSPC)"
-    add_write_hook(hook)                            fault injection for tests (see `after_write`)
+    after_write(kind, path)                         every writer, once a file is written (`hooks`' point)
 
 **The lock** `run.lock` is created with O_CREAT|O_EXCL, which is atomic on local filesystems and
 on NFS (v3 and later) alike; no flock/fcntl lock, which NFS does not guarantee. It holds who took it
@@ -38,10 +38,10 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from safetensors import SafetensorError
 
+from dopd_vlm import hooks
 from dopd_vlm.distributed import first_failure, rank
 from dopd_vlm.errors import InputError
 
@@ -124,27 +124,13 @@ def probe_errno(path: Path) -> int | None:
     return None
 
 
-WriteHook = Callable[[str, Path], None]
 WRITE_KINDS = ("checkpoint", "pointer", "export", "metrics", "tensorboard", "config")
-_write_hooks: list[WriteHook] = []
-
-
-def add_write_hook(hook: WriteHook) -> None:
-    """Fault injection, for tests: `hook(kind, path)` runs after each write of a run (kind one of
-    WRITE_KINDS; "checkpoint" once per file DeepSpeed saves) and before the write counts as done
-    (before the new pointer or export folder replaces the old). What it raises is handled as that
-    write's own failure. Remove it with `remove_write_hook`."""
-    _write_hooks.append(hook)
-
-
-def remove_write_hook(hook: WriteHook) -> None:
-    _write_hooks.remove(hook)
 
 
 def after_write(kind: str, path: Path) -> None:
-    """Called by every writer of the run once `path` is written (see `add_write_hook`)."""
-    for hook in list(_write_hooks):
-        hook(kind, path)
+    """Called by every writer of the run once `path` is written: the `after_write` hook point
+    (`dopd_vlm.hooks`; kind one of WRITE_KINDS, "checkpoint" once per file DeepSpeed saves)."""
+    hooks.run("after_write", kind, path)
 
 
 # -- the lock ------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dopd_vlm import prompt_checks
+from dopd_vlm import hooks, prompt_checks
 from dopd_vlm.head_loss import check_heads, use_fused
 from dopd_vlm.collate import DualViewCollator, check_same_tokenizer, check_shared_vocab
 from dopd_vlm.config import RunConfig, load_deepspeed_config
@@ -340,6 +340,7 @@ def train_steps(run: Run, logger: MetricsLogger, signals: PreemptionSignals,
         for step in progress:
             micro_batches, seeds = step_batches(run.data, cfg, step, rank(), world_size())
             started = time.perf_counter()
+            hooks.run("before_step", step + 1)
             try:
                 metrics = dopd_step(models, micro_batches, cfg, seeds)
             except vllm_rollout.RolloutEngineError as err:  # name what is left to resume from

@@ -2,7 +2,7 @@
 run owns it (a lock, taken over from a crashed run), an earlier run in it is never lost (refused
 unless --resume or --overwrite), every write failing into one line (a real full or read-only
 filesystem: a tmpfs the test mounts, as root; and the errors torch and safetensors really raise,
-injected through `run_folder.add_write_hook`), and SIGTERM/SIGUSR1 preemption, after which
+injected through the `after_write` hook point, `dopd_vlm.hooks`), and SIGTERM/SIGUSR1 preemption, after which
 --resume ends with the weights of an uninterrupted run, on 1 and 2 ranks.
 
 Runs that need no concurrency share one process (tests/helpers/cli_driver.py); the lock and
@@ -427,7 +427,7 @@ def test_injected_errors_are_what_torch_and_safetensors_raise_on_a_full_disk(tmp
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, tiny_pairs):
     """2 ranks, one launch: the uninterrupted run (the reference of the 2-rank tests), and write
-    failures injected through run_folder.add_write_hook (tests/helpers/write_faults.py)."""
+    failures injected through the after_write hook point (tests/helpers/write_faults.py)."""
     root = tmp_path_factory.mktemp("two_ranks")
     config = run_config(root, tiny_pairs)
 

@@ -1,4 +1,4 @@
-"""Write failures injected through `dopd_vlm.run_folder.add_write_hook`, raising what the real
+"""Write failures injected through the `after_write` hook point (`dopd_vlm.hooks`), raising what the real
 libraries raise on a full, read-only or over-quota filesystem (tests/test_run_folder.py checks these
 against a real full tmpfs where it may mount one).
 
@@ -11,14 +11,16 @@ A fault: {"kind": "checkpoint" | "pointer" | "export" | "metrics" | "tensorboard
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
+from typing import Iterator
 
 from safetensors import SafetensorError
 
 from dopd_vlm.distributed import rank
-from dopd_vlm.run_folder import add_write_hook, remove_write_hook
+from dopd_vlm import hooks
 
 
 def torch_zip_error(context: BaseException) -> RuntimeError:
@@ -63,16 +65,10 @@ class Fault:
                 raise ERRORS[spec["error"]](path)
 
 
-class injected:
-    """The faults' hooks for the block (runs sharing a process must not inherit each other's)."""
-
-    def __init__(self, specs: list[dict]):
-        self.hooks = [Fault(spec) for spec in specs]
-
-    def __enter__(self) -> None:
-        for hook in self.hooks:
-            add_write_hook(hook)
-
-    def __exit__(self, *exc_info) -> None:
-        for hook in self.hooks:
-            remove_write_hook(hook)
+@contextlib.contextmanager
+def injected(specs: list[dict]) -> Iterator[None]:
+    """The faults' `after_write` hooks for the block (runs sharing a process must not inherit each other's)."""
+    with contextlib.ExitStack() as stack:
+        for spec in specs:
+            stack.enter_context(hooks.registered("after_write", Fault(spec)))
+        yield
