@@ -620,7 +620,9 @@ def test_two_ranks_lock_and_preemption_through_torchrun(two_ranks, tmp_path):
     lines = [line for line in second.stderr.splitlines() if line.startswith(ERROR)]
     assert len(set(lines)) == 1 and len(lines) == 2, second.stderr[-4000:]  # every rank, the same line
     assert f"is in use by another run (host {socket.gethostname()}, pid {workers[0]}, " in lines[0]
-    assert second.returncode == 1 and second.stderr.count("exitcode  : 2") == 2  # torchrun's own report
+    # torchrun's own report: the first rank out exits 2; the other, already past its line, may be
+    # ended by torchrun (exit -15) before it exits itself when the machine is loaded
+    assert second.returncode == 1 and "exitcode  : 2" in second.stderr, second.stderr[-4000:]
     for pid in workers.values():
         os.kill(pid, signal.SIGCONT)
     # SIGUSR1 (Slurm's early warning) to rank 1 only: the ranks agree, both write the checkpoint
