@@ -157,6 +157,19 @@ loads. One process runs as is; for several use a launcher:
 
   torchrun --nproc_per_node 2 -m dopd_vlm train --config configs/tiny_dopd.yaml
   deepspeed --num_gpus 8 --module dopd_vlm train --config configs/qwen3vl_8b_to_2b.yaml
+
+The run owns train.output_dir while it runs (run.lock; a second launch there is refused). A folder
+holding an earlier run (checkpoints, metrics, an export) is refused unless --resume continues it
+or --overwrite deletes it and starts over. SIGTERM or SIGUSR1 (Slurm: --signal=USR1@120) finishes
+the step under way, writes a checkpoint on every rank and exits 75; a second signal exits at once.
+
+exit codes:
+  0   finished
+  1   the run stopped: non-finite training, a write that failed (disk full, read-only, quota),
+      the vLLM engine failed; one line naming the file or cause and the checkpoint to resume from
+  2   the input cannot be used: config, data, checkpoints, DeepSpeed JSON, an output folder that
+      cannot be written, is in use by another run or holds an earlier one; one line, no traceback
+  75  preempted (SIGTERM/SIGUSR1): the checkpoint is written; continue with --resume
 """
 
 
@@ -169,7 +182,12 @@ def _add_train(subparsers) -> None:
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--config", required=True, metavar="YAML", help="run config")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in train.output_dir from its latest complete checkpoint "
+                        "(from step 0 if it has none)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a train.output_dir holding an earlier run: delete its checkpoints, "
+                        "metrics, TensorBoard logs, config copy and export (once set-up has succeeded)")
     parser.add_argument(
         "--stop-after-step", type=int, metavar="N",
         help="checkpoint and exit after step N (time-limited jobs); finish later with --resume",
@@ -179,9 +197,11 @@ def _add_train(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Exit codes: 0 done; 2 an expected failure of the input (config, data, checkpoint, ...: one
-    line, every rank, `errors.InputError`); 1 the run stopped (non-finite training, a checkpoint
-    that could not be written). Anything else is a bug: its traceback is kept."""
+    """Exit codes: 0 done; 2 an expected failure of the input (config, data, checkpoint, the
+    output folder in use or holding an earlier run, ...: one line, every rank, `errors.InputError`);
+    1 the run stopped (non-finite training, a write that failed, the vLLM engine);
+    75 (`preemption.EXIT_PREEMPTED`) preempted, after the checkpoint. Anything else is a bug: its
+    traceback is kept."""
     return one_line_input_errors("train", lambda: _train(args))
 
 
@@ -197,12 +217,12 @@ def one_line_input_errors(command: str, run: Callable[[], int]) -> int:
         return report_failure(command, err, EXIT_INPUT_ERROR)
 
 
-def report_failure(command: str, err: Exception, code: int) -> int:
-    """Print `err` as the command's one error line, wait for the other ranks to print theirs
+def report_failure(command: str, err: Exception, code: int, label: str = "error") -> int:
+    """Print `err` as the command's one `label` line, wait for the other ranks to print theirs
     (a launcher kills the rest of the workers once one has exited), return `code`."""
     from dopd_vlm.distributed import wait_for_peers_before_exit
 
-    print(f"dopd-vlm {command}: error: {err}", file=sys.stderr, flush=True)
+    print(f"dopd-vlm {command}: {label}: {err}", file=sys.stderr, flush=True)
     wait_for_peers_before_exit()
     return code
 
@@ -212,14 +232,20 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.stop_after_step is not None and args.stop_after_step < 1:
         raise ConfigError(f"--stop-after-step must be >= 1, got {args.stop_after_step}")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: continue the earlier run or start over")
     cfg = load_config(args.config, args.overrides)  # before the heavy imports: a bad config fails fast
-    from dopd_vlm.engine import CheckpointError, NonFiniteTraining
+    from dopd_vlm.engine import NonFiniteTraining
+    from dopd_vlm.preemption import EXIT_PREEMPTED, Preempted
+    from dopd_vlm.run_folder import RunWriteError
     from dopd_vlm.train import train
     from dopd_vlm.vllm_rollout import RolloutEngineError
 
     try:
-        train(cfg, resume=args.resume, stop_after_step=args.stop_after_step)
-    except (NonFiniteTraining, CheckpointError, RolloutEngineError) as err:
+        train(cfg, resume=args.resume, overwrite=args.overwrite, stop_after_step=args.stop_after_step)
+    except Preempted as stop:
+        return report_failure("train", stop, EXIT_PREEMPTED, label="preempted")
+    except (NonFiniteTraining, RunWriteError, RolloutEngineError) as err:
         return report_failure("train", err, 1)
     return 0
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from dopd_vlm.config import ConfigError, LoraConfig, ModelConfig
 from dopd_vlm.errors import InputError, one_line
+from dopd_vlm.run_folder import after_write
 
 EXTRA_HINT = 'pip install -e ".[lora]" (make test installs it)'
 OUTPUT_LAYER = "lm_head"  # the name model.lora.target_modules uses for the output layer
@@ -294,11 +295,17 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
 
 def write_folder(target: Path, *writers: Callable[[Path], Any]) -> None:
     """Each writer (e.g. a `save_pretrained`) fills a temporary sibling folder, which then replaces
-    `target` at once: a crash mid-export leaves no half-written `target`."""
+    `target` at once: a crash mid-export leaves no half-written `target`, and a writer that fails
+    (a full disk) leaves no temporary folder either."""
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    for write in writers:
-        write(tmp)
+    try:
+        for write in writers:
+            write(tmp)
+        after_write("export", target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
 

@@ -40,7 +40,7 @@ from torch import nn
 from dopd_vlm.collate import DualViewCollator, ScoringViews, reference_responses
 from dopd_vlm.data.schema import Sample
 from dopd_vlm.distributed import all_ranks_max, all_ranks_sum, all_ranks_true, world_size
-from dopd_vlm import lora
+from dopd_vlm import hooks, lora
 from dopd_vlm.engine import gathered_for_generation, gradients_finite
 from dopd_vlm.methods import METHODS, LossInputs, TokenStats, compute_loss, scoring_passes, summarize
 from dopd_vlm.models import device_of
@@ -421,7 +421,7 @@ def student_loss(models: Models, scored: ScoredMicroBatch, cfg: RunConfig, thres
     )
     with timer("loss"):
         loss, stats = compute_loss(cfg.method, inputs, cfg.train.loss_chunk_size, cfg.train.loss_path)
-    return loss, stats, student_hidden
+    return hooks.loss_after_hooks(loss, student_hidden), stats, student_hidden
 
 
 def _head(model: nn.Module | None, vocab_size: int):

@@ -46,7 +46,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from dopd_vlm import lora, torchvision_shimmed
+from dopd_vlm import hooks, lora, torchvision_shimmed
 from dopd_vlm.collate import DualViewCollator, extract_responses
 from dopd_vlm.config import ConfigError, RunConfig
 from dopd_vlm.data.schema import Sample
@@ -259,6 +259,7 @@ class VllmRollout:
         try:
             self._wake(["weights", "kv_cache"])
             self.llm.reset_prefix_cache()  # each call depends on its inputs and weights only
+            hooks.run("before_generate")
             outputs = self.llm.generate(requests, params, use_tqdm=False)[mine]
             self._sleep()
         except Exception as err:  # noqa: BLE001  any engine failure ends the run the same way
