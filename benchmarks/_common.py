@@ -182,3 +182,15 @@ def write_section(path: Path, section: str, body: list[str]) -> None:
     content = "\n".join([f"## {section}", "", *body]) + "\n"
     text = pattern.sub(lambda _: content, text) if pattern.search(text) else text.rstrip() + "\n\n" + content
     path.write_text(text)
+
+
+# The trainer's phases as the benchmarks group them, from its timers (`time/<timer>` in
+# metrics.jsonl): rollout (sampling and building the views), score (the no-grad passes and the
+# router's log-probs), update (student pass, loss, backward, optimizer step), weight sync (vLLM).
+PHASES = {"rollout": ("rollout",), "score": ("score/",), "update": ("student_pass", "loss", "backward", "optimizer"),
+          "weight_sync": ("weight_sync",)}
+
+
+def phase_time(metrics: dict, phase: str) -> float:
+    """Seconds of one phase of a step (`PHASES`): the sum of its timers."""
+    return sum(v for k, v in metrics.items() if k.startswith(tuple(f"time/{t}" for t in PHASES[phase])))

@@ -2,6 +2,7 @@
 
     python benchmarks/step_vs_trl.py            # single process and ZeRO-3 x 2 ranks (torchrun, gloo)
     python benchmarks/step_vs_trl.py --modes single --steps 12
+    python benchmarks/step_vs_trl.py --scale 50m --max-new-tokens 64 --steps 5 --warmup 1   # where compute dominates
 
 Same tiny Qwen2-VL teacher/student (dopd_vlm.models.make_tiny_pair, seed 0), same 8 prompts with
 images every step (benchmarks/recipes/bench_scenes.yaml), one rollout per prompt, same
@@ -19,7 +20,16 @@ and the median of the rest is reported.
 
 Our step time is train()'s own `step_time` (rollout, scoring, routing, loss, backward, optimizer
 step); TRL's is the wall time between the Trainer callbacks `on_step_begin` and `on_step_end`
-(generation, loss, backward, optimizer step).
+(generation, loss, backward, optimizer step). Our phases come from the step's own timers:
+rollout (sampling and building the views), score (the no-grad passes and the router's log-probs),
+update (student pass, loss, backward, optimizer step), weight sync (vLLM); `padded` is the step's
+`perf/padding_share` (all passes). Each row records the 1-minute load average before and after it.
+
+Scales (`--scale`; the same shapes for TRL and us, teacher and student alike):
+- tiny: the default tiny pair (0.2 M parameters): Python overhead decides the ratio;
+- 50m: a 53.8 M-parameter pair (text 768 wide, 6 layers, 12 heads of 64, MLP 3,072; a small
+  vision tower), random weights: generation and the passes decide it (CPU-sized);
+- 2b: 2B-shaped random models, for GPU runs.
 """
 
 from __future__ import annotations
@@ -51,6 +61,10 @@ def tiny_pair(family: str, scale: str) -> dict[str, Path]:
         # (dopd_vlm's default tiny teacher pads it to a multiple of 64, which dopd_vlm slices off).
         teacher = dataclasses.replace(TEACHER_SIZE, vocab_multiple=1)
         return make_tiny_pair(family, C.ROOT / ".cache" / "bench" / family, seed=0, teacher=teacher, student=STUDENT_SIZE)
+    if scale == "50m":
+        size = TinySize(hidden_size=768, num_layers=6, num_heads=12, num_kv_heads=4, intermediate_size=3072,
+                        vision_hidden_size=128, vision_depth=2, vision_num_heads=4, vision_intermediate_size=256)
+        return make_tiny_pair(family, C.ROOT / ".cache" / "bench" / f"{family}_50m", seed=0, teacher=size, student=size)
     # A 2B-shaped student (Qwen3-VL-2B text widths, real vocabulary rows) and an equally shaped teacher,
     # random weights: for GPU runs only.
     size = TinySize(hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8, intermediate_size=6144,
@@ -162,9 +176,9 @@ def run_ours(args) -> dict:
         return {}
     rows = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r.get("step", 0) > 0 and "step_time" in r]
-    phases = {k: [r[k] for r in rows] for k in rows[0] if k.startswith("time/")}
+    phases = {name: [C.phase_time(r, name) for r in rows] for name in C.PHASES}
     return dict(step_times=[r["step_time"] for r in rows], response_length=statistics.mean(r["response_length"] for r in rows),
-                phases={k: v for k, v in phases.items()})
+                phases=phases, padded=[r["perf/padding_share"] for r in rows])
 
 
 # ----------------------------------------------------------------------------------------- driver
@@ -184,7 +198,9 @@ def summarize(result: dict, warmup: int) -> dict:
     row = dict(trainer=result["trainer"], mode=result["mode"], median_s=statistics.median(times),
                mean_s=statistics.mean(times), steps=len(times), response_length=result.get("response_length"))
     for name, values in result.get("phases", {}).items():
-        row[name] = statistics.median(values[warmup:] or values)
+        row[f"time/{name}"] = statistics.median(values[warmup:] or values)
+    if result.get("padded"):
+        row["padded"] = statistics.median(result["padded"][warmup:] or result["padded"])
     return row
 
 
@@ -196,7 +212,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--family", default="qwen2_vl")
-    p.add_argument("--scale", choices=("tiny", "2b"), default="tiny", help="2b: 2B-shaped random models (GPU)")
+    p.add_argument("--scale", choices=("tiny", "50m", "2b"), default="tiny",
+                   help="50m: 53.8M-parameter pair (CPU); 2b: 2B-shaped random models (GPU)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--zero3", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -218,13 +235,13 @@ def main() -> None:
             else:
                 cmd = [C.python(), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                        __file__, "--child", trainer, "--zero3", *common]
-            started = time.perf_counter()
+            started, load = time.perf_counter(), os.getloadavg()[0]
             try:
-                row = summarize(C.run_json(cmd, env=env, timeout=1200), args.warmup)
+                row = summarize(C.run_json(cmd, env=env, timeout=3600), args.warmup)
             except RuntimeError as err:
                 print(f"  {trainer} [{mode}] FAILED: {str(err)[-2000:]}", file=sys.stderr, flush=True)
                 row = dict(trainer=trainer, mode=mode, median_s=float("nan"), error=str(err).splitlines()[0][:200])
-            rows.append(row)
+            rows.append({**row, "load_before": load, "load_after": os.getloadavg()[0]})
             print(f"  {trainer} [{mode}]: median {row['median_s']:.3f} s/step (wall {time.perf_counter() - started:.0f} s)",
                   file=sys.stderr, flush=True)
     for row in rows:
@@ -238,7 +255,8 @@ def main() -> None:
     print(f"machine: {payload['machine']}\nsetup: {payload['setup']}")
     print(C.table(rows, [("mode", "mode"), ("trainer", "trainer"), ("median_s", "s/step (median)"), ("vs_trl", "vs TRL"),
                          ("response_length", "resp. tokens"), ("time/rollout", "rollout s"), ("time/score", "score s"),
-                         ("time/update", "update s"), ("time/weight_sync", "weight sync s")]))
+                         ("time/update", "update s"), ("time/weight_sync", "weight sync s"), ("padded", "padded"),
+                         ("load_before", "load"), ("load_after", "load after")]))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,14 @@ class ModelView:
     def to(self, device: torch.device) -> "ModelView":
         return ModelView({k: v.to(device) for k, v in self.inputs.items()}, self.logit_index.to(device))
 
+    def positions(self, padding_free: bool = False) -> tuple[int, int]:
+        """(positions a forward of this view computes, the real ones): every row padded to the
+        longest, or with `padding_free` the rows' own tokens only; real are the samples' prompt and
+        response tokens (not the padding, not a vision batch's padding row)."""
+        mask = self.inputs["attention_mask"]
+        computed = int(mask.sum()) if padding_free else mask.numel()
+        return computed, int(mask[: self.logit_index.shape[0]].sum())
+
 
 @dataclass
 class ScoringViews:
@@ -181,6 +189,11 @@ class DualViewCollator:
                                 max_pixels=self.max_pixels, special_tokens=self.special_tokens,
                                 chat_template_kwargs=self.chat_template_kwargs)
 
+    @property
+    def vision(self) -> bool:
+        """Whether the student reads images (its processor has an image processor)."""
+        return hasattr(self.processor, "image_processor")
+
     def data_text(self, text: str) -> str:
         """Text from the data as the models get it: escaped under `special_tokens="escape"`."""
         return self.specials.escape(text) if self.special_tokens == "escape" else text
@@ -287,6 +300,31 @@ class DualViewCollator:
         with image_cache.reuse(processor):  # each distinct image is preprocessed once
             return dict(processor(text=texts, images=images, **kwargs, **self.image_size(processor)))
 
+    def prompt_lengths(self, prompts: Sequence[tuple[str, str, str | None, Sequence[tuple[int, int]]]],
+                       processor: Any = None) -> list[int]:
+        """The real token count of each prompt as `processor` reads it, without running the image
+        processor: (sample id, question, privileged text or None for the plain view, image sizes as
+        (width, height)) -> its chat-templated text tokenised as the processor does, each image
+        placeholder counted as the image's tokens (`image_tokens`)."""
+        if not prompts:
+            return []
+        processor = processor or self.processor
+        texts = [self.chat_prompt(sample_id, question, privileged, len(sizes), processor)
+                 for sample_id, question, privileged, sizes in prompts]
+        tokenizer = getattr(processor, "tokenizer", processor)
+        rows = tokenizer(texts)["input_ids"]
+        image_pad = tokenizer.convert_tokens_to_ids(processor.image_token) if hasattr(processor, "image_token") else None
+        pixel_bounds = self.pixel_bounds()
+        lengths = []
+        for (sample_id, _, _, sizes), ids in zip(prompts, rows):
+            images = [image_tokens(processor, size, pixel_bounds) for size in sizes]
+            placeholders = ids.count(image_pad) if image_pad is not None else 0
+            if placeholders != len(images):
+                raise RuntimeError(f"sample {sample_id!r}: the chat template gave {placeholders} image placeholders "
+                                   f"for {len(images)} images")
+            lengths.append(len(ids) - placeholders + sum(images))
+        return lengths
+
     def pixel_bounds(self) -> dict[str, int]:
         """The pixel bounds set by `data.min_pixels` / `data.max_pixels` (unset ones left out)."""
         return {key: value for key, value in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if value}
@@ -359,6 +397,15 @@ class DualViewCollator:
             lengths = torch.cat([lengths, lengths.new_zeros(padding_rows)])
         view = _append_responses(prompts, response_ids, lengths, self.tokenizer.pad_token_id, padding_side)
         return ModelView(view.inputs, view.logit_index[: len(samples)])
+
+
+def image_tokens(processor: Any, size: tuple[int, int], pixel_bounds: dict[str, int] | None = None) -> int:
+    """Tokens an image of `size` (width, height) becomes in the prompt: the processor's resize rule
+    (`get_number_of_image_patches`, the Qwen-VL `smart_resize` to its pixel budget, or to
+    `pixel_bounds` = {"min_pixels": .., "max_pixels": ..} where set), merged."""
+    image_processor = processor.image_processor
+    width, height = size
+    return image_processor.get_number_of_image_patches(height, width, pixel_bounds or {}) // image_processor.merge_size**2
 
 
 def padding_prompt(processor: Any, template_arguments: Mapping[str, Any] | None = None) -> str:

@@ -92,12 +92,16 @@ class ModelConfig:
         dtype: Parameter dtype; `auto` = bfloat16 on GPU, float32 on CPU.
         gradient_checkpointing: Recompute student activations in backward (saves memory).
         lora: Train a LoRA adapter on the student instead of all its weights (see LoraConfig).
+        attn_implementation: The attention kernel of the student and the teacher, transformers'
+            `attn_implementation` (`sdpa`, `eager`, `flash_attention_2`, `flash_attention_3`, a
+            kernels-hub name); empty = transformers' default (`sdpa` where available).
     """
 
     teacher: str = ""
     student: str = ""
     dtype: DType = "auto"
     gradient_checkpointing: bool = False
+    attn_implementation: str = ""
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -315,6 +319,18 @@ class TrainConfig:
         loss_path: How the loss runs over the chunks: `fused` (each chunk's gradient taken in the
             forward; needs a linear output layer), `chunked` (activation checkpointing per chunk;
             any output layer) or `auto` (fused whenever the layer is linear). Same values.
+        micro_batch_tokens: Token budget of a scoring / update micro-batch (0 = fixed micro-batches of
+            prompts_per_micro_batch prompts). After the rollout each rank's sequences are sorted
+            longest first and cut into micro-batches of at most this many positions per pass (rows
+            x the longest row; with padding_free the sum of the rows' lengths), so padding and the
+            passes' activation memory are bounded whatever the response lengths; the loss stays the
+            step's mean over sequences. Every prompt's longest view plus rollout.max_new_tokens
+            must fit (checked at load time).
+        padding_free: Run the scoring passes and the student's pass on each micro-batch's
+            sequences packed into one row without padding (position ids restart per sequence, the
+            Qwen-VL M-RoPE positions computed per sequence). Saves compute with a variable-length
+            attention kernel (model.attn_implementation=flash_attention_2 / 3); with sdpa or eager
+            it is exact but the attention runs over the whole packed row (masked).
         log_every: Write metrics every N steps.
         wandb_project: Also log to Weights & Biases when set and wandb is installed.
         max_bad_steps: Stop after this many consecutive steps with non-finite loss or gradients
@@ -334,6 +350,8 @@ class TrainConfig:
     save_every: NonNegative = 0
     loss_chunk_size: Positive = 1024
     loss_path: LossPath = "auto"
+    micro_batch_tokens: NonNegative = 0
+    padding_free: bool = False
     log_every: Positive = 1
     wandb_project: str = ""
     max_bad_steps: Positive = 3
@@ -457,6 +475,9 @@ def validate(cfg: RunConfig) -> None:
         f"({t.prompts_per_micro_batch}); micro-batches must be equal for the loss mean to be exact",
     )
     validate_data(d)
+    _check(not t.micro_batch_tokens or t.micro_batch_tokens > r.max_new_tokens, "train.micro_batch_tokens",
+           f"{t.micro_batch_tokens} cannot hold one sequence of rollout.max_new_tokens = {r.max_new_tokens} "
+           "response tokens plus its prompt (0 = fixed micro-batches)")
     _check(bool(t.output_dir), "train.output_dir", "is required")
     per_micro = t.prompts_per_micro_batch * cfg.rollout.num_rollouts
     _check(cfg.rollout.batch_size % per_micro == 0, "rollout.batch_size",

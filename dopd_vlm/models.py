@@ -107,22 +107,32 @@ def check_weight_files(checkpoint: str | os.PathLike) -> None:
             ) from None
 
 
-def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
+def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+               attn_implementation: str | None = None) -> PreTrainedModel:
     """Load a supported checkpoint through the Auto classes (works for real and tiny models).
 
     Vision-language configs go through AutoModelForImageTextToText, text-only ones through
-    AutoModelForCausalLM. `dtype=None` keeps the dtype stored in the checkpoint.
+    AutoModelForCausalLM. `dtype=None` keeps the dtype stored in the checkpoint;
+    `attn_implementation=None` transformers' default attention (`model.attn_implementation`).
     """
     family = model_family(path)  # a missing or unsupported checkpoint: one clear line
     check_weight_files(path)
     config = AutoConfig.from_pretrained(path)
     auto_cls = AutoModelForImageTextToText if is_vision_family(family) else AutoModelForCausalLM
     kwargs = {} if dtype is None else {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     try:
         model = auto_cls.from_pretrained(path, config=config, **kwargs)
     except OSError as error:  # no weight file, an unreadable one: transformers' message, on one line
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise InputError(f"checkpoint {os.fspath(path)}: cannot load its weights ({first_line})") from None
+    except (ValueError, ImportError) as error:
+        if not attn_implementation or (isinstance(error, ValueError) and "attn_implementation" not in str(error)):
+            raise
+        # an unknown kernel (ValueError) or one whose package is missing here (ImportError)
+        raise InputError(f"config key 'model.attn_implementation': {attn_implementation!r} cannot be used "
+                         f"({one_line(error)})") from None
     # `generate` hands the output layer the last position of every row, a [B, 1, H] view that is not
     # contiguous; on CPU a bf16 linear layer then takes a batched-matmul path that copies the whole
     # weight once per row (12.6 s for 2 rows at a 151,936-row head, BENCHMARKS.md "A DOPD step at

@@ -10,14 +10,15 @@ model loads. A row fails when
 - a view of its prompt cannot fit: the prompt's real token count (chat template, truncated p,
   image tokens) plus the response budget (`rollout.max_new_tokens`; for off-policy methods the
   reference answer, if longer) exceeds the context of the model reading that view, or the
-  longest view exceeds `data.max_prompt_tokens`.
+  longest view exceeds `data.max_prompt_tokens`, or a view plus the response budget exceeds the
+  token budget of a micro-batch (`train.micro_batch_tokens`, which must hold one whole sequence).
 
 A failing row is an `InputError` naming the row, the field and the numbers, or with
 `data.skip_bad_rows` a skip that is logged and counted in `SampleDataset.skipped`.
 
 Cheap enough for large splits: texts are read without the pixels (`SampleDataset.headers`),
 tokenised in batches, and image tokens come from the image sizes and the processor's own resize
-rule (`image_tokens`), never from running the image processor.
+rule (`collate.image_tokens`), never from running the image processor.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class Limits:
     max_new_tokens: int
     reference_answers: bool  # off-policy methods train on the reference answer, not a sample
     max_prompt_tokens: int  # 0: no cap
+    micro_batch_tokens: int = 0  # train.micro_batch_tokens (0: fixed micro-batches, no budget)
 
 
 def run_views(cfg: RunConfig, collator: DualViewCollator, student_context: int | None,
@@ -95,7 +97,7 @@ def counting_key(processor: Any) -> str:
 def run_limits(cfg: RunConfig, collator: DualViewCollator, student_context: int | None,
                teacher_context: int | None) -> Limits:
     return Limits(run_views(cfg, collator, student_context, teacher_context), cfg.rollout.max_new_tokens,
-                  not METHODS[cfg.method.name].on_policy, cfg.data.max_prompt_tokens)
+                  not METHODS[cfg.method.name].on_policy, cfg.data.max_prompt_tokens, cfg.train.micro_batch_tokens)
 
 
 def check_template(template: str, specials: SpecialTokens) -> None:
@@ -199,30 +201,18 @@ def length_problem(dataset: SampleDataset, lengths: Sequence[int], response: int
         if limits.max_prompt_tokens and length > limits.max_prompt_tokens:
             return (f"field {field}: prompt too long: the {view.name} has {length} tokens (images included) "
                     f"> data.max_prompt_tokens = {limits.max_prompt_tokens}")
+        if limits.micro_batch_tokens and length + response > limits.micro_batch_tokens:
+            return (f"field {field}: prompt too long: the {view.name} has {length} tokens (images included), "
+                    f"plus {response} response tokens = {length + response} > train.micro_batch_tokens = "
+                    f"{limits.micro_batch_tokens} (a micro-batch must hold one whole sequence)")
     return None
 
 
 def prompt_lengths(collator: DualViewCollator, headers: Sequence[SampleHeader], view: View) -> list[int]:
-    """The real token count of each row's prompt in `view`: its chat-templated text tokenised as
-    the processor does, each image placeholder counted as the image's tokens."""
-    if not headers:
-        return []
-    processor = view.processor
-    texts = [collator.chat_prompt(h.id, h.question, h.privileged if view.privileged else None, len(h.image_sizes),
-                                  processor) for h in headers]
-    tokenizer = getattr(processor, "tokenizer", processor)
-    rows = tokenizer(texts)["input_ids"]
-    image_pad = tokenizer.convert_tokens_to_ids(processor.image_token) if hasattr(processor, "image_token") else None
-    pixel_bounds = collator.pixel_bounds()
-    lengths = []
-    for header, ids in zip(headers, rows):
-        images = [image_tokens(processor, size, pixel_bounds) for size in header.image_sizes]
-        placeholders = ids.count(image_pad) if image_pad is not None else 0
-        if placeholders != len(images):
-            raise RuntimeError(f"sample {header.id!r}: the chat template gave {placeholders} image placeholders "
-                               f"for {len(images)} images")
-        lengths.append(len(ids) - placeholders + sum(images))
-    return lengths
+    """The real token count of each row's prompt in `view` (`DualViewCollator.prompt_lengths`:
+    its chat-templated text tokenised as the processor does, image tokens from the image sizes)."""
+    return collator.prompt_lengths([(h.id, h.question, h.privileged if view.privileged else None, h.image_sizes)
+                                    for h in headers], view.processor)
 
 
 def answer_lengths(collator: DualViewCollator, headers: Sequence[SampleHeader]) -> list[int]:
@@ -231,12 +221,3 @@ def answer_lengths(collator: DualViewCollator, headers: Sequence[SampleHeader]) 
         return []
     answers = [collator.data_text(h.reference_response) for h in headers]
     return [len(ids) + 1 for ids in collator.tokenizer(answers, add_special_tokens=False)["input_ids"]]
-
-
-def image_tokens(processor: Any, size: tuple[int, int], pixel_bounds: dict[str, int] | None = None) -> int:
-    """Tokens an image of `size` (width, height) becomes in the prompt: the processor's resize rule
-    (`get_number_of_image_patches`, the Qwen-VL `smart_resize` to its pixel budget, or to
-    `pixel_bounds` = {"min_pixels": .., "max_pixels": ..} where set), merged."""
-    image_processor = processor.image_processor
-    width, height = size
-    return image_processor.get_number_of_image_patches(height, width, pixel_bounds or {}) // image_processor.merge_size**2

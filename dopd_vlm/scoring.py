@@ -262,15 +262,64 @@ class ResponseHiddenStates(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, view: ModelView, response_mask: torch.Tensor) -> torch.Tensor:
-        return response_hidden_states(self.model, view, response_mask)
+    def forward(self, view: ModelView, response_mask: torch.Tensor, padding_free: bool = False) -> torch.Tensor:
+        return response_hidden_states(self.model, view, response_mask, padding_free)
 
 
-def response_hidden_states(model: nn.Module, view: ModelView, response_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states that predict each valid response token: [N, H], row-major order."""
-    output = backbone(model)(**view.inputs, use_cache=False)
+def response_hidden_states(model: nn.Module, view: ModelView, response_mask: torch.Tensor,
+                           padding_free: bool = False) -> torch.Tensor:
+    """Final hidden states that predict each valid response token: [N, H], row-major order; with
+    `padding_free` from one forward of the view's rows packed without padding (`packed_view`)."""
+    if padding_free:
+        view = packed_view(model, view)
+    hidden = backbone(model)(**view.inputs, use_cache=False).last_hidden_state
     rows, steps = response_mask.nonzero(as_tuple=True)
-    return output.last_hidden_state[rows, view.logit_index[rows, steps]]
+    if padding_free:  # one packed row; logit_index holds positions in it
+        return hidden[0, view.logit_index[rows, steps]]
+    return hidden[rows, view.logit_index[rows, steps]]
+
+
+def packed_view(model: nn.Module, view: ModelView) -> ModelView:
+    """The view's rows packed into one row of their real tokens, in row order, for a padding-free
+    forward (no attention mask; `logit_index` then holds positions in the packed row).
+
+    Position ids restart at 0 for every sequence: transformers' attention finds the sequences from
+    them (flash-attention's variable-length kernel, or a block-diagonal causal mask for sdpa, eager
+    and flex; `masking_utils.find_packed_sequence_indices`). The Qwen-VL families' M-RoPE positions
+    (temporal, height, width) are the model's own `get_rope_index` of the padded rows, each row's
+    real positions taken as they are, with the text positions stacked first ([4, 1, L], the layout
+    their language models read packed sequences from). Images and their features are unchanged:
+    the packed row keeps the rows' order, so it holds the images in the same order.
+    """
+    inputs = view.inputs
+    attention = inputs["attention_mask"]
+    real = attention.bool()
+    lengths = real.sum(dim=1)
+    starts = lengths.cumsum(0) - lengths  # where each row begins in the packed row
+    first = real.long().argmax(dim=1)  # each row's first real column (0 when right-padded)
+    positions = (real.long().cumsum(dim=1) - 1)[real][None]  # [1, L]: 0, 1, ... per sequence
+    packed = {name: value for name, value in inputs.items() if name not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    packed["input_ids"] = inputs["input_ids"][real][None]
+    if "mm_token_type_ids" in inputs:
+        packed["mm_token_type_ids"] = inputs["mm_token_type_ids"][real][None]
+    rope_index = getattr(backbone(model), "get_rope_index", None)
+    if rope_index is not None:  # M-RoPE
+        mrope, _ = rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                              image_grid_thw=inputs.get("image_grid_thw"), attention_mask=attention)
+        positions = torch.cat([positions[None], mrope[:, real][:, None]], dim=0)
+    packed["position_ids"] = positions
+    rows = view.logit_index.shape[0]
+    return ModelView(packed, starts[:rows, None] + view.logit_index - first[:rows, None])
+
+
+def padding_free_problem(model: nn.Module) -> str | None:
+    """Why `model` cannot run packed sequences (`packed_view`), or None: a vision-language model
+    whose backbone has no `get_rope_index` would get wrong M-RoPE positions."""
+    config = getattr(model, "config", None)
+    vision = getattr(config, "vision_config", None) is not None
+    if vision and getattr(backbone(model), "get_rope_index", None) is None:
+        return f"{type(model).__name__} has no get_rope_index for the M-RoPE positions of packed sequences"
+    return None
 
 
 @torch.no_grad()

@@ -74,7 +74,7 @@ from dopd_vlm.run_folder import (
     remove_earlier_run,
     write_failure,
 )
-from dopd_vlm.scoring import output_head
+from dopd_vlm.scoring import output_head, padding_free_problem
 from dopd_vlm.step import Models, PhaseTimer, derive_seed, dopd_step, step_batches
 from dopd_vlm import lora, vllm_rollout
 
@@ -168,17 +168,20 @@ def build_run(cfg: RunConfig, out: Path, lock: RunLock, phases: PhaseTimer, *, r
     method = METHODS[cfg.method.name]
     initial_privileged = method.needs_privileged_student and cfg.method.privileged_target == "initial"
     with_lora = cfg.model.lora.enabled  # the initial target is then the student with its adapters off
+    attention = cfg.model.attn_implementation or None
     with zero3_loading(ds_config):
-        student = load_model(cfg.model.student, dtype=dtype)
+        student = load_model(cfg.model.student, dtype=dtype, attn_implementation=attention)
         peft_student = lora.adapt(student, cfg.model, derive_seed(cfg.train.seed, -2)) if with_lora else None
-        teacher = load_model(cfg.model.teacher, dtype=dtype) if cfg.model.teacher else None
-        frozen_privileged = (load_model(cfg.model.student, dtype=dtype)  # also on resume
+        teacher = load_model(cfg.model.teacher, dtype=dtype, attn_implementation=attention) if cfg.model.teacher else None
+        frozen_privileged = (load_model(cfg.model.student, dtype=dtype, attn_implementation=attention)  # also on resume
                              if initial_privileged and not with_lora else None)
     if cfg.model.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     vocab_size = check_shared_vocab(collator.teacher_processor, collator.processor,
                                     head_rows(teacher if teacher is not None else student), head_rows(student))
     check_first_samples(collator, cfg, {cfg.data.train_split: data, **eval_sets})
+    if cfg.train.padding_free:
+        check_padding_free([student, teacher])
     phases.lap("setup/models")
 
     engine, scheduler, optimizer = student_engine(student, ds_config, cfg.optim, lambda step: lr_factor(step, cfg))
@@ -204,6 +207,21 @@ def check_loss_path(models: Models, cfg: RunConfig) -> None:
     heads = [None if model is None else output_head(model, models.vocab_size)
              for model in (models.student_module, models.teacher, models.frozen_privileged)]
     check_heads(*heads, fused=use_fused(cfg.train.loss_path, heads[0]), world_size=world_size())
+
+
+def check_padding_free(models: list[nn.Module | None]) -> None:
+    """train.padding_free: every scored model can run packed sequences (else an InputError); a
+    warning where its attention is not a variable-length kernel, which computes the packed row's
+    attention in full (masked), quadratic in its length."""
+    for model in filter(None, models):
+        problem = padding_free_problem(model)
+        if problem is not None:
+            raise InputError(f"config key 'train.padding_free': {problem}; use train.padding_free=false")
+        attention = model.config._attn_implementation
+        if "flash" not in str(attention):
+            log.warning("train.padding_free with %s attention (%s): exact, but each packed row's attention is "
+                        "computed in full (masked); it saves compute with model.attn_implementation="
+                        "flash_attention_2 or 3", attention, type(model).__name__)
 
 
 def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:

@@ -161,6 +161,13 @@ def other_cases(root: Path, pairs: dict, config: Path) -> dict[str, tuple[list[s
         "prompt_cap": (["data.recipe=recipes/good.yaml", "data.max_prompt_tokens=12"], re.compile(
             r"data/test.jsonl line 1 field 'question': prompt too long: the student view \(x\) has \d+ tokens "
             r"\(images included\) > data.max_prompt_tokens = 12$")),
+        "prompt_over_the_micro_batch_budget": (["data.recipe=recipes/good.yaml", "train.micro_batch_tokens=20"], re.compile(
+            r"data/test.jsonl line 1 field 'question': prompt too long: the student view \(x\) has \d+ tokens "
+            r"\(images included\), plus 5 response tokens = \d+ > train.micro_batch_tokens = 20 \(a micro-batch must "
+            r"hold one whole sequence\)$")),
+        "unknown_attention_kernel": (["model.attn_implementation=bogus"], re.compile(
+            r"^config key 'model.attn_implementation': 'bogus' cannot be used \(Specified `attn_implementation=\"bogus\"` "
+            r"is not supported")),
         "images_for_a_text_only_model": (
             ["data.recipe=recipes/good.yaml", f"model.student={pairs['qwen3']['student']}",
              f"model.teacher={pairs['qwen3']['teacher']}"],
