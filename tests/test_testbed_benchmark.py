@@ -92,7 +92,7 @@ def test_the_shipped_pair_is_the_one_the_recorded_settings_measured(name):
 
     testbed = testbed_learning.TESTBEDS[name]
     pair = testbed.shipped_pair()
-    files = sorted(testbed_learning.RESULTS.glob(f"testbed_{name}_*.json"))
+    files = testbed_learning.setting_files(testbed)
     assert files, f"no recorded setting of the {name} testbed"
     for file in files:
         pre = json.loads(file.read_text())["preconditions"]
@@ -126,3 +126,50 @@ def test_the_operands_a_cell_chain_response_wrote_are_read_back():
     assert cells_reading.read_operands("1*7+7=4 4*8=2 answer 2") == [1, 7, 7, 8]
     assert cells_reading.read_operands("7-1-9=7 7+5*6=2 2+5=7 answer 7") == [7, 1, 9, 5, 6, 5]
     assert cells_reading.read_operands("answer 3") == [] and cells_reading.read_operands("1*7") == []
+
+
+def test_where_p_hides_information_the_gap_is_also_measured_to_the_p_free_ceiling():
+    rows = [{"method": "dopd", "seed": seed, "rc": 0, **testbed_learning.summarize_metrics(metrics(final, [0.1]))}
+            for seed, final in enumerate([0.55, 0.45])]
+    hidden = {**PRE, "teacher/plain": 0.6, "p_free_ceiling": 0.65}
+    agg = testbed_learning.aggregate(rows, hidden)["dopd"]
+    assert agg["gap"][0] == pytest.approx(0.5) and agg["gap_ceiling"][0] == pytest.approx(0.4)  # 0.1 / 0.2, 0.1 / 0.25
+    table = testbed_learning.format_table({"dopd": agg})
+    assert "gap to the p-free ceiling" in table and "| 50 % ± 35 | 40 % ± 28 |" in table
+    assert "p-free ceiling" in testbed_learning.format_preconditions({**hidden, "student/ood": 0.1, "teacher/ood": 0.1},
+                                                                      "longer")
+    plain = testbed_learning.aggregate(rows, {**PRE, "p_free_ceiling": 1.0})["dopd"]  # nothing hidden: no column
+    assert "gap_ceiling" not in plain and "ceiling" not in testbed_learning.format_table({"dopd": plain})
+
+
+def test_a_testbeds_settings_are_its_own_files_not_its_variants(tmp_path):
+    import json
+
+    for name, testbed in (("testbed_arithmetic_s.json", None), ("testbed_arithmetic_hidden_s.json", "arithmetic_hidden")):
+        (tmp_path / name).write_text(json.dumps({"testbed": testbed} if testbed else {}))  # old records name no testbed
+    tb = testbed_learning.TESTBEDS
+    assert [f.name for f in testbed_learning.setting_files(tb["arithmetic"], tmp_path)] == ["testbed_arithmetic_s.json"]
+    assert [f.name for f in testbed_learning.setting_files(tb["arithmetic_hidden"], tmp_path)] == [
+        "testbed_arithmetic_hidden_s.json"]
+    assert testbed_learning.repo_relative(testbed_learning.ROOT / "demo_assets" / "x") == "demo_assets/x"
+    assert testbed_learning.repo_relative(tmp_path) == str(tmp_path)
+
+
+def test_one_benchmark_run_of_a_variant_end_to_end(tmp_path):
+    """The benchmark's plumbing on one step: preconditions with the p-free ceiling, one real
+    `dopd-vlm train` run of the HT-only ablation, its row, aggregate, table and plot."""
+    import json
+
+    code = testbed_learning.main([
+        "--testbed", "arithmetic_hidden", "--seeds", "0", "--steps", "1", "--eval-samples", "4", "--train-rows", "64",
+        "--methods", "dopd_ht_only", "--setting", "plumbing", "--out", str(tmp_path / "runs"),
+        "--results", str(tmp_path / "results"), "train.prompts_per_step=4", "train.prompts_per_micro_batch=4"])
+    assert code == 0
+    record = json.loads((tmp_path / "results" / "testbed_arithmetic_hidden_plumbing.json").read_text())
+    assert record["testbed"] == "arithmetic_hidden" and record["models"]["teacher"] == "demo_assets/arithmetic_hidden_teacher"
+    assert 0 < record["preconditions"]["p_free_ceiling"] < 1
+    (row,) = record["runs"]
+    assert row["rc"] == 0 and "method.regime_weights=ht_only" in row["command"], row
+    assert 0 <= row["final_test"] <= 1 and 0 <= row["final_ood"] <= 1 and "share/HT" in row["series"]
+    assert "gap_ceiling" in record["aggregate"]["dopd_ht_only"] and "| dopd_ht_only | 1 |" in record["table"]
+    assert (tmp_path / "results" / "testbed_arithmetic_hidden_plumbing.png").stat().st_size > 10_000
