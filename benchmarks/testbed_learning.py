@@ -206,6 +206,56 @@ def greedy_accuracy(testbed: Testbed, loaded, split: str, eval_samples: int, pri
                              privileged=privileged, extractor=samples.answer_extractor).accuracy
 
 
+def where_p_matters(testbed: Testbed, samples) -> list[bool] | None:
+    """Per test sample of a variant: whether its answer needs what p says (the question hides an
+    operand, or the rule changes the answer from the base testbed's); None for a testbed that is
+    no variant."""
+    if not testbed.base:
+        return None
+    from dopd_vlm.data import load_recipe
+
+    base = load_recipe(TESTBEDS[testbed.base].recipe, samples.split, family=testbed.family, limit=len(samples))
+    return [s.meta.get("hidden_position", -1) >= 0 or s.answer != b.answer for s, b in zip(samples, base)]
+
+
+def subset_accuracy(testbed: Testbed, loaded, eval_samples: int, privileged: bool = False) -> dict[str, float]:
+    """Greedy test accuracy where p matters and elsewhere (`where_p_matters`); {} for a testbed that is no variant."""
+    from dopd_vlm.data import load_recipe
+    from dopd_vlm.evaluate import evaluate_accuracy
+
+    samples = load_recipe(testbed.recipe, "test", family=testbed.family, limit=eval_samples or None)
+    matters = where_p_matters(testbed, samples)
+    if matters is None:
+        return {}
+    model, collator = loaded
+    out = {}
+    for name, keep in (("where_p_matters", True), ("elsewhere", False)):
+        subset = [s for s, m in zip(samples, matters) if m == keep]
+        out[name] = evaluate_accuracy(model, collator, subset, max_new_tokens=testbed.max_new_tokens, batch_size=100,
+                                      privileged=privileged, extractor=samples.answer_extractor).accuracy
+    return out
+
+
+def subset_preconditions(testbed: Testbed, pair: dict[str, Path], eval_samples: int) -> dict[str, float]:
+    """Both models' accuracy plain and with p where p matters and elsewhere, the share of such
+    problems and their p-free ceiling ({} for a testbed that is no variant)."""
+    from dopd_vlm.data import load_recipe
+
+    test = load_recipe(testbed.recipe, "test", family=testbed.family, limit=eval_samples or None)
+    matters = where_p_matters(testbed, test)
+    if matters is None:
+        return {}
+    out = {"share_where_p_matters": sum(matters) / len(matters),
+           "p_free_ceiling/where_p_matters": statistics.fmean(s.meta.get("p_free_ceiling", 1.0)
+                                                              for s, m in zip(test, matters) if m)}
+    for role, path in pair.items():
+        loaded = load_checkpoint(testbed, path)
+        for view, privileged in (("plain", False), ("with_p", True)):
+            for subset, accuracy in subset_accuracy(testbed, loaded, eval_samples, privileged).items():
+                out[f"{role}/{view}/{subset}"] = accuracy
+    return out
+
+
 def preconditions(testbed: Testbed, pair: dict[str, Path], eval_samples: int) -> dict[str, float]:
     """Greedy accuracy of both models on the test split plain and with p and on the
     out-of-distribution split plain, and the student's response length."""
@@ -229,7 +279,7 @@ def preconditions(testbed: Testbed, pair: dict[str, Path], eval_samples: int) ->
     out["reference_tokens"] = statistics.fmean(len(tokenizer(s.reference)["input_ids"]) + 1 for s in test)
     if all("p_free_ceiling" in s.meta for s in test):  # the best accuracy any p-free answerer can expect
         out["p_free_ceiling"] = statistics.fmean(s.meta["p_free_ceiling"] for s in test)
-    return out
+    return {**out, **subset_preconditions(testbed, pair, eval_samples)}
 
 
 # -- runs ---------------------------------------------------------------------------------------
@@ -255,13 +305,17 @@ def run_one(testbed: Testbed, method: str, seed: int, args, pair: dict[str, Path
     return row
 
 
-def summarize_run(testbed: Testbed, run_dir: Path, eval_samples: int, final_ood: float | None = None) -> dict:
-    """`summarize_metrics` of the run's metrics.jsonl, and its final student's OOD accuracy
-    (measured unless given)."""
+def summarize_run(testbed: Testbed, run_dir: Path, eval_samples: int, final_ood: float | None = None,
+                  final_subsets: dict | None = None) -> dict:
+    """`summarize_metrics` of the run's metrics.jsonl, and its final student's OOD accuracy and,
+    on a variant, test accuracy where p matters and elsewhere (measured unless given)."""
     summary = summarize_metrics([json.loads(line) for line in open(run_dir / "metrics.jsonl")])
-    if final_ood is None:
-        final_ood = greedy_accuracy(testbed, load_checkpoint(testbed, run_dir / "final"), "ood", eval_samples)
+    if final_ood is None or final_subsets is None:
+        loaded = load_checkpoint(testbed, run_dir / "final")
+        final_ood = greedy_accuracy(testbed, loaded, "ood", eval_samples) if final_ood is None else final_ood
+        final_subsets = subset_accuracy(testbed, loaded, eval_samples) if final_subsets is None else final_subsets
     summary["final_ood"] = final_ood
+    summary.update({f"final_{name}": value for name, value in final_subsets.items()})
     return summary
 
 
@@ -316,6 +370,9 @@ def aggregate(rows: list[dict], pre: dict[str, float]) -> dict[str, dict]:
             if pre["teacher/ood"] - pre["student/ood"] >= MIN_GAP:  # else the ratio is noise over noise
                 out[method]["ood_gap"] = mean_std([gap_recovered(f, pre["student/ood"], pre["teacher/ood"])
                                                    for f in oods])
+        for subset in ("where_p_matters", "elsewhere"):
+            if all(f"final_{subset}" in r for r in done):
+                out[method][subset] = mean_std([r[f"final_{subset}"] for r in done])
         for key in ("start_test", "start_test_with_p", "first_loss", "mean_share/HT", "mean_share/HS",
                     "mean_entropy", "last20_entropy", "mean_response_length", "last20_kl_to_teacher"):
             values = [r[key] for r in done if key in r]
@@ -352,6 +409,25 @@ def format_table(agg: dict[str, dict]) -> str:
             f"{entropy} | {pct('last20_kl_to_teacher')} | {a.get('mean_response_length', float('nan')):.1f} | "
             f"{pct('first_loss')} |"
         )
+    return "\n".join(lines)
+
+
+def format_subset_table(agg: dict[str, dict], pre: dict[str, float]) -> str:
+    """A variant's test accuracy where p matters (the answer needs what p says) and elsewhere:
+    the models' at the start, every method's final one ("" where not measured)."""
+    if "share_where_p_matters" not in pre:
+        return ""
+    share = pre["share_where_p_matters"]
+    lines = [f"| model / method | where p matters ({100 * share:.0f} % of the test problems; p-free ceiling there "
+             f"{pre['p_free_ceiling/where_p_matters']:.3f}) | elsewhere |", "|---|---|---|"]
+    for role in ("teacher", "student"):
+        for view in ("plain", "with_p"):
+            lines.append(f"| {role}, {view.replace('_', ' ')} (start) | {pre[f'{role}/{view}/where_p_matters']:.3f} | "
+                         f"{pre[f'{role}/{view}/elsewhere']:.3f} |")
+    for method, a in agg.items():
+        if "where_p_matters" in a:
+            lines.append(f"| {method} (final) | {a['where_p_matters'][0]:.3f} ± {a['where_p_matters'][1]:.3f} | "
+                         f"{a['elsewhere'][0]:.3f} ± {a['elsewhere'][1]:.3f} |")
     return "\n".join(lines)
 
 
@@ -450,6 +526,7 @@ def start_record(testbed: Testbed, result_file: Path, args, pair: dict[str, Path
 def add_run(result_file: Path, record: dict, row: dict) -> None:
     """Store one finished run in the setting's file, with the runs other processes stored there
     meanwhile (one setting may run as several processes, e.g. one per seed)."""
+    result_file.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(result_file.with_suffix(".lock")):
         if result_file.is_file():
             stored = json.loads(result_file.read_text())
@@ -473,13 +550,18 @@ def resummarize(testbed: Testbed, result_file: Path, out: Path, eval_samples: in
     what the summary now needs that was not measured yet (the models' and runs' OOD accuracy)."""
     record = json.loads(result_file.read_text())
     pre = record["preconditions"]
-    for role, path in record["models"].items():
+    models = {role: ROOT / path for role, path in record["models"].items()}
+    for role, path in models.items():
         if f"{role}/ood" not in pre:
-            pre[f"{role}/ood"] = greedy_accuracy(testbed, load_checkpoint(testbed, Path(path)), "ood", eval_samples)
+            pre[f"{role}/ood"] = greedy_accuracy(testbed, load_checkpoint(testbed, path), "ood", eval_samples)
+    if testbed.base and "share_where_p_matters" not in pre:
+        pre.update(subset_preconditions(testbed, models, eval_samples))
     for row in record["runs"]:
         if row["rc"] == 0:
             run_dir = out / f"seed{row['seed']}" / row["method"]
-            row.update(summarize_run(testbed, run_dir, eval_samples, final_ood=row.get("final_ood")))
+            subsets = {k.removeprefix("final_"): row[k] for k in ("final_where_p_matters", "final_elsewhere") if k in row}
+            row.update(summarize_run(testbed, run_dir, eval_samples, final_ood=row.get("final_ood"),
+                                     final_subsets=subsets if subsets or not testbed.base else None))
     save_record(result_file, record)
 
 
@@ -525,11 +607,13 @@ def update_markdown(testbed: Testbed, path: Path) -> None:
     for file in setting_files(testbed):
         record = json.loads(file.read_text())
         commands = " then ".join(f"`{c}`" for c in record.get("commands", [record["command"]]))
+        agg = aggregate(record["runs"], record["preconditions"])
+        subsets = format_subset_table(agg, record["preconditions"])
         body += [f"### Setting `{record['setting']}`", "",
                  f"{commands} ({record.get('minutes', '?')} min of runs on {record['machine']}); seeds "
                  f"{', '.join(map(str, record['seeds']))}, {record['steps']} steps per run. Preconditions: "
                  f"{format_preconditions(record['preconditions'], testbed.ood)}.", "",
-                 format_table(aggregate(record["runs"], record["preconditions"])), "",
+                 format_table(agg), "", *([subsets, ""] if subsets else []),
                  f"![per-step diagnostics, setting {record['setting']}](benchmarks/results/{file.with_suffix('.png').name})", ""]
     if findings_file(testbed).is_file():
         body += [findings_file(testbed).read_text().strip(), ""]

@@ -107,21 +107,27 @@ TESTBEDS = {
         privileged_view="image + cell digits p", kind_of_p="capability gap: p names what the image shows",
         teacher_warmup=dict(WARMUP, steps=3000, privileged_prob=0.5),
         student_warmup=dict(WARMUP, steps=1500, privileged_prob=0.9)),
+    # The variants continue the arithmetic pair on their recipe: the teacher 1000 steps (test
+    # accuracy with p >= 0.99 for both), the student the shortest continuation, in steps of 100,
+    # at which its pair meets the preconditions (its accuracy with p >= 0.1 above its plain one,
+    # the teacher's with p >= 0.2 above it), so each keeps as much of the arithmetic pair's
+    # capability gap as it can (benchmarks/testbed_map_findings.md has the measured curves).
+    "arithmetic_hidden": Testbed(
+        name="arithmetic_hidden", title="arithmetic testbed, information gap (hidden operand)",
+        config=REPO / "configs" / "testbed_arithmetic_hidden.yaml", family="qwen3", size=TINY_64,
+        ood="7-8 operations", plain_view="question, first operand hidden in half the problems",
+        privileged_view="question + hidden operand p", base="arithmetic",
+        kind_of_p="information gap: p holds part of what the answer needs",
+        teacher_warmup=dict(WARMUP, steps=1000, privileged_prob=0.5),
+        student_warmup=dict(WARMUP, steps=400, privileged_prob=0.5)),
+    "arithmetic_rule": Testbed(
+        name="arithmetic_rule", title="arithmetic testbed, shared rule (a-b means b-a)",
+        config=REPO / "configs" / "testbed_arithmetic_rule.yaml", family="qwen3", size=TINY_64,
+        ood="7-8 operations", plain_view="question only", privileged_view="question + the rule p", base="arithmetic",
+        kind_of_p="shared rule: p is the same for every problem and can be internalised",
+        teacher_warmup=dict(WARMUP, steps=1000, privileged_prob=0.5),
+        # the student is shown the rule's chains only with p, the usual `-` when plain: a student
+        # that follows the rule when told and has not internalised it
+        student_warmup=dict(WARMUP, steps=600, privileged_prob=0.5), student_plain_recipe="arithmetic_chains"),
 }
-# The variants continue the arithmetic pair on their recipe (so the three share the capability gap
-# the arithmetic warm-ups made): the teacher with p shown half of the time, the student shorter.
-HIDDEN_WARMUP = dict(WARMUP, privileged_prob=0.5)
-TESTBEDS["arithmetic_hidden"] = Testbed(
-    name="arithmetic_hidden", title="arithmetic testbed, information gap (hidden operand)",
-    config=REPO / "configs" / "testbed_arithmetic_hidden.yaml", family="qwen3", size=TINY_64, ood="7-8 operations",
-    plain_view="question, one operand hidden in half the problems", privileged_view="question + hidden operand p",
-    base="arithmetic", kind_of_p="information gap: p holds part of what the answer needs",
-    teacher_warmup=dict(HIDDEN_WARMUP, steps=1500), student_warmup=dict(HIDDEN_WARMUP, steps=400))
-TESTBEDS["arithmetic_rule"] = Testbed(
-    name="arithmetic_rule", title="arithmetic testbed, shared rule (a-b means b-a)",
-    config=REPO / "configs" / "testbed_arithmetic_rule.yaml", family="qwen3", size=TINY_64, ood="7-8 operations",
-    plain_view="question only", privileged_view="question + the rule p",
-    base="arithmetic", kind_of_p="shared rule: p is the same for every problem and can be internalised",
-    # the student learns the rule only where p states it, the usual `-` where it is shown plain
-    student_plain_recipe="arithmetic_chains",
-    teacher_warmup=dict(WARMUP, steps=1000, privileged_prob=0.5), student_warmup=dict(WARMUP, steps=400, privileged_prob=0.5))
+

@@ -167,9 +167,30 @@ def test_one_benchmark_run_of_a_variant_end_to_end(tmp_path):
     assert code == 0
     record = json.loads((tmp_path / "results" / "testbed_arithmetic_hidden_plumbing.json").read_text())
     assert record["testbed"] == "arithmetic_hidden" and record["models"]["teacher"] == "demo_assets/arithmetic_hidden_teacher"
-    assert 0 < record["preconditions"]["p_free_ceiling"] < 1
+    pre = record["preconditions"]
+    assert 0 < pre["p_free_ceiling"] < 1 and 0 <= pre["teacher/with_p/where_p_matters"] <= 1
     (row,) = record["runs"]
     assert row["rc"] == 0 and "method.regime_weights=ht_only" in row["command"], row
     assert 0 <= row["final_test"] <= 1 and 0 <= row["final_ood"] <= 1 and "share/HT" in row["series"]
+    assert 0 <= row["final_where_p_matters"] <= 1 and 0 <= row["final_elsewhere"] <= 1
     assert "gap_ceiling" in record["aggregate"]["dopd_ht_only"] and "| dopd_ht_only | 1 |" in record["table"]
     assert (tmp_path / "results" / "testbed_arithmetic_hidden_plumbing.png").stat().st_size > 10_000
+
+
+def test_where_p_matters_is_a_hidden_operand_or_an_answer_the_rule_changes():
+    from dopd_vlm.data import load_recipe
+
+    tb = testbed_learning.TESTBEDS
+    assert testbed_learning.where_p_matters(tb["arithmetic"], load_recipe("arithmetic_chains", "test", limit=5)) is None
+    hidden = load_recipe("arithmetic_chains_hidden", "test", limit=40)
+    assert testbed_learning.where_p_matters(tb["arithmetic_hidden"], hidden) == [
+        s.meta["hidden_position"] == 0 for s in hidden]
+    rule, usual = load_recipe("arithmetic_chains_rule", "test", limit=40), load_recipe("arithmetic_chains", "test", limit=40)
+    matters = testbed_learning.where_p_matters(tb["arithmetic_rule"], rule)
+    assert matters == [r.answer != u.answer for r, u in zip(rule, usual)] and 0 < sum(matters) < 40
+    pre = {"share_where_p_matters": 0.5, "p_free_ceiling/where_p_matters": 0.3,
+           **{f"{role}/{view}/{subset}": 0.5 for role in ("teacher", "student") for view in ("plain", "with_p")
+              for subset in ("where_p_matters", "elsewhere")}}
+    table = testbed_learning.format_subset_table({"sft": {"where_p_matters": (0.25, 0.05), "elsewhere": (0.75, 0.0)}}, pre)
+    assert "p-free ceiling there 0.300" in table and "| sft (final) | 0.250 ± 0.050 | 0.750 ± 0.000 |" in table
+    assert testbed_learning.format_subset_table({}, PRE) == ""  # not a variant: no table
