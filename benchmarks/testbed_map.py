@@ -76,6 +76,20 @@ def pct(value: tuple[float, float]) -> str:
     return "-" if math.isnan(value[0]) else f"{100 * value[0]:.0f} % ± {100 * value[1]:.0f}"
 
 
+def points(value: tuple[float, float]) -> str:
+    """A difference of two gaps, in points of the gap."""
+    return "-" if math.isnan(value[0]) else f"{100 * value[0]:+.0f} ± {100 * value[1]:.0f} points"
+
+
+def best_methods(gaps: dict[str, tuple[float, float]]) -> list[str]:
+    """The method with the highest mean, then those whose one-std band reaches its band (tied)."""
+    ran = {m: g for m, g in gaps.items() if not math.isnan(g[0])}
+    if not ran:
+        return []
+    best = max(ran, key=lambda m: ran[m][0])
+    return [best] + [m for m in ran if m != best and not ahead_beyond_spread(ran[best], ran[m])]
+
+
 def audit_row(name: str) -> dict | None:
     """The initial student's regime audit: per regime, its share of tokens and of the mistakes,
     and how often its target picks the teacher's token on them."""
@@ -98,16 +112,16 @@ def variant_rows(setting: str) -> list[dict]:
         key = judged_gap(record["preconditions"])
         gaps = {m: mean_std(per_seed_gaps(record, m, key).values()) for m in METHODS}
         seeds = {m: sorted(per_seed_gaps(record, m, key)) for m in METHODS}
-        ran = [m for m in METHODS if seeds[m]]
-        best = max(ran, key=lambda m: gaps[m][0]) if ran else None
-        rows.append({"name": name, "record": record, "key": key, "gaps": gaps, "seeds": seeds, "best": best,
+        rows.append({"name": name, "record": record, "key": key, "gaps": gaps, "seeds": seeds,
+                     "best": best_methods({m: g for m, g in gaps.items() if seeds[m]}),
                      "dopd_vs_opd": compare(record, key), "audit": audit_row(name)})
     return rows
 
 
 def format_map(rows: list[dict]) -> list[str]:
     head = ["| kind of p (testbed) | student plain / with p | teacher plain / with p | p-free ceiling | gap judged against |"
-            + "".join(f" {m} |" for m in METHODS) + " best | DOPD − vanilla OPD (per seed) | DOPD ahead beyond the spread |",
+            + "".join(f" {m} |" for m in METHODS) + " best (tied within the spread) | DOPD − vanilla OPD (per seed) | "
+            "DOPD ahead beyond the spread |",
             "|---|---|---|---|---|" + "---|" * len(METHODS) + "---|---|---|"]
     for row in rows:
         pre, testbed = row["record"]["preconditions"], TESTBEDS[row["name"]]
@@ -116,7 +130,9 @@ def format_map(rows: list[dict]) -> list[str]:
                  f"{pre['teacher/plain']:.3f} / {pre['teacher/with_p']:.3f}", f"{pre.get('p_free_ceiling', 1.0):.3f}", against]
         cells += [f"{pct(row['gaps'][m])} (n={len(row['seeds'][m])})" if row["seeds"][m] else "not run" for m in METHODS]
         versus = row["dopd_vs_opd"]
-        cells += [row["best"] or "-", pct(versus["difference"]) + f" (seeds {', '.join(map(str, versus['seeds']))})",
+        best = row["best"]
+        cells += [f"**{best[0]}**" + (f" ({', '.join(best[1:])})" if best[1:] else "") if best else "-",
+                  points(versus["difference"]) + f" (seeds {', '.join(map(str, versus['seeds']))})",
                   "yes" if versus["ahead"] else "no"]
         head.append("| " + " | ".join(cells) + " |")
     return head
@@ -131,7 +147,7 @@ def format_mechanism(rows: list[dict]) -> list[str]:
         record, key = row["record"], row["key"]
         effects = []
         for ablation in ("dopd_no_student", "dopd_ht_only"):
-            effects.append(pct(compare(record, key, ablation, "dopd_initial")["difference"]) if row["seeds"][ablation] else "not run")
+            effects.append(points(compare(record, key, ablation, "dopd_initial")["difference"]) if row["seeds"][ablation] else "not run")
         if audit:
             hs, ht = audit["HS"], audit["HT"]
             cells = [pct(hs["share_of_mistakes"]), pct(hs["target_corrects"]), f"{pct(ht['token_share'])} / {pct(ht['share_of_mistakes'])}"]

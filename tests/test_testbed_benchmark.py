@@ -194,3 +194,21 @@ def test_where_p_matters_is_a_hidden_operand_or_an_answer_the_rule_changes():
     table = testbed_learning.format_subset_table({"sft": {"where_p_matters": (0.25, 0.05), "elsewhere": (0.75, 0.0)}}, pre)
     assert "p-free ceiling there 0.300" in table and "| sft (final) | 0.250 ± 0.050 | 0.750 ± 0.000 |" in table
     assert testbed_learning.format_subset_table({}, PRE) == ""  # not a variant: no table
+
+
+def test_the_map_judges_each_variant_on_its_gap_and_compares_dopd_with_vanilla_opd_per_seed():
+    import testbed_map
+
+    pre = {**PRE, "teacher/plain": 0.6, "p_free_ceiling": 0.65}
+    finals = {"dopd_initial": [0.45, 0.5, 0.55], "vanilla_opd": [0.5, 0.5, 0.5], "sft": [0.41, 0.42, 0.43]}
+    record = {"preconditions": pre, "runs": [{"method": m, "seed": s, "rc": 0, "final_test": f}
+                                             for m, values in finals.items() for s, f in enumerate(values)]
+              + [{"method": "sft", "seed": 3, "rc": 1}]}
+    assert testbed_map.judged_gap(pre) == "gap_ceiling" and testbed_map.judged_gap(PRE) == "gap"
+    assert testbed_map.per_seed_gaps(record, "dopd_initial", "gap_ceiling") == pytest.approx({0: 0.2, 1: 0.4, 2: 0.6})
+    versus = testbed_map.compare(record, "gap_ceiling")
+    assert versus["difference"][0] == pytest.approx(0.0) and versus["seeds"] == [0, 1, 2] and not versus["ahead"]
+    gaps = {m: testbed_map.mean_std(testbed_map.per_seed_gaps(record, m, "gap").values()) for m in finals}
+    assert testbed_map.best_methods(gaps) == ["dopd_initial", "vanilla_opd"]  # sft's band is below the best's
+    assert testbed_map.ahead_beyond_spread((0.5, 0.05), (0.3, 0.1)) and not testbed_map.ahead_beyond_spread((0.5, 0.1), (0.3, 0.1))
+    assert testbed_map.points((-0.42, 0.14)) == "-42 ± 14 points"
