@@ -45,11 +45,11 @@ EXTRA_METHODS = {  # variants that are not demo defaults but worth comparing her
 def main(argv=None) -> int:
     from dopd_vlm import demo
 
-    demo.METHODS.update({k: v for k, v in EXTRA_METHODS.items() if k not in demo.METHODS})
+    demo.DEMO_METHODS.update({k: v for k, v in EXTRA_METHODS.items() if k not in demo.DEMO_METHODS})
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=demo.configured_steps(demo.SCENES))
-    parser.add_argument("--methods", nargs="+", default=list(demo.DEFAULT_METHODS), choices=sorted(demo.METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(demo.DEFAULT_METHODS), choices=sorted(demo.DEMO_METHODS))
     parser.add_argument("--jobs", type=int, default=0, help="runs side by side (default: one per core)")
     parser.add_argument("--out", default="runs/learning")
     parser.add_argument("--cache", default=str(demo.DemoOptions.cache))

@@ -63,10 +63,9 @@ def run_child(args) -> dict:
     import torch
 
     import dopd_vlm  # noqa: F401  (torchvision shim before transformers)
-    from dopd_vlm import losses
+    from dopd_vlm import divergences
     from dopd_vlm.config import MethodConfig
-    from dopd_vlm.chunks import LossInputs
-    from dopd_vlm.methods import compute_loss
+    from dopd_vlm.methods import LossInputs, compute_loss
     from dopd_vlm.router import HT, compute_thresholds, assign_regimes
     from dopd_vlm.scoring import Head, ResponseTokens, WeightHead
 
@@ -92,9 +91,9 @@ def run_child(args) -> dict:
         weight = torch.tensor([cfg.beta_l, cfg.beta_w, cfg.ht_weight, cfg.beta_l], device=device)[regimes]
         support = log_p_s.detach().topk(cfg.top_k, dim=-1).indices
         support_t = torch.where(uses_teacher[:, None], log_p_t.gather(-1, support), log_p_p.gather(-1, support))
-        loss = losses.topk_reverse_kl_on_support(log_p_s.gather(-1, support), support_t)
+        loss = divergences.topk_reverse_kl_on_support(log_p_s.gather(-1, support), support_t)
         ht = (regimes == HT).nonzero(as_tuple=True)[0]
-        loss = loss.index_put((ht,), losses.generalized_jsd_from_logprobs(log_p_s[ht], log_p_t[ht], 0.5))
+        loss = loss.index_put((ht,), divergences.generalized_jsd_from_logprobs(log_p_s[ht], log_p_t[ht], 0.5))
         total = tokens.sequence_mean(weight * loss)
         total.backward()
         return total, regimes

@@ -6,7 +6,7 @@
 On the demo's 500-token vocabulary the `unbiased` top-K surrogate drove the student to a near-uniform
 distribution (benchmarks/learning_findings.md): its gradient raises every token outside the
 student's top-K. This isolates the mechanism from any model: free student logits (N rows x V) are
-fitted by Adam to a fixed, peaked teacher distribution with each variant's loss (`losses.topk_reverse_kl`,
+fitted by Adam to a fixed, peaked teacher distribution with each variant's loss (`divergences.topk_reverse_kl`,
 and the full reverse KL as the reference), and we watch, per step, the student's mass outside its
 own top-K support, its entropy, and the full KL(P_S || P_T). The teacher puts most of its mass on a
 few tokens, as a trained LM does; the student starts near the teacher but flatter (`--start
@@ -30,7 +30,7 @@ VARIANTS = ("unbiased", "renormalized", "tail", "full")
 def run(vocab: int, variant: str, args) -> list[dict]:
     import torch
 
-    from dopd_vlm import losses
+    from dopd_vlm import divergences
 
     g = torch.Generator().manual_seed(args.seed)
     teacher = torch.randn(args.rows, vocab, generator=g) * 2.0
@@ -49,14 +49,14 @@ def run(vocab: int, variant: str, args) -> list[dict]:
             outside = 1 - log_p.gather(-1, support).exp().sum(-1)
             if step % max(1, args.steps // 10) == 0:
                 history.append(dict(step=step, mass_outside_topk=outside.mean().item(),
-                                    entropy=losses.entropy(student).mean().item(),
-                                    kl_to_teacher=losses.generalized_jsd(student, teacher, 1.0).mean().item()))
+                                    entropy=divergences.entropy(student).mean().item(),
+                                    kl_to_teacher=divergences.generalized_jsd(student, teacher, 1.0).mean().item()))
         if step == args.steps:
             break
         if variant == "full":
-            loss = losses.generalized_jsd(student, teacher, 1.0).mean()
+            loss = divergences.generalized_jsd(student, teacher, 1.0).mean()
         else:
-            loss = losses.topk_reverse_kl(student, teacher, args.top_k, variant).mean()
+            loss = divergences.topk_reverse_kl(student, teacher, args.top_k, variant).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

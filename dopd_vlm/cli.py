@@ -157,6 +157,19 @@ loads. One process runs as is; for several use a launcher:
 
   torchrun --nproc_per_node 2 -m dopd_vlm train --config configs/tiny_dopd.yaml
   deepspeed --num_gpus 8 --module dopd_vlm train --config configs/qwen3vl_8b_to_2b.yaml
+
+The run owns train.output_dir while it runs (run.lock; a second launch there is refused). A folder
+holding an earlier run (checkpoints, metrics, an export) is refused unless --resume continues it
+or --overwrite deletes it and starts over. SIGTERM or SIGUSR1 (Slurm: --signal=USR1@120) finishes
+the step under way, writes a checkpoint on every rank and exits 75; a second signal exits at once.
+
+exit codes:
+  0   finished
+  1   the run stopped: non-finite training, a write that failed (disk full, read-only, quota),
+      the vLLM engine failed; one line naming the file or cause and the checkpoint to resume from
+  2   the input cannot be used: config, data, checkpoints, DeepSpeed JSON, an output folder that
+      cannot be written, is in use by another run or holds an earlier one; one line, no traceback
+  75  preempted (SIGTERM/SIGUSR1): the checkpoint is written; continue with --resume
 """
 
 
@@ -169,7 +182,12 @@ def _add_train(subparsers) -> None:
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--config", required=True, metavar="YAML", help="run config")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in train.output_dir from its latest complete checkpoint "
+                        "(from step 0 if it has none)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a train.output_dir holding an earlier run: delete its checkpoints, "
+                        "metrics, TensorBoard logs, config copy and export (once set-up has succeeded)")
     parser.add_argument(
         "--stop-after-step", type=int, metavar="N",
         help="checkpoint and exit after step N (time-limited jobs); finish later with --resume",
@@ -179,9 +197,11 @@ def _add_train(subparsers) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Exit codes: 0 done; 2 an expected failure of the input (config, data, checkpoint, ...: one
-    line, every rank, `errors.InputError`); 1 the run stopped (non-finite training, a checkpoint
-    that could not be written). Anything else is a bug: its traceback is kept."""
+    """Exit codes: 0 done; 2 an expected failure of the input (config, data, checkpoint, the
+    output folder in use or holding an earlier run, ...: one line, every rank, `errors.InputError`);
+    1 the run stopped (non-finite training, a write that failed, the vLLM engine);
+    75 (`preemption.EXIT_PREEMPTED`) preempted, after the checkpoint. Anything else is a bug: its
+    traceback is kept."""
     return one_line_input_errors("train", lambda: _train(args))
 
 
@@ -197,12 +217,12 @@ def one_line_input_errors(command: str, run: Callable[[], int]) -> int:
         return report_failure(command, err, EXIT_INPUT_ERROR)
 
 
-def report_failure(command: str, err: Exception, code: int) -> int:
-    """Print `err` as the command's one error line, wait for the other ranks to print theirs
+def report_failure(command: str, err: Exception, code: int, label: str = "error") -> int:
+    """Print `err` as the command's one `label` line, wait for the other ranks to print theirs
     (a launcher kills the rest of the workers once one has exited), return `code`."""
     from dopd_vlm.distributed import wait_for_peers_before_exit
 
-    print(f"dopd-vlm {command}: error: {err}", file=sys.stderr, flush=True)
+    print(f"dopd-vlm {command}: {label}: {err}", file=sys.stderr, flush=True)
     wait_for_peers_before_exit()
     return code
 
@@ -212,16 +232,121 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.stop_after_step is not None and args.stop_after_step < 1:
         raise ConfigError(f"--stop-after-step must be >= 1, got {args.stop_after_step}")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: continue the earlier run or start over")
     cfg = load_config(args.config, args.overrides)  # before the heavy imports: a bad config fails fast
-    from dopd_vlm.engine import CheckpointError, NonFiniteTraining
+    from dopd_vlm.engine import NonFiniteTraining
+    from dopd_vlm.preemption import EXIT_PREEMPTED, Preempted
+    from dopd_vlm.run_folder import RunWriteError
     from dopd_vlm.train import train
     from dopd_vlm.vllm_rollout import RolloutEngineError
 
     try:
-        train(cfg, resume=args.resume, stop_after_step=args.stop_after_step)
-    except (NonFiniteTraining, CheckpointError, RolloutEngineError) as err:
+        train(cfg, resume=args.resume, overwrite=args.overwrite, stop_after_step=args.stop_after_step)
+    except Preempted as stop:
+        return report_failure("train", stop, EXIT_PREEMPTED, label="preempted")
+    except (NonFiniteTraining, RunWriteError, RolloutEngineError) as err:
         return report_failure("train", err, 1)
     return 0
+
+
+# --------------------------------------------------------------------------------------------
+# eval
+# --------------------------------------------------------------------------------------------
+
+EVAL_DESCRIPTION = """\
+Greedy accuracy of a saved model on recipe splits, exactly as training evaluation measures it.
+
+--model is a checkpoint folder or hub id (a run's final/, the teacher, the initial student), or a
+PEFT adapter folder (a LoRA run's final/) on the base it names; --adapter puts an adapter on
+--model (or on the base it names). With --config the settings are the run's: data.* (recipe,
+eval_splits, max_eval_samples, pixel bounds, chat_template_kwargs, privileged_template), the
+length cap (train.eval_max_new_tokens, else rollout.max_new_tokens), one micro-batch of
+sequences per generate call, model.dtype; flags and dotted overrides change them. Answers are
+read with the recipe's answer_extractor, after a thinking model's last </think>; a response
+whose think block never closes is wrong and counted (unclosed_think). Under torchrun the ranks
+share the samples and rank 0 prints one result:
+
+  torchrun --nproc_per_node 8 -m dopd_vlm eval --config run.yaml --model runs/x/final --json -
+"""
+
+
+def _add_eval(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="greedy accuracy of a checkpoint or adapter on recipe splits (a table and JSON)",
+        description=EVAL_DESCRIPTION,
+        epilog="examples:\n"
+        "  dopd-vlm eval --config configs/tiny_dopd.yaml --model runs/tiny_dopd/final\n"
+        "  dopd-vlm eval --model Qwen/Qwen3-VL-2B-Instruct --recipe my_recipe.yaml --split test --limit 500 \\\n"
+        "      data.max_pixels=401408 \"data.chat_template_kwargs={enable_thinking: false}\" --json results.json",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--config", metavar="YAML", help="run config whose evaluation settings to use")
+    parser.add_argument("--model", metavar="PATH", help="checkpoint or adapter folder, or hub id "
+                        "(default: the config's model.student)")
+    parser.add_argument("--adapter", metavar="PATH", help="PEFT adapter folder to put on the model")
+    parser.add_argument("--recipe", metavar="R", help="recipe name or YAML (default: the config's data.recipe)")
+    parser.add_argument("--split", action="append", metavar="S", dest="splits",
+                        help="split to evaluate; repeat for several (default: the config's data.eval_splits)")
+    parser.add_argument("--limit", type=int, metavar="N",
+                        help="first N samples per split, 0 = all (default: the config's data.max_eval_samples)")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N", help="length cap of the answers "
+                        "(default: train.eval_max_new_tokens, else rollout.max_new_tokens)")
+    parser.add_argument("--batch-size", type=int, metavar="N", help="sequences per generate call "
+                        "(default: train.prompts_per_micro_batch x rollout.num_rollouts)")
+    parser.add_argument("--privileged", action="store_true", help="score the privileged view (x + p)")
+    parser.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE ('-': stdout, "
+                        "the table then goes to stderr)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    parser.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Exit codes: 0 done; 2 an unusable input (one line, every rank), as `train`."""
+    return one_line_input_errors("eval", lambda: _eval(args))
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from dopd_vlm.config import load_config
+
+    cfg = load_config(args.config, args.overrides, training=False)  # before the heavy imports
+    json_target = _json_target(args.json)
+    from dopd_vlm.checkpoint_eval import eval_request, evaluate_checkpoint
+    from dopd_vlm.distributed import rank
+
+    request = eval_request(cfg, model=args.model, adapter=args.adapter, recipe=args.recipe, splits=args.splits,
+                           limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                           privileged=args.privileged, config_path=args.config or "")
+    report = evaluate_checkpoint(request)
+    if rank() == 0:
+        print(report.table(), file=sys.stderr if json_target == "-" else sys.stdout, flush=True)
+        if json_target == "-":
+            print(json.dumps(report.to_json(), indent=1), flush=True)
+        elif json_target is not None:
+            json_target.write_text(json.dumps(report.to_json(), indent=1) + "\n")
+    return 0
+
+
+def _json_target(value: str | None):
+    """Where --json writes: None, "-" (stdout) or a file whose folder exists and can be written
+    (checked now, not after the evaluation)."""
+    import os
+    from pathlib import Path
+
+    from dopd_vlm.errors import InputError
+
+    if value is None or value == "-":
+        return value
+    path = Path(value)
+    folder = path.parent
+    if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        reason = "is a folder" if path.is_dir() else "its folder does not exist" if not folder.is_dir() else \
+            "its folder cannot be written"
+        raise InputError(f"--json {value}: {reason}")
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,7 +371,7 @@ baselines, and report what each method achieved.
 
 
 def _add_demo(subparsers) -> None:
-    from dopd_vlm.demo import DEFAULT_METHODS, DEMO_TESTBEDS, METHODS, DemoOptions
+    from dopd_vlm.demo import DEFAULT_METHODS, DEMO_METHODS, DEMO_TESTBEDS, DemoOptions
 
     defaults = DemoOptions()
     parser = subparsers.add_parser(
@@ -265,8 +390,8 @@ def _add_demo(subparsers) -> None:
     parser.add_argument("--steps", type=int, metavar="N",
                         help="distillation steps per method (default: the testbed config's train.steps)")
     parser.add_argument("--seed", type=int, default=defaults.seed, metavar="N", help="trainer seed (default: %(default)s)")
-    parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=list(DEFAULT_METHODS), metavar="NAME",
-                        help=f"methods to run, of {', '.join(METHODS)} (default: all)")
+    parser.add_argument("--methods", nargs="+", choices=tuple(DEMO_METHODS), default=list(DEFAULT_METHODS), metavar="NAME",
+                        help=f"methods to run, of {', '.join(DEMO_METHODS)} (default: all)")
     parser.add_argument("--jobs", type=int, default=0, metavar="N",
                         help="training runs side by side (default: one per CPU core, at most one per method)")
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every, metavar="N",
@@ -313,7 +438,7 @@ def _demo(options) -> int:
 # Program
 # --------------------------------------------------------------------------------------------
 
-_COMMANDS = (_add_make_tiny, _add_train, _add_demo)
+_COMMANDS = (_add_make_tiny, _add_train, _add_eval, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,16 +12,19 @@ Only this module knows chat templates, padding and multimodal token bookkeeping.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
 from PIL import Image
 
 from dopd_vlm import image_cache
+from dopd_vlm.choices import SpecialTokenPolicy
+from dopd_vlm.data.answers import THINK_CLOSE, THINK_OPEN
 from dopd_vlm.data.schema import IMAGE_PLACEHOLDER, Sample
 from dopd_vlm.errors import InputError
 
@@ -35,7 +38,6 @@ PADDING_IMAGE = Image.new("RGB", (32, 32))
 # What data text holding a tokenizer's special token gets (`data.special_tokens`): refused at load
 # (prompt_checks), or kept as plain characters, the token broken by ESCAPE_MARK after its first
 # character so that the tokenizer no longer reads it as the token.
-SpecialTokenPolicy = Literal["reject", "escape"]
 ESCAPE_MARK = "\u200b"  # ZERO WIDTH SPACE
 
 log = logging.getLogger(__name__)
@@ -118,6 +120,10 @@ class DualViewCollator:
             or answer are kept as plain characters (`SpecialTokens.escape`, before p is cut);
             `reject`: text is used as it is (`prompt_checks` refuses such rows at load time;
             `data.special_tokens`).
+        chat_template_kwargs: Variables rendered into every chat template call (every prompt of
+            every view, the padding row's; `data.chat_template_kwargs`), e.g. `enable_thinking`.
+            A variable a processor's template never reads is left out for that processor (logged
+            once), as transformers would warn on every call otherwise.
 
     Every prompt with p — training views, evaluation with p, warm-ups — is built by
     :meth:`prompt_text`. A question with one `<image>` placeholder per image gets each image at
@@ -142,6 +148,7 @@ class DualViewCollator:
         min_pixels: int = 0,
         max_pixels: int = 0,
         special_tokens: SpecialTokenPolicy = "reject",
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ):
         if isinstance(max_privileged_tokens, bool) or not isinstance(max_privileged_tokens, int) or max_privileged_tokens < 0:
             raise ValueError(f"max_privileged_tokens must be an integer >= 0, got {max_privileged_tokens!r}")
@@ -151,6 +158,8 @@ class DualViewCollator:
         self.max_privileged_tokens = max_privileged_tokens
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.special_tokens = special_tokens
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self._unread_reported: set[tuple[str, str]] = set()
         self.tokenizer = getattr(processor, "tokenizer", processor)
         if self.tokenizer.pad_token_id is None:
             raise ValueError("the student tokenizer has no pad token; set one in its config")
@@ -162,13 +171,15 @@ class DualViewCollator:
         """The collator of a run's `data` section."""
         return cls(processor, teacher_processor, privileged_template=data.privileged_template,
                    max_privileged_tokens=data.max_privileged_tokens, min_pixels=data.min_pixels,
-                   max_pixels=data.max_pixels, special_tokens=data.special_tokens)
+                   max_pixels=data.max_pixels, special_tokens=data.special_tokens,
+                   chat_template_kwargs=data.chat_template_kwargs)
 
     def for_processor(self, processor: Any) -> "DualViewCollator":
         """The same prompts for another model's processor (e.g. scoring the teacher's own rollouts)."""
         return DualViewCollator(processor, privileged_template=self.privileged_template,
                                 max_privileged_tokens=self.max_privileged_tokens, min_pixels=self.min_pixels,
-                                max_pixels=self.max_pixels, special_tokens=self.special_tokens)
+                                max_pixels=self.max_pixels, special_tokens=self.special_tokens,
+                                chat_template_kwargs=self.chat_template_kwargs)
 
     def data_text(self, text: str) -> str:
         """Text from the data as the models get it: escaped under `special_tokens="escape"`."""
@@ -198,7 +209,38 @@ class DualViewCollator:
         if num_images or IMAGE_PLACEHOLDER in question:
             content = _image_content(sample_id, question, text, num_images)
         messages = [{"role": "user", "content": content}]
-        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             **self.template_arguments(processor))
+
+    def template_arguments(self, processor: Any = None) -> dict[str, Any]:
+        """`chat_template_kwargs` as `processor`'s template gets them: without the variables it
+        never reads (each such one logged once per template)."""
+        processor = processor or self.processor
+        if not self.chat_template_kwargs:
+            return {}
+        template = chat_template_of(processor)
+        read = template_variables(template) if template is not None else None
+        if read is None:  # a template jinja2 alone cannot parse: give it every argument
+            return dict(self.chat_template_kwargs)
+        for name in self.chat_template_kwargs.keys() - read:
+            if (name, template) not in self._unread_reported:
+                self._unread_reported.add((name, template))
+                source = getattr(getattr(processor, "tokenizer", processor), "name_or_path", "") or "a model"
+                log.warning("data.chat_template_kwargs.%s: the chat template of %s never reads it; left out for "
+                            "that model", name, source)
+        return {name: value for name, value in self.chat_template_kwargs.items() if name in read}
+
+    def generation_opens_think(self, processor: Any = None) -> bool:
+        """Whether the assistant turn's opening (the generation prompt) ends inside a `<think>`
+        block, as Qwen3-VL-Thinking templates render it: the response then starts in its reasoning,
+        and its think block is closed only if the response writes `</think>`."""
+        processor = processor or self.processor
+        messages = [{"role": "user", "content": "x"}]
+        arguments = self.template_arguments(processor)
+        turn = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, **arguments)
+        prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **arguments)
+        opening = prompt.removeprefix(turn)
+        return opening.rfind(THINK_OPEN) > opening.rfind(THINK_CLOSE)
 
     def privileged_text(self, sample: Sample) -> str:
         """`sample.privileged` as the privileged views show it: escaped if asked, cut to
@@ -240,7 +282,7 @@ class DualViewCollator:
         if not vision:
             return dict(processor(texts, **kwargs))
         if not images:  # the padding row (see the class docstring)
-            texts.append(padding_prompt(processor))
+            texts.append(padding_prompt(processor, self.template_arguments(processor)))
             images = [PADDING_IMAGE]
         with image_cache.reuse(processor):  # each distinct image is preprocessed once
             return dict(processor(text=texts, images=images, **kwargs, **self.image_size(processor)))
@@ -319,10 +361,34 @@ class DualViewCollator:
         return ModelView(view.inputs, view.logit_index[: len(samples)])
 
 
-def padding_prompt(processor: Any) -> str:
-    """The prompt of a vision batch's padding row: a user turn holding one image."""
+def padding_prompt(processor: Any, template_arguments: Mapping[str, Any] | None = None) -> str:
+    """The prompt of a vision batch's padding row: a user turn holding one image, rendered with the
+    run's chat-template arguments like every other prompt."""
     messages = [{"role": "user", "content": [{"type": "image"}]}]
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         **(template_arguments or {}))
+
+
+def chat_template_of(processor: Any) -> str | None:
+    """The chat template `apply_chat_template` renders for `processor` (a processor's own, else its
+    tokenizer's; of several named templates the `default` one)."""
+    template = getattr(processor, "chat_template", None) or getattr(getattr(processor, "tokenizer", None),
+                                                                       "chat_template", None)
+    return template.get("default") if isinstance(template, dict) else template
+
+
+@functools.lru_cache(maxsize=32)
+def template_variables(template: str) -> frozenset[str] | None:
+    """The variables a Jinja chat template reads from its caller (`enable_thinking`, `messages`,
+    ...), or None when jinja2 alone cannot parse it (a template using transformers' own tags)."""
+    import jinja2
+    from jinja2 import meta
+
+    try:
+        parsed = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except jinja2.TemplateSyntaxError:
+        return None
+    return frozenset(meta.find_undeclared_variables(parsed))
 
 
 def _image_content(sample_id: str, question: str, text: str, images: int) -> list[dict[str, str]]:

@@ -17,13 +17,20 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
-from dopd_vlm.chunks import LossPath
-from dopd_vlm.collate import SpecialTokenPolicy
+from dopd_vlm.choices import (
+    Ablation,
+    Divergence,
+    LossPath,
+    MethodName,
+    Normalization,
+    OpdDivergence,
+    RegimeWeights,
+    SpecialTokenPolicy,
+    TokenDrop,
+    TopKVariant,
+)
 from dopd_vlm.data.schema import IMAGE_PLACEHOLDER
-from dopd_vlm.errors import InputError
-from dopd_vlm.losses import TopKVariant
-from dopd_vlm.methods import METHODS, Ablation, Divergence, OpdDivergence, RegimeWeights
-from dopd_vlm.router import Normalization, TokenDrop
+from dopd_vlm.errors import InputError, one_line
 from dopd_vlm.validation import Above, AtLeast, Between, Invalid, NonEmpty, build
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -121,6 +128,11 @@ class DataConfig:
         max_prompt_tokens: The longest view of a prompt (plain or with p, image tokens included)
             may have at most this many tokens; longer prompts are bad rows at load time
             (0 = only the models' context limits apply).
+        chat_template_kwargs: Variables for the models' chat templates (TRL's and vLLM's name),
+            e.g. `{enable_thinking: false}` for Qwen3 (and Qwen3-VL) templates, `{add_vision_id:
+            true}` for Qwen2-VL's. Rendered into every prompt alike: the rollout, the three
+            scoring views, evaluation, warm-ups, the load-time prompt checks and the vLLM engine.
+            A variable a model's template never reads is left out for it (logged once).
     """
 
     recipe: str = "synthetic_scenes"
@@ -134,6 +146,17 @@ class DataConfig:
     max_pixels: NonNegative = 0
     special_tokens: SpecialTokenPolicy = "reject"
     max_prompt_tokens: Annotated[int, AtLeast(0)] = 0
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+# `apply_chat_template`'s own parameters (tokenizers' and processors'): the collator sets or never
+# uses them, so they are not template variables a run may set (`data.chat_template_kwargs`).
+CHAT_TEMPLATE_PARAMETERS = (
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs",
+    "load_audio_from_video",
+)
 
 
 @dataclass
@@ -174,7 +197,7 @@ class MethodConfig:
         temperature: Softmax temperature of the loss distributions.
     """
 
-    name: str = "dopd"
+    name: MethodName = "dopd"
     ablation: Ablation = "none"
     regime_weights: RegimeWeights = "paper"
     divergence: Divergence = "routed"
@@ -330,8 +353,12 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML config (or start from defaults), apply `a.b=value` overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), *, training: bool = True) -> RunConfig:
+    """Read a YAML config (or start from defaults), apply `a.b=value` overrides, validate.
+
+    `training=False` (`dopd-vlm eval`) checks every key's type and value but, across keys, only
+    the data section's rules: an evaluation needs no teacher, method or DeepSpeed set-up.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -340,7 +367,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {_one_line(err)}") from err
+            raise ConfigError(f"{path}: not valid YAML: {one_line(err)}") from err
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
         except OSError as err:
@@ -353,7 +380,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         cfg = build(RunConfig, raw)
     except Invalid as err:
         raise config_error(err) from None
-    validate(cfg)
+    if training:
+        validate(cfg)
+    else:
+        validate_data(cfg.data)
     return cfg
 
 
@@ -377,7 +407,7 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     try:
         node[leaf] = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {override!r}: the value is not valid YAML ({_one_line(err)}); "
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({one_line(err)}); "
                           "quote it, e.g. key='{...}'") from None
 
 
@@ -403,13 +433,14 @@ def _check(condition: bool, key: str, message: str) -> None:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Checks across keys, which the field types alone cannot express. Raises ConfigError."""
+    """Checks across keys, which the field types alone cannot express. Raises ConfigError.
+
+    Checks that need the method table (which methods have a teacher) run at set-up,
+    `methods.check_config`: the config imports none of the algorithms.
+    """
     m, t, d = cfg.method, cfg.train, cfg.data
-    _check(m.name in METHODS, "method.name", f"{m.name!r} is not one of {', '.join(METHODS)}")
     for key, neutral in (("ablation", "none"), ("regime_weights", "paper"), ("divergence", "routed")):
         _check(getattr(m, key) == neutral or m.name == "dopd", f"method.{key}", "only applies to dopd")
-    _check(m.token_drop == "none" or METHODS[m.name].needs_teacher, "method.token_drop",
-           f"needs a method with a teacher (the gap is |lT - lP|); {m.name} has none")
     _check(0 <= m.beta_w < m.beta_l, "method.beta_w", "must satisfy 0 <= beta_w < beta_l")
     r = cfg.rollout
     _check(r.vllm.max_model_len > r.max_new_tokens, "rollout.vllm.max_model_len",
@@ -419,14 +450,22 @@ def validate(cfg: RunConfig) -> None:
     _check(not (lora.enabled and lora.dropout and "lm_head" in lora.target_modules), "model.lora.dropout",
            "must be 0 when model.lora.target_modules has lm_head (the loss applies the output layer's adapter "
            "without dropout, as it applies it to the privileged student's targets)")
-    _check(bool(cfg.model.teacher) or not METHODS[m.name].needs_teacher, "model.teacher",
-           f"is required (method {m.name} distils from a teacher)")
     _check(
         t.prompts_per_step % t.prompts_per_micro_batch == 0,
         "train.prompts_per_step",
         f"{t.prompts_per_step} is not a multiple of prompts_per_micro_batch "
         f"({t.prompts_per_micro_batch}); micro-batches must be equal for the loss mean to be exact",
     )
+    validate_data(d)
+    _check(bool(t.output_dir), "train.output_dir", "is required")
+    per_micro = t.prompts_per_micro_batch * cfg.rollout.num_rollouts
+    _check(cfg.rollout.batch_size % per_micro == 0, "rollout.batch_size",
+           f"{cfg.rollout.batch_size} is not a multiple of prompts_per_micro_batch x num_rollouts = {per_micro} "
+           "(a generate call covers whole micro-batches; 0 = a rank's whole step)")
+
+
+def validate_data(d: DataConfig) -> None:
+    """The data section's rules across keys (training and evaluation alike). Raises ConfigError."""
     _check(
         "{privileged}" in d.privileged_template and "{question}" in d.privileged_template,
         "data.privileged_template",
@@ -437,11 +476,10 @@ def validate(cfg: RunConfig) -> None:
     _check_template_fields(d.privileged_template)
     _check(IMAGE_PLACEHOLDER not in d.privileged_template, "data.privileged_template",
            f"must not contain {IMAGE_PLACEHOLDER} (image placeholders belong in the questions)")
-    _check(bool(t.output_dir), "train.output_dir", "is required")
-    per_micro = t.prompts_per_micro_batch * cfg.rollout.num_rollouts
-    _check(cfg.rollout.batch_size % per_micro == 0, "rollout.batch_size",
-           f"{cfg.rollout.batch_size} is not a multiple of prompts_per_micro_batch x num_rollouts = {per_micro} "
-           "(a generate call covers whole micro-batches; 0 = a rank's whole step)")
+    for name in d.chat_template_kwargs:
+        _check(name not in CHAT_TEMPLATE_PARAMETERS, f"data.chat_template_kwargs.{name}",
+               "is an argument of apply_chat_template, which the collator sets itself; only template variables "
+               "(e.g. enable_thinking) go here")
 
 
 def load_deepspeed_config(
@@ -457,7 +495,7 @@ def load_deepspeed_config(
     try:
         ds = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: invalid DeepSpeed JSON: {_one_line(err)}") from None
+        raise ConfigError(f"{path}: invalid DeepSpeed JSON: {one_line(err)}") from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: invalid DeepSpeed JSON: not UTF-8 (offset {err.start})") from None
     except OSError as err:
@@ -536,7 +574,3 @@ def _check_deepspeed_sections(ds: Any, path: Path) -> None:
         )
     if "scheduler" in ds:
         raise ConfigError(f"{path}: 'scheduler': remove it; the learning-rate schedule comes from the run config (optim.*)")
-
-
-def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split())

@@ -65,7 +65,7 @@ DEMO_TESTBEDS = (SCENES, *TESTBEDS)
 DEFAULT_TESTBED = "arithmetic"
 
 # What each demo method runs: `dopd-vlm train --config <the testbed's config>` plus these overrides.
-METHODS: dict[str, list[str]] = {
+DEMO_METHODS: dict[str, list[str]] = {
     "dopd": ["method.name=dopd"],
     "vanilla_opd": ["method.name=vanilla_opd", "method.opd_divergence=topk"],
     "opsd": ["method.name=opsd"],
@@ -100,7 +100,7 @@ class DemoOptions:
         cache: Cache of the tiny pair and the warmed-up checkpoints (scenes).
         steps: Distillation steps per method (None: the testbed config's train.steps).
         seed: Trainer seed (data order, rollouts) shared by all methods.
-        methods: Names from METHODS.
+        methods: Names from DEMO_METHODS.
         jobs: Training runs side by side (each uses `threads_per_job` threads).
         eval_every: Evaluate the student every N steps (0 = start and end only).
         eval_samples: Samples per eval split (0 = whole split).
@@ -379,12 +379,12 @@ class RunResult:
 
 def train_command(method: str, models: Mapping[str, Path], out: Path, options: DemoOptions) -> list[str]:
     """The `dopd-vlm train` command line of one demo run."""
-    if method not in METHODS:
-        raise ValueError(f"unknown demo method {method!r} (known: {', '.join(METHODS)})")
+    if method not in DEMO_METHODS:
+        raise ValueError(f"unknown demo method {method!r} (known: {', '.join(DEMO_METHODS)})")
     overrides = [
         f"model.teacher={Path(models['teacher']).resolve()}",
         f"model.student={Path(models['student']).resolve()}",
-        *METHODS[method],
+        *DEMO_METHODS[method],
         f"train.steps={options.steps}",
         f"train.seed={options.seed}",
         f"train.eval_every={options.eval_every}",
@@ -628,9 +628,9 @@ def _smooth(values: Sequence[float], window: int) -> list[float]:
 
 def run_demo(options: DemoOptions, log=print) -> dict[str, Any]:
     """Steps 1-3 of the module docstring; returns the summary also written to results.json."""
-    unknown = [m for m in options.methods if m not in METHODS]
+    unknown = [m for m in options.methods if m not in DEMO_METHODS]
     if unknown:
-        raise ValueError(f"unknown demo method(s) {', '.join(unknown)} (known: {', '.join(METHODS)})")
+        raise ValueError(f"unknown demo method(s) {', '.join(unknown)} (known: {', '.join(DEMO_METHODS)})")
     if options.testbed not in DEMO_TESTBEDS:
         raise ValueError(f"unknown demo testbed {options.testbed!r} (known: {', '.join(DEMO_TESTBEDS)})")
     testbed = demo_testbed(options.testbed)

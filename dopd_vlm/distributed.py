@@ -147,6 +147,26 @@ def all_ranks_true(flag: bool) -> bool:
     return bool(value.item())
 
 
+def all_ranks_any(flags: list[bool]) -> list[bool]:
+    """Logical OR of each flag over all ranks, in one collective."""
+    if world_size() == 1:
+        return list(flags)
+    tensor = torch.tensor([int(flag) for flag in flags], device=collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(value) for value in tensor.tolist()]
+
+
+def first_failure(message: str | None) -> str | None:
+    """The lowest failing rank's message, on every rank (None when no rank failed): ranks that
+    took different branches (a write that failed on one rank only) agree on one outcome and all
+    print the same line."""
+    if world_size() == 1:
+        return message
+    messages: list[str | None] = [None] * world_size()
+    dist.all_gather_object(messages, message)
+    return next((m for m in messages if m is not None), None)
+
+
 def all_ranks_sum(values: list[float]) -> list[float]:
     if world_size() == 1:
         return [float(v) for v in values]

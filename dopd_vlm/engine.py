@@ -8,6 +8,10 @@
 - `save_checkpoint` / `load_latest_checkpoint`: DeepSpeed's format, made atomic by a pointer file;
 - `export_student`: the consolidated student with its processor, loadable by transformers alone
   (a LoRA student: its PEFT adapter, and optionally the merged student).
+
+A write that fails (disk full, read-only, quota) raises `run_folder.RunWriteError` (a checkpoint:
+`CheckpointError`) on every rank, one line naming the file and the cause, and leaves no partial
+checkpoint or export behind.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import torch.distributed as dist
 from torch import nn
 
 from dopd_vlm import lora
-from dopd_vlm.distributed import all_ranks_true, rank, world_size
+from dopd_vlm.distributed import first_failure, rank, world_size
 from dopd_vlm.errors import InputError
+from dopd_vlm.run_folder import CHECKPOINT_POINTER, WRITE_ERRORS, RunWriteError, after_write, write_failure
 from dopd_vlm.scoring import ResponseHiddenStates
 
 log = logging.getLogger("dopd_vlm.engine")
@@ -35,8 +40,36 @@ class NonFiniteTraining(RuntimeError):
     """Too many consecutive steps with non-finite loss or gradients (train.max_bad_steps)."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunWriteError):
     """A checkpoint could not be written (e.g. disk full); the previous one is intact."""
+
+
+class CheckpointFileFailed(Exception):
+    """A file of a checkpoint could not be written: raised inside DeepSpeed's `save_checkpoint`
+    (by `FileNamingCheckpointEngine`), carrying the file and the original error."""
+
+    def __init__(self, path: Path, error: BaseException):
+        super().__init__(f"{path}: {error}")
+        self.path, self.error = path, error
+
+
+class FileNamingCheckpointEngine:
+    """DeepSpeed's checkpoint engine, each file it saves followed by the run's write hooks
+    (the `after_write` hook point, kind "checkpoint") and its failure naming the file. Everything
+    else is the wrapped engine's."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def save(self, state_dict: dict, path: str) -> None:
+        try:
+            self.inner.save(state_dict, path)
+            after_write("checkpoint", Path(path))
+        except WRITE_ERRORS as err:
+            raise CheckpointFileFailed(Path(path), err) from err
 
 
 # -- engines ---------------------------------------------------------------------------------------
@@ -112,6 +145,7 @@ def student_engine(student: nn.Module, ds_config: dict, optim, lr_lambda: Callab
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
     )
     engine.train()
+    engine.checkpoint_engine = FileNamingCheckpointEngine(engine.checkpoint_engine)
     return engine, scheduler, optimizer or UnskippableOptimizer()
 
 
@@ -209,7 +243,7 @@ def gradients_finite(module: nn.Module) -> bool:
 
 # -- checkpoints: DeepSpeed's format, written atomically --------------------------------------------
 
-LATEST = "latest_complete"
+LATEST = CHECKPOINT_POINTER
 
 
 def save_checkpoint(engine, out: Path, step: int) -> None:
@@ -223,44 +257,85 @@ def save_checkpoint(engine, out: Path, step: int) -> None:
     file atomically and durably, so a crash mid-save leaves the previous pointer, which still names
     a complete checkpoint. Every rank reads that pointer on resume: on several nodes `output_dir`
     must be a filesystem all of them share.
-    Older checkpoints are deleted only after the pointer has moved. A failed write (disk
-    full, ...) removes the partial directory and raises CheckpointError on every rank.
+    Older checkpoints are deleted only after the pointer has moved. A failed write (disk full,
+    read-only, ...) on any rank, of a shard or of the pointer, removes the new directory and raises
+    CheckpointError on every rank, one line naming the file and the cause (`run_folder.write_failure`).
     """
     checkpoints = out / "checkpoints"
     tag = f"step_{step}"
-    failure = None
-    try:
-        engine.save_checkpoint(str(checkpoints), tag=tag, client_state={"step": step, "trained": trained_names(engine)},
-                               save_latest=False, exclude_frozen_parameters=True)
-    except OSError as err:
-        failure = err
-    if not all_ranks_true(failure is None):
+    # DeepSpeed's own makedirs (rank 0, before its first barrier) must find the folder there
+    failure = first_failure(folder_failure(checkpoints) if rank() == 0 else None)
+    if failure is None:
+        failure = first_failure(write_shards(engine, checkpoints, tag, step))
+    if failure is None:
+        failure = first_failure(move_pointer(checkpoints, tag) if rank() == 0 else None)
+    if failure is not None:
         if rank() == 0:
             shutil.rmtree(checkpoints / tag, ignore_errors=True)
-        barrier()
-        reason = f"{failure.strerror or failure}" if failure is not None else "failed on another rank"
+        left = first_failure("could not be removed" if rank() == 0 and (checkpoints / tag).exists() else None)
         raise CheckpointError(
-            f"writing checkpoint {checkpoints / tag} failed: {reason}; the previous complete checkpoint "
-            f"({latest_tag(out) or 'none'}) is intact"
+            f"{failure}; the partial checkpoint {tag} {left or 'was removed'}; last complete checkpoint: "
+            f"{latest_tag(out) or 'none'} under {checkpoints} (continue with --resume)"
         )
-    barrier()
     if rank() == 0:
-        write_durably(checkpoints / LATEST, tag)
         for old in checkpoints.glob("step_*"):
             if old.name != tag and old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
 
 
-def write_durably(path: Path, text: str) -> None:
+def folder_failure(folder: Path) -> str | None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return write_failure(err, folder)
+    return None
+
+
+def write_shards(engine, checkpoints: Path, tag: str, step: int) -> str | None:
+    """DeepSpeed writes this rank's files of checkpoint `tag`; a failed write as one line."""
+    try:
+        engine.save_checkpoint(str(checkpoints), tag=tag, client_state={"step": step, "trained": trained_names(engine)},
+                               save_latest=False, exclude_frozen_parameters=True)
+    except CheckpointFileFailed as err:
+        failure = write_failure(err.error, err.path)
+    except OSError as err:  # DeepSpeed's copy of its recovery scripts (zero_to_fp32.py)
+        failure = write_failure(err, Path(err.filename or checkpoints / tag))
+    else:
+        return None
+    # DeepSpeed's save_checkpoint ends with a barrier, which this rank skipped: every collective
+    # of it comes before its writes but that one, so the ranks whose writes succeeded wait in it.
+    barrier()
+    return failure
+
+
+def move_pointer(checkpoints: Path, tag: str) -> str | None:
+    """Rank 0: `latest_complete` names `tag`; a failed write as one line."""
+    pointer = checkpoints / LATEST
+    try:
+        write_durably(pointer, tag, kind="pointer")
+    except WRITE_ERRORS as err:
+        return write_failure(err, pointer)
+    return None
+
+
+def write_durably(path: Path, text: str, kind: str | None = None) -> None:
     """Replace `path`'s content atomically and durably: a crash (or a power cut) leaves the old
-    content or the new, and the new one is on disk before the call returns."""
+    content or the new, and the new one is on disk before the call returns. A failed write leaves
+    the old content (and no temporary file). `kind`: the run's write hooks run (as `kind`) once
+    the new content is written, before it replaces the old."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if kind is not None:
+            after_write(kind, path)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)  # the rename itself
@@ -300,23 +375,37 @@ def export_student(engine, processor: Any, target: Path, peft_student: Any = Non
     A LoRA student (`peft_student`, PEFT's model around it): its adapter is saved instead
     (`lora.save_adapter`), and the merged student, loadable by transformers alone, at
     `merged_target` if given (`lora.export_merged`, on rank 0).
+
+    A failed write leaves no partial folder (`lora.write_folder`) and raises RunWriteError on
+    every rank, naming the folder and the cause.
     """
     module = engine.module.model  # inside ResponseHiddenStates
+    failure = None
     if peft_student is not None:
         with gathered_parameters(lora.trainable_parameters(module)):
             if rank() == 0:
-                lora.save_adapter(peft_student, processor, target)
-        if merged_target is not None and rank() == 0:
-            lora.export_merged(target, merged_target, module.dtype)
-        barrier()
-        return
-    zero3 = engine.zero_optimization_stage() == 3
-    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else engine.module.state_dict()
-    if rank() == 0:
-        state_dict = {name.removeprefix("model."): tensor for name, tensor in state_dict.items()}
-        lora.write_folder(target, lambda tmp: module.save_pretrained(tmp, state_dict=state_dict),
-                          processor.save_pretrained)
-    barrier()
+                failure = export_failure(target, lambda: lora.save_adapter(peft_student, processor, target))
+        if merged_target is not None and rank() == 0 and failure is None:
+            failure = export_failure(merged_target, lambda: lora.export_merged(target, merged_target, module.dtype))
+    else:
+        zero3 = engine.zero_optimization_stage() == 3
+        state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else engine.module.state_dict()
+        if rank() == 0:
+            state_dict = {name.removeprefix("model."): tensor for name, tensor in state_dict.items()}
+            failure = export_failure(target, lambda: lora.write_folder(
+                target, lambda tmp: module.save_pretrained(tmp, state_dict=state_dict), processor.save_pretrained))
+    failure = first_failure(failure)
+    if failure is not None:
+        raise RunWriteError(failure)
+
+
+def export_failure(target: Path, write: Callable[[], None]) -> str | None:
+    """`write()` (an export into `target`); its failure as one line."""
+    try:
+        write()
+    except WRITE_ERRORS as err:
+        return write_failure(err, target)
+    return None
 
 
 def barrier() -> None:

@@ -14,3 +14,13 @@ EXIT_INPUT_ERROR = 2
 
 class InputError(ValueError):
     """An expected failure caused by the user's input; the message is one line saying where and why."""
+
+MAX_QUOTED = 400  # characters of another library's message quoted in one of ours
+
+
+def one_line(error: BaseException) -> str:
+    """`error`'s message for quoting inside a one-line error: whitespace runs (newlines included)
+    collapsed to one space, the exception's type name when the message is empty, and at most
+    MAX_QUOTED characters (a library's message can be a page long: vLLM's start-up errors)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= MAX_QUOTED else text[: MAX_QUOTED - 3] + "..."

@@ -9,7 +9,7 @@ trainer uses (collate -> scoring -> router -> methods) rather than re-implementi
   over all micro-batches of a step and all ranks instead).
 * :class:`RoutedBatch` keeps the per-token log-probs, regimes and hidden states, and answers
   the explorer's questions: a per-token table, the models' top alternatives at a token, and
-  the :class:`~dopd_vlm.chunks.LossInputs` to evaluate any method's per-token loss.
+  the :class:`~dopd_vlm.methods.LossInputs` to evaluate any method's per-token loss.
 * :func:`regime_html` and :func:`draw_boxes` are presentation: the response coloured by
   regime, and the privileged boxes drawn on the image.
 * :func:`read_run` / :func:`find_runs` read runs' ``metrics.jsonl`` (and ``config.json``) into
@@ -32,9 +32,9 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from dopd_vlm.chunks import LossInputs
 from dopd_vlm.collate import DualViewCollator, ModelView, ScoringViews, check_shared_vocab
 from dopd_vlm.data.schema import Sample
+from dopd_vlm.methods import LossInputs
 from dopd_vlm.models import device_of, head_rows
 from dopd_vlm.router import REGIME_NAMES, Routing, route
 from dopd_vlm.scoring import Head, ResponseTokens, output_head, response_hidden_states, token_logprobs

@@ -6,6 +6,7 @@ adapters on its linear layers are trained.
     linear_parts(module)                             # an output layer as base weight + low-rank update
     merged_weights(model)                            # (HF name, base + adapter): vLLM's weight sync
     save_adapter(peft_student, dir) / export_merged(dir, merged_dir, dtype)
+    adapter_base(dir) / load_adapter(model, dir)     # a saved adapter back on its base (`dopd-vlm eval`)
 
 The rest of the package keeps seeing the Hugging Face model (its backbone, `generate`,
 `get_output_embeddings`), with PEFT's LoRA layers in place of the targeted `nn.Linear` modules;
@@ -21,17 +22,19 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # config imports the loss code, which imports this module: config only at run time
-    from dopd_vlm.config import LoraConfig, ModelConfig
+from dopd_vlm.config import ConfigError, LoraConfig, ModelConfig
+from dopd_vlm.errors import InputError, one_line
+from dopd_vlm.run_folder import after_write
 
 EXTRA_HINT = 'pip install -e ".[lora]" (make test installs it)'
 OUTPUT_LAYER = "lm_head"  # the name model.lora.target_modules uses for the output layer
@@ -42,8 +45,6 @@ BASE_PART = ".base_layer."
 
 def require_peft() -> None:
     """Raise ConfigError (one line, naming the extra) unless PEFT can be imported here."""
-    from dopd_vlm.config import ConfigError
-
     if importlib.util.find_spec("peft") is None:
         raise ConfigError(f"config key 'model.lora.enabled': peft is not installed; {EXTRA_HINT}")
 
@@ -87,8 +88,6 @@ def target_names(model: nn.Module, cfg: LoraConfig, student: str) -> list[str]:
     ConfigError (one line) for a name that matches no linear layer there, and for an adapter on an
     output layer tied to the input embeddings (merging it would change the embeddings too).
     """
-    from dopd_vlm.config import ConfigError
-
     head = model.get_output_embeddings()
     decoder = model.get_decoder()
     decoder_prefix = next(name for name, module in model.named_modules() if module is decoder)
@@ -252,13 +251,61 @@ def export_merged(adapter_dir: Path, target: Path, dtype: torch.dtype) -> None:
     write_folder(target, merged.save_pretrained, processor.save_pretrained)
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_folder(path: str | os.PathLike) -> bool:
+    """A folder holding a PEFT adapter and no model of its own (a LoRA run's `final/`)."""
+    folder = Path(path)
+    return (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file()
+
+
+def adapter_base(folder: str | os.PathLike) -> str:
+    """The base checkpoint a saved adapter names (adapter_config.json's base_model_name_or_path;
+    `adapt` writes it as an absolute path). InputError (one line) when there is none."""
+    config = Path(folder) / ADAPTER_CONFIG
+    if not config.is_file():
+        raise InputError(f"adapter {folder}: no {ADAPTER_CONFIG} (not a PEFT adapter folder, as a LoRA run's "
+                         "final/ is)")
+    try:
+        base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (ValueError, AttributeError):
+        raise InputError(f"adapter {folder}: {ADAPTER_CONFIG} is not a valid JSON object") from None
+    if not isinstance(base, str) or not base:
+        raise InputError(f"adapter {folder}: {ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
+    return base
+
+
+def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+    """`model` with the adapter saved in `folder` (`save_adapter`) in place, unmerged and in the
+    model's dtype: the student as training evaluated it (base layers + PEFT's LoRA layers). InputError
+    (one line) when peft is missing or the adapter does not fit the model."""
+    if importlib.util.find_spec("peft") is None:
+        raise InputError(f"adapter {folder}: peft is not installed; {EXTRA_HINT}")
+    import peft
+
+    try:
+        peft_model = peft.PeftModel.from_pretrained(model, str(folder), autocast_adapter_dtype=False)
+    except (RuntimeError, ValueError, KeyError, OSError) as err:  # shapes or names of another base
+        raise InputError(f"adapter {folder}: cannot be put on its base model ({type(err).__name__}: "
+                         f"{one_line(err)})") from None
+    peft_model.eval()
+    return peft_model.get_base_model()
+
+
 def write_folder(target: Path, *writers: Callable[[Path], Any]) -> None:
     """Each writer (e.g. a `save_pretrained`) fills a temporary sibling folder, which then replaces
-    `target` at once: a crash mid-export leaves no half-written `target`."""
+    `target` at once: a crash mid-export leaves no half-written `target`, and a writer that fails
+    (a full disk) leaves no temporary folder either."""
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    for write in writers:
-        write(tmp)
+    try:
+        for write in writers:
+            write(tmp)
+        after_write("export", target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
 

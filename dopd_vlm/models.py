@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from dopd_vlm.errors import InputError
+from dopd_vlm.errors import InputError, one_line
 from dopd_vlm.families import FAMILIES, is_vision_family, unsupported
 
 # Qwen's vision placeholder/marker tokens, in Qwen's order.
@@ -102,9 +102,8 @@ def check_weight_files(checkpoint: str | os.PathLike) -> None:
             with safe_open(str(weights), framework="pt"):
                 pass
         except Exception as error:  # noqa: BLE001  (SafetensorError, OSError: an unusable file either way)
-            reason = " ".join(str(error).split()) or type(error).__name__
             raise InputError(
-                f"checkpoint {folder}: {weights.name} is damaged or truncated ({reason}); re-download or re-export it"
+                f"checkpoint {folder}: {weights.name} is damaged or truncated ({one_line(error)}); re-download or re-export it"
             ) from None
 
 
@@ -120,10 +119,21 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = Non
     auto_cls = AutoModelForImageTextToText if is_vision_family(family) else AutoModelForCausalLM
     kwargs = {} if dtype is None else {"dtype": dtype}
     try:
-        return auto_cls.from_pretrained(path, config=config, **kwargs)
+        model = auto_cls.from_pretrained(path, config=config, **kwargs)
     except OSError as error:  # no weight file, an unreadable one: transformers' message, on one line
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise InputError(f"checkpoint {os.fspath(path)}: cannot load its weights ({first_line})") from None
+    # `generate` hands the output layer the last position of every row, a [B, 1, H] view that is not
+    # contiguous; on CPU a bf16 linear layer then takes a batched-matmul path that copies the whole
+    # weight once per row (12.6 s for 2 rows at a 151,936-row head, BENCHMARKS.md "A DOPD step at
+    # the 2B shape"). A contiguous copy of the B x H input costs nothing.
+    model.get_output_embeddings().register_forward_pre_hook(contiguous_input)
+    return model
+
+
+def contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
+    """A forward pre-hook: the module's first input made contiguous."""
+    return (args[0].contiguous(), *args[1:])
 
 
 def context_length(path: str | os.PathLike) -> int | None:

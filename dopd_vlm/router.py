@@ -31,19 +31,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-import typing
-from typing import Literal, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
+
+from dopd_vlm.choices import NORMALIZATIONS, TOKEN_DROPS
 
 LH, LL, HT, HS = 0, 1, 2, 3
 REGIME_NAMES = ("LH", "LL", "HT", "HS")
 NUM_REGIMES = len(REGIME_NAMES)
 UNROUTED = -1  # regime code of every position outside the mask
-
-Normalization = Literal["none", "minmax", "zscore"]
-NORMALIZATIONS = typing.get_args(Normalization)
 
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -354,10 +352,6 @@ def route_micro_batches(
 
 
 # --------------------------------------------------------------------------- token ablations
-
-
-TokenDrop = Literal["none", "top", "random", "bottom"]
-TOKEN_DROPS = typing.get_args(TokenDrop)
 
 
 @torch.no_grad()

@@ -21,22 +21,23 @@ rollouts), and resuming needs only the step number.
 from __future__ import annotations
 
 import random
+import resource
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from dopd_vlm.chunks import LossInputs
 from dopd_vlm.collate import DualViewCollator, ScoringViews, reference_responses
 from dopd_vlm.data.schema import Sample
 from dopd_vlm.distributed import all_ranks_sum, all_ranks_true, world_size
-from dopd_vlm import lora
+from dopd_vlm import hooks, lora
 from dopd_vlm.engine import gathered_for_generation, gradients_finite
-from dopd_vlm.methods import METHODS, TokenStats, compute_loss, scoring_passes, summarize
+from dopd_vlm.methods import METHODS, LossInputs, TokenStats, compute_loss, scoring_passes, summarize
 from dopd_vlm.models import device_of
 from dopd_vlm.rollout import sample_responses
 from dopd_vlm.router import Thresholds, assign_regimes, compute_thresholds, kept_tokens
@@ -311,7 +312,7 @@ def student_loss(models: Models, scored: ScoredMicroBatch, cfg: RunConfig, thres
     )
     with timer("loss"):
         loss, stats = compute_loss(cfg.method, inputs, cfg.train.loss_chunk_size, cfg.train.loss_path)
-    return loss, stats, student_hidden
+    return hooks.loss_after_hooks(loss, student_hidden), stats, student_hidden
 
 
 def _head(model: nn.Module | None, vocab_size: int):
@@ -364,7 +365,7 @@ def step_metrics(scored, losses, stats, applied: bool, thresholds: Thresholds | 
         [sum(losses), sum(s.tokens.token_ids.numel() for s in scored), sum(s.tokens.num_sequences for s in scored)]
     )
     metrics = {"loss": loss_sum / (len(losses) * world_size()), **summarize(all_ranks_stats(stats))}
-    metrics.update(timer.seconds(), skipped_step=float(not applied), response_tokens=tokens,
+    metrics.update(timer.metrics(), skipped_step=float(not applied), response_tokens=tokens,
                    response_length=tokens / sequences)
     if thresholds is not None:
         metrics.update(threshold_gap=thresholds.gap, threshold_prob_sum=thresholds.prob_sum)
@@ -388,24 +389,71 @@ def all_ranks_stats(stats: list[TokenStats]) -> list[TokenStats]:
 
 
 class PhaseTimer:
-    """Wall time per phase of a step (`time/<phase>` metrics). On CUDA each phase boundary
-    synchronises the device, so asynchronous kernels are charged to the phase that launched them."""
+    """Wall time and peak memory per phase: `time/<phase>` (seconds, summed over a phase's runs) and
+    `memory/<phase>` (GiB, the highest peak of its runs: the device's allocated memory on CUDA, the
+    process's resident set on CPU). On CUDA each phase boundary synchronises the device, so
+    asynchronous kernels are charged to the phase that launched them.
+
+    A phase is a block (`with timer("rollout"): ...`) or, for a straight sequence such as set-up,
+    a lap (`timer.lap("setup/models")`: everything since the previous lap or the timer's start).
+    """
 
     def __init__(self):
         self.totals: dict[str, float] = {}
+        self.peaks: dict[str, float] = {}
+        self.lap_start = self.start_phase()
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        _synchronize()
-        start = time.perf_counter()
+        start = self.start_phase()
         try:
             yield
         finally:
-            _synchronize()
-            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+            self.end_phase(name, start)
 
-    def seconds(self) -> dict[str, float]:
-        return {f"time/{name}": value for name, value in self.totals.items()}
+    def lap(self, name: str) -> None:
+        """Record everything since the previous lap (or the timer's creation) as phase `name`."""
+        self.end_phase(name, self.lap_start)
+        self.lap_start = self.start_phase()
+
+    @staticmethod
+    def start_phase() -> float:
+        _synchronize()
+        reset_peak_memory()
+        return time.perf_counter()
+
+    def end_phase(self, name: str, start: float) -> None:
+        _synchronize()
+        self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+        self.peaks[name] = max(self.peaks.get(name, 0.0), peak_memory() / 2**30)
+
+    def metrics(self) -> dict[str, float]:
+        return {**{f"time/{name}": value for name, value in self.totals.items()},
+                **{f"memory/{name}": value for name, value in self.peaks.items()}}
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak for `peak_memory`: CUDA's allocator statistics, or on CPU (Linux) the
+    kernel's high-water mark of the process's resident set (`/proc/self/clear_refs`)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:  # not Linux, or not allowed: the peak since the process started
+        pass
+
+
+def peak_memory() -> int:
+    """Bytes at the peak since `reset_peak_memory`: allocated on the CUDA device, else resident."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated()
+    try:
+        status = Path("/proc/self/status").read_text()
+        return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _synchronize() -> None:

@@ -10,6 +10,7 @@ depend on the weight seed), so any tiny teacher can be distilled into any tiny s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -78,6 +79,86 @@ QWEN_CHAT_TEMPLATE = """\
     {{- '<|im_start|>assistant\\n' -}}
 {%- endif -%}
 """
+
+# Templates that behave like the published ones, written for this project, for tests of chat-
+# template arguments and thinking models (`TinyChat`; `make_tiny_pair(chat=...)`).
+#
+# Qwen3's: string content only (list content renders empty, as in Qwen3's template), no default
+# system turn, earlier assistant turns without their reasoning; `enable_thinking=false` puts an
+# empty, closed think block in the generation prompt, otherwise the model opens its own.
+QWEN3_CHAT_TEMPLATE = """\
+{%- for message in messages -%}
+    {%- if message['content'] is string -%}
+        {%- set content = message['content'] -%}
+    {%- else -%}
+        {%- set content = '' -%}
+    {%- endif -%}
+    {%- if message['role'] == 'assistant' and '</think>' in content -%}
+        {%- set content = content.split('</think>')[-1].lstrip('\\n') -%}
+    {%- endif -%}
+    {{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\\n' -}}
+    {%- if enable_thinking is defined and enable_thinking is false -%}
+        {{- '<think>\\n\\n</think>\\n\\n' -}}
+    {%- endif -%}
+{%- endif -%}
+"""
+
+
+def _edited(template: str, *changes: tuple[str, str]) -> str:
+    """`template` with each (old, new) replaced; every old text must occur exactly once."""
+    for old, new in changes:
+        if template.count(old) != 1:
+            raise ValueError(f"{old!r} occurs {template.count(old)} times in the template")
+        template = template.replace(old, new)
+    return template
+
+
+# Qwen2-VL's and Qwen2.5-VL's: the ChatML above with a default system turn when the conversation
+# has none, and `add_vision_id=true` numbering the images and videos ("Picture 1: ").
+QWEN2_VL_CHAT_TEMPLATE = _edited(
+    QWEN_CHAT_TEMPLATE,
+    ("{%- for message in messages -%}\n",
+     "{%- set image_count = namespace(value=0) -%}\n{%- set video_count = namespace(value=0) -%}\n"
+     "{%- for message in messages -%}\n"
+     "    {%- if loop.first and message['role'] != 'system' -%}\n"
+     "        {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}\n"
+     "    {%- endif -%}\n"),
+    ("{{- '<|vision_start|><|image_pad|>",
+     "{%- set image_count.value = image_count.value + 1 -%}"
+     "{%- if add_vision_id -%}{{- 'Picture ' + image_count.value|string + ': ' -}}{%- endif -%}"
+     "{{- '<|vision_start|><|image_pad|>"),
+    ("{{- '<|vision_start|><|video_pad|>",
+     "{%- set video_count.value = video_count.value + 1 -%}"
+     "{%- if add_vision_id -%}{{- 'Video ' + video_count.value|string + ': ' -}}{%- endif -%}"
+     "{{- '<|vision_start|><|video_pad|>"),
+)
+
+# Qwen3-VL-Thinking's: the ChatML above, but the generation prompt opens the think block
+# (`<|im_start|>assistant\n<think>\n`): the response starts in its reasoning.
+QWEN3_VL_THINKING_CHAT_TEMPLATE = _edited(
+    QWEN_CHAT_TEMPLATE, ("{{- '<|im_start|>assistant\\n' -}}", "{{- '<|im_start|>assistant\\n<think>\\n' -}}"))
+
+# Qwen3's reasoning delimiters, added after the special tokens as Qwen3's tokenizer has them:
+# added tokens that are *not* special (decoding with skip_special_tokens keeps them).
+THINK_TOKENS = ("<think>", "</think>")
+
+
+@dataclass(frozen=True)
+class TinyChat:
+    """The chat template of a tiny pair's processor and the tokens added to its tokenizer (as plain,
+    non-special added tokens, after the special ones)."""
+
+    template: str = QWEN_CHAT_TEMPLATE
+    added_tokens: tuple[str, ...] = ()
+
+
+CHATML = TinyChat()  # the default: every tiny pair and the shipped ones
+QWEN3_CHAT = TinyChat(QWEN3_CHAT_TEMPLATE, THINK_TOKENS)
+QWEN2_VL_CHAT = TinyChat(QWEN2_VL_CHAT_TEMPLATE)
+QWEN3_VL_THINKING_CHAT = TinyChat(QWEN3_VL_THINKING_CHAT_TEMPLATE, THINK_TOKENS)
 
 _COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "black", "white", "gray", "pink")
 _SHAPES = ("circle", "square", "triangle", "rectangle", "star", "diamond", "ellipse", "hexagon")
@@ -151,13 +232,14 @@ def _train_bpe(seed: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
     return dict(model["vocab"]), merges
 
 
-def build_tiny_tokenizer(seed: int = TINY_TOKENIZER_SEED) -> PreTrainedTokenizerBase:
-    """A Qwen2Tokenizer (~500 tokens) trained locally: byte-level BPE, Qwen special tokens, ChatML.
+def build_tiny_tokenizer(seed: int = TINY_TOKENIZER_SEED, chat: TinyChat = CHATML) -> PreTrainedTokenizerBase:
+    """A Qwen2Tokenizer (~500 tokens) trained locally: byte-level BPE, Qwen special tokens, ChatML
+    (or `chat`'s template, with its added tokens after the special ones).
 
     eos = <|im_end|> (ends an assistant turn, as in Qwen instruct models), pad = <|endoftext|>.
     The same seed gives byte-identical tokenizer files.
     """
-    from transformers import Qwen2Tokenizer
+    from transformers import AddedToken, Qwen2Tokenizer
 
     vocab, merges = _train_bpe(seed)
     for token in QWEN_SPECIAL_TOKENS:
@@ -171,7 +253,9 @@ def build_tiny_tokenizer(seed: int = TINY_TOKENIZER_SEED) -> PreTrainedTokenizer
         extra_special_tokens=[t for t in QWEN_SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")],
         model_max_length=32768,
     )
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    if chat.added_tokens:
+        tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in chat.added_tokens])
+    tokenizer.chat_template = chat.template
     return tokenizer
 
 
@@ -365,7 +449,7 @@ def _generation_config(tokenizer) -> GenerationConfig:
     )
 
 
-def build_tiny_processor(family: str, tokenizer):
+def build_tiny_processor(family: str, tokenizer, chat_template: str = QWEN_CHAT_TEMPLATE):
     """The family's real processor class around `tokenizer`, sized for tiny images."""
     classes = family_info(family)
     if not classes.vision:
@@ -384,20 +468,23 @@ def build_tiny_processor(family: str, tokenizer):
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
-        chat_template=QWEN_CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
 
 
-def build_tiny_model(family: str, size: TinySize, tokenizer, *, seed: int) -> PreTrainedModel:
-    """Random-init model; weights depend only on (family, size, tokenizer, seed).
+def build_tiny_model(family: str, size: TinySize, tokenizer, *, seed: int,
+                     dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Random-init model; weights depend only on (family, size, tokenizer, seed, dtype).
 
     The global torch RNG is forked so building a model does not disturb the caller's RNG stream.
+    `dtype` other than float32 builds the weights in that dtype directly (a 2B-shaped model in
+    bfloat16, as real checkpoints are stored, without a float32 copy first).
     """
     config = build_tiny_config(family, size, tokenizer)
     model_cls = getattr(transformers, family_info(family).model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = model_cls(config)
+        model = model_cls(config) if dtype == torch.float32 else model_cls._from_config(config, dtype=dtype)
     model.generation_config = _generation_config(tokenizer)
     return model.eval()
 
@@ -410,8 +497,9 @@ SPEC_FILENAME = "tiny_spec.json"
 BUILDER_VERSION = 1  # bump when the tiny configs change, so cached pairs get rebuilt
 
 
-def _pair_spec(family: str, seed: int, teacher: TinySize, student: TinySize) -> dict[str, Any]:
-    return {
+def _pair_spec(family: str, seed: int, teacher: TinySize, student: TinySize, chat: TinyChat,
+               dtype: torch.dtype) -> dict[str, Any]:
+    spec = {
         "builder_version": BUILDER_VERSION,
         "family": family,
         "seed": seed,
@@ -419,6 +507,12 @@ def _pair_spec(family: str, seed: int, teacher: TinySize, student: TinySize) -> 
         "teacher": asdict(teacher),
         "student": asdict(student),
     }
+    if chat != CHATML:  # the default pairs' specs (and the shipped pairs' files) stay as they were
+        spec["chat"] = {"template_sha256": hashlib.sha256(chat.template.encode()).hexdigest(),
+                        "added_tokens": list(chat.added_tokens)}
+    if dtype != torch.float32:  # likewise for float32 pairs
+        spec["dtype"] = str(dtype).removeprefix("torch.")
+    return spec
 
 
 def _role_seed(seed: int, family: str, role: str) -> int:
@@ -449,9 +543,9 @@ def exclusive_lock(lock_path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _save_tiny(family: str, size: TinySize, tokenizer, out: Path, *, seed: int) -> None:
-    build_tiny_model(family, size, tokenizer, seed=seed).save_pretrained(out)
-    build_tiny_processor(family, tokenizer).save_pretrained(out)
+def _save_tiny(family: str, size: TinySize, tokenizer, out: Path, *, seed: int, dtype: torch.dtype) -> None:
+    build_tiny_model(family, size, tokenizer, seed=seed, dtype=dtype).save_pretrained(out)
+    build_tiny_processor(family, tokenizer, tokenizer.chat_template).save_pretrained(out)
 
 
 def make_tiny_pair(
@@ -462,18 +556,21 @@ def make_tiny_pair(
     teacher: TinySize = TEACHER_SIZE,
     student: TinySize = STUDENT_SIZE,
     overwrite: bool = False,
+    chat: TinyChat = CHATML,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Path]:
     """Write a tiny teacher and student of `family` to out_dir/teacher and out_dir/student.
 
     Each directory holds a `save_pretrained` model plus its processor (the tokenizer alone for
-    text-only qwen3); both share the same tokenizer. A spec file is written last: a later call
-    with the same spec returns at once, a different spec raises unless `overwrite=True`.
-    Returns {"teacher": path, "student": path}.
+    text-only qwen3); both share the same tokenizer, and the weights are stored in `dtype`. A spec
+    file is written last: a later call with the same spec returns at once, a different spec raises
+    unless `overwrite=True`. `chat` gives both another chat template (and added tokens): e.g.
+    `QWEN3_CHAT`, a Qwen3-like thinking template. Returns {"teacher": path, "student": path}.
     """
     family_info(family)  # an unknown family: the one clear error
     out_dir = Path(out_dir)
     paths = {"teacher": out_dir / "teacher", "student": out_dir / "student"}
-    spec = _pair_spec(family, seed, teacher, student)
+    spec = _pair_spec(family, seed, teacher, student, chat, dtype)
     spec_path = out_dir / SPEC_FILENAME
     out_dir.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out_dir / ".make_tiny.lock"):
@@ -489,8 +586,8 @@ def make_tiny_pair(
         spec_path.unlink(missing_ok=True)
         for path in paths.values():
             shutil.rmtree(path, ignore_errors=True)
-        tokenizer = build_tiny_tokenizer()
+        tokenizer = build_tiny_tokenizer(chat=chat)
         for role, size in (("teacher", teacher), ("student", student)):
-            _save_tiny(family, size, tokenizer, paths[role], seed=_role_seed(seed, family, role))
+            _save_tiny(family, size, tokenizer, paths[role], seed=_role_seed(seed, family, role), dtype=dtype)
         spec_path.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
     return paths

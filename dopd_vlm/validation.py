@@ -129,6 +129,8 @@ def convert(value: Any, hint: Any, path: str) -> Any:
 
 def _convert_plain(value: Any, hint: Any, path: str) -> Any:
     origin = typing.get_origin(hint)
+    if hint is Any:  # free-form (e.g. chat-template arguments): any YAML value
+        return value
     if dataclasses.is_dataclass(hint):
         return build(hint, value, f"{path}.")
     if origin is Literal:
@@ -142,8 +144,32 @@ def _convert_plain(value: Any, hint: Any, path: str) -> Any:
     if origin is dict:
         return _convert_mapping(value, hint, path)
     if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"unsupported annotation {hint} for {path}")
+        return _convert_union(value, hint, path)
     return _convert_scalar(value, hint, path)
+
+
+def _convert_union(value: Any, hint: Any, path: str) -> Any:
+    """The first alternative `value` fits (`str | list[str]`: one pattern or a list of them)."""
+    options = typing.get_args(hint)
+    errors = []
+    for option in options:
+        try:
+            return convert(value, option, path)
+        except Invalid as error:
+            errors.append(error)
+    inner = max(errors, key=lambda error: len(error.path))
+    if inner.path != path:  # the value has an alternative's shape (a list) but an item is wrong: name the item
+        raise inner
+    raise Invalid(path, f"must be {' or '.join(_type_name(option) for option in options)}, got {describe(value)}")
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    return _TYPE_NAMES.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def _convert_sequence(value: Any, hint: Any, path: str) -> list | tuple:
@@ -166,6 +192,8 @@ def _convert_mapping(value: Any, hint: Any, path: str) -> dict:
     allowed = typing.get_args(key_type) if typing.get_origin(key_type) is Literal else None
     out = {}
     for name, item in value.items():
+        if key_type is str and not isinstance(name, str):
+            raise Invalid(f"{path}.{name}", f"keys must be strings, got {describe(name)} (quote it)")
         if allowed is not None and name not in allowed:
             raise Invalid(f"{path}.{name}", f"not allowed (allowed: {', '.join(allowed)})")
         out[name] = convert(item, value_type, f"{path}.{name}")

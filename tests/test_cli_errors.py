@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import yaml
 
@@ -85,6 +86,21 @@ def write_data(root: Path) -> None:
         write_recipe(root, case, f"../data/{case}.jsonl")
     write_recipe(root, "good", "../data/test.jsonl")
     (root / "recipes" / "not_utf8.yaml").write_bytes(b"kind: local_files\ndescription: caf\xe9\n")
+    write_hf_recipes(root)
+
+
+def write_hf_recipes(root: Path) -> None:
+    """`hf_dataset` recipes: a hub id that is not in the cache (offline), a saved folder without a split."""
+    rows = {**{key: [value] for key, value in GOOD.items() if key != "images"},
+            "images": [[str(root / "data" / "img" / "good.png")]]}
+    features = datasets.Features({**{key: datasets.Value("string") for key in GOOD if key != "images"},
+                                  "images": datasets.List(datasets.Image())})
+    saved = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=features)})
+    saved.save_to_disk(str(root / "data" / "saved"))
+    recipes = {"hub": {"hub_id": "nobody/no-such-set", "cache_dir": "../hub_cache", "splits": {"train": "train"}},
+               "saved": {"from_disk": "../data/saved", "splits": {"train": "train", "test": "validation"}}}
+    for name, keys in recipes.items():
+        (root / "recipes" / f"{name}.yaml").write_text(yaml.safe_dump({"kind": "hf_dataset", **keys}))
 
 
 def write_recipe(root: Path, name: str, train: str) -> Path:
@@ -118,7 +134,20 @@ def other_cases(root: Path, pairs: dict, config: Path) -> dict[str, tuple[list[s
         "missing_recipe_file": (["data.recipe=recipes/nope.yaml"], "recipe file not found: recipes/nope.yaml"),
         "recipe_not_utf8": (["data.recipe=recipes/not_utf8.yaml"],
                             "recipe recipes/not_utf8.yaml: not UTF-8 text (byte 0xe9 at offset 34)"),
+        "hub_dataset_not_cached": (["data.recipe=recipes/hub.yaml"], re.compile(
+            r"^recipe recipes/hub.yaml: hub_id 'nobody/no-such-set': not in the datasets cache \(\S*hub_cache\) and the "
+            r"Hub cannot be reached \(Couldn't reach 'nobody/no-such-set' on the Hub \(OfflineModeIsEnabled\)\)")),
+        "saved_dataset_without_the_split": (["data.recipe=recipes/saved.yaml"],
+                                            "recipe recipes/saved.yaml: key 'splits.test': data/saved has no split "
+                                            "'validation' (splits: train)"),
         "config_wrong_type": (["train.steps=many"], "config key 'train.steps': must be an integer, got str 'many'"),
+        # checks that need the method table: methods.check_config at set-up (the config imports no algorithm)
+        "no_teacher_for_a_method_with_one": (["model.teacher="],
+                                             "config key 'model.teacher': is required (method dopd distils from a "
+                                             "teacher)"),
+        "token_drop_without_a_teacher": (["method.name=opsd", "method.token_drop=top"],
+                                         "config key 'method.token_drop': needs a method with a teacher (the gap is "
+                                         "|lT - lP|); opsd has none"),
         "truncated_safetensors": ([f"model.student={checkpoints['truncated']}"],
                                   f"checkpoint {checkpoints['truncated']}: model.safetensors is damaged or truncated "
                                   "(Error while deserializing header: incomplete metadata, file not fully covered); "

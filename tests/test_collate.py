@@ -53,9 +53,10 @@ def loaded(tiny_pairs):
     return get
 
 
-def sample_with_logits(model, collator, samples, seed=0, max_new_tokens=10):
-    """Sampled responses plus the log-probs generate itself assigned to them (raw logits)."""
-    batch = collator.rollout_batch(samples)
+def sample_with_logits(model, collator, samples, seed=0, max_new_tokens=10, privileged=False):
+    """Sampled responses plus the log-probs generate itself assigned to them (raw logits), from the
+    plain prompts or, with `privileged`, the prompts with p (a vision batch's padding row left out)."""
+    batch = collator.rollout_batch(samples, privileged)
     tokenizer = collator.tokenizer
     torch.manual_seed(seed)
     out = model.generate(
@@ -68,7 +69,8 @@ def sample_with_logits(model, collator, samples, seed=0, max_new_tokens=10):
                                   tokenizer.pad_token_id)
     logits = torch.stack(out.logits, dim=1).float()
     logprobs = logits.log_softmax(-1).gather(-1, ids[:, : logits.shape[1], None]).squeeze(-1)
-    return ids, mask, logprobs
+    rows = len(samples)
+    return ids[:rows], mask[:rows], logprobs[:rows]
 
 
 def view_logprobs(model, view, ids, mask):

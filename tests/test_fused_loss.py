@@ -6,9 +6,8 @@ import dataclasses
 import pytest
 import torch
 
-from dopd_vlm import chunks, losses
-from dopd_vlm.chunks import LossInputs
-from dopd_vlm.methods import compute_loss
+from dopd_vlm import divergences, head_loss
+from dopd_vlm.methods import LossInputs, compute_loss
 from dopd_vlm.scoring import LMHead, ResponseTokens, WeightHead, token_logprobs_and_lse
 from helpers.method_configs import config_id, method_configs
 
@@ -77,18 +76,18 @@ def test_fused_head_loss_equals_checkpointed_weighted_sum(chunk_size, give_log_p
     w = torch.rand(n, generator=g, dtype=torch.float64)
 
     def fn(logits, target_chunk):
-        return torch.stack([losses.generalized_jsd(logits, target_chunk), losses.entropy(logits).detach()], -1)
+        return torch.stack([divergences.generalized_jsd(logits, target_chunk), divergences.entropy(logits).detach()], -1)
 
     def grads(fused):
         h, wt, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
         if fused:
-            loss, cols = chunks.fused_head_loss(h, wt, fn, target, token_weights=w, chunk_size=chunk_size, bias=b,
+            loss, cols = head_loss.fused_head_loss(h, wt, fn, target, token_weights=w, chunk_size=chunk_size, bias=b,
                                                 vocab_size=V, give_log_probs=give_log_probs)
         else:
             head = lambda x: torch.nn.functional.linear(x, wt[:V], b[:V])  # noqa: E731
             if give_log_probs:
                 head = lambda x: torch.log_softmax(torch.nn.functional.linear(x, wt[:V], b[:V]), -1)  # noqa: E731
-            cols = chunks.chunked_head_loss(h, head, fn, target, chunk_size=chunk_size)
+            cols = head_loss.chunked_head_loss(h, head, fn, target, chunk_size=chunk_size)
             loss = (cols[:, 0] * w).sum()
         (3.0 * loss).backward()
         return loss.detach(), cols.detach(), h.grad, wt.grad, b.grad
@@ -99,12 +98,12 @@ def test_fused_head_loss_equals_checkpointed_weighted_sum(chunk_size, give_log_p
 
 def test_fused_head_loss_no_grad_and_empty():
     weight = torch.randn(V, H, requires_grad=True)
-    fn = lambda logits: losses.entropy(logits)  # noqa: E731
+    fn = lambda logits: divergences.entropy(logits)  # noqa: E731
     with torch.no_grad():
-        loss, cols = chunks.fused_head_loss(torch.randn(6, H), weight, fn, token_weights=torch.ones(6), chunk_size=4)
+        loss, cols = head_loss.fused_head_loss(torch.randn(6, H), weight, fn, token_weights=torch.ones(6), chunk_size=4)
     assert cols.shape == (6,) and not loss.requires_grad
     hidden = torch.randn(0, H, requires_grad=True)
-    loss, cols = chunks.fused_head_loss(hidden, weight, fn, token_weights=torch.ones(0), chunk_size=4)
+    loss, cols = head_loss.fused_head_loss(hidden, weight, fn, token_weights=torch.ones(0), chunk_size=4)
     loss.backward()
     assert cols.shape == (0,) and loss.item() == 0.0 and weight.grad.abs().sum() == 0
 
@@ -119,13 +118,13 @@ def test_recompute_flag_is_set_only_in_backward_recompute():
     seen = []
 
     def fn(logits):
-        seen.append(chunks.is_recomputing())
-        return losses.entropy(logits)
+        seen.append(head_loss.is_recomputing())
+        return divergences.entropy(logits)
 
     weight = torch.randn(V, H, requires_grad=True)
-    out = chunks.chunked_head_loss(torch.randn(4, H), WeightHead(weight), fn, chunk_size=4)
+    out = head_loss.chunked_head_loss(torch.randn(4, H), WeightHead(weight), fn, chunk_size=4)
     out.sum().backward()
-    assert seen == [False, True] and not chunks.is_recomputing()
+    assert seen == [False, True] and not head_loss.is_recomputing()
 
 
 def test_lmhead_exposes_plain_linear_only():
@@ -206,3 +205,19 @@ def test_a_tied_head_gets_the_gradient_of_both_its_uses(tmp_path, loss_path):
     reference.backward()  # equal sequence lengths: the sequence mean is the token mean
     torch.testing.assert_close(loss.detach(), reference.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got, weight.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_a_low_precision_head_wider_than_one_upcast_block_gives_the_float32_product():
+    # matmul_float32 upcasts a wide bf16 head block by block on CPU (no head-sized float32 copy)
+    from dopd_vlm.scoring import UPCAST_COLUMNS, linear_float32
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(3 * UPCAST_COLUMNS + 17, 48, generator=generator).to(torch.bfloat16)
+    hidden = torch.randn(5, 48, generator=generator).to(torch.bfloat16)
+    logits = linear_float32(hidden, weight)
+    assert logits.dtype == torch.float32 and logits.shape == (5, weight.shape[0])
+    torch.testing.assert_close(logits, hidden.float() @ weight.float().T, rtol=1e-6, atol=1e-5)
+    # with a gradient to carry, the plain product (one autograd node)
+    hidden.requires_grad_(True)
+    linear_float32(hidden, weight).sum().backward()
+    assert hidden.grad is not None and hidden.grad.shape == hidden.shape

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from dopd_vlm import lora
-from dopd_vlm.chunks import LossInputs
+from dopd_vlm.methods import LossInputs
 from dopd_vlm.collate import DualViewCollator
 from dopd_vlm.config import LORA_TARGETS, ConfigError, DataConfig, LoraConfig, ModelConfig, load_config
 from dopd_vlm.data.recipes import load_recipe
@@ -147,8 +147,11 @@ def test_the_initial_target_with_adapters_off_equals_a_frozen_copy(tiny_pairs):
     engine = types.SimpleNamespace(module=ResponseHiddenStates(model))  # score_targets reads .module.model
     cfg = load_config(None, [f"model.student={path}", "method.name=opsd", "train.loss_chunk_size=3"])
 
+    def models(**target):
+        return Models(student=engine, teacher_engine=None, collator=collator, vocab_size=vocab, **target)
+
     def scored(**target):
-        return score_targets(Models(engine, None, collator, vocab, **target), views, cfg, PhaseTimer())
+        return score_targets(models(**target), views, cfg, PhaseTimer())
 
     base = scored(privileged_base=True)
     copy = scored(frozen_privileged_engine=types.SimpleNamespace(module=frozen))
@@ -157,10 +160,10 @@ def test_the_initial_target_with_adapters_off_equals_a_frozen_copy(tiny_pairs):
         torch.testing.assert_close(getattr(base, key), getattr(copy, key), rtol=0, atol=0)
     assert not torch.allclose(live.privileged_logprobs, base.privileged_logprobs)
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)  # switched back on
-    head = Models(engine, None, collator, vocab, privileged_base=True).privileged_head()
+    head = models(privileged_base=True).privileged_head()
     hidden = base.privileged_hidden
     torch.testing.assert_close(head(hidden), output_head(frozen, vocab)(hidden), rtol=0, atol=0)
-    assert Models(engine, None, collator, vocab).privileged_head() is None  # live: the student's own head
+    assert models().privileged_head() is None  # live: the student's own head
 
 
 class _Head(nn.Module):

@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from dopd_vlm import losses
-from dopd_vlm.chunks import LossInputs, check_heads, check_partitioned_heads, use_fused
-from dopd_vlm.config import MethodConfig
+from dopd_vlm import divergences, reference
+from dopd_vlm.choices import METHOD_NAMES
+from dopd_vlm.config import ConfigError, MethodConfig, load_config
 from dopd_vlm.errors import InputError
-from dopd_vlm.methods import compute_loss, summarize
+from dopd_vlm.head_loss import check_heads, use_fused
+from dopd_vlm.methods import METHODS, LossInputs, check_config, compute_loss, summarize
 from dopd_vlm.router import HS, HT, LH, LL, route
 from dopd_vlm.scoring import Head, LMHead, ResponseTokens, WeightHead
 from helpers.method_configs import config_id, method_configs
@@ -68,13 +69,14 @@ def test_dopd_regime_targets_and_weights_match_the_table():
         expected = torch.empty(8)
         for i, r in enumerate(regimes.tolist()):
             if r == LH:
-                expected[i] = 0.6 * losses.topk_reverse_kl(s[i : i + 1], t[i : i + 1], 8, TOPK_VARIANT)[0]
+                expected[i] = 0.6 * divergences.topk_reverse_kl(s[i : i + 1], t[i : i + 1], 8, TOPK_VARIANT)[0]
             elif r == LL:
-                expected[i] = 0.3 * losses.topk_reverse_kl(s[i : i + 1], p[i : i + 1], 8, TOPK_VARIANT)[0]
+                expected[i] = 0.3 * divergences.topk_reverse_kl(s[i : i + 1], p[i : i + 1], 8, TOPK_VARIANT)[0]
             elif r == HT:
-                expected[i] = 1.0 * losses.generalized_jsd(s[i : i + 1], t[i : i + 1], 0.5)[0]
+                expected[i] = 1.0 * divergences.generalized_jsd(s[i : i + 1], t[i : i + 1], 0.5)[0]
             else:
-                expected[i] = 0.6 * losses.topk_reverse_kl(s[i : i + 1], p[i : i + 1], 8, TOPK_VARIANT)[0]
+                expected[i] = 0.6 * divergences.topk_reverse_kl(s[i : i + 1], p[i : i + 1], 8, TOPK_VARIANT)[0]
+        torch.testing.assert_close(reference.token_losses(s, p, t, regimes, cfg), expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(stats.loss, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -101,9 +103,9 @@ def test_a_frozen_privileged_head_is_the_target_of_the_privileged_regimes(fused)
         p = inputs.privileged_hidden @ frozen_w.T
         for i in (0, 1, 4, 5):
             weight = 0.3 if regimes[i] == LL else 0.6
-            expected = weight * losses.topk_reverse_kl(s[i : i + 1], p[i : i + 1], 8, TOPK_VARIANT)[0]
+            expected = weight * divergences.topk_reverse_kl(s[i : i + 1], p[i : i + 1], 8, TOPK_VARIANT)[0]
             torch.testing.assert_close(stats.loss[i], expected, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(opsd_stats.loss, losses.generalized_jsd(s, p, 0.5), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(opsd_stats.loss, divergences.generalized_jsd(s, p, 0.5), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -116,17 +118,14 @@ def test_dopd_ablations_swap_sources_or_objective(options, teacher_regimes):
     inputs, _ = make_inputs(regimes, (4,))
     cfg = MethodConfig(top_k=8, **options)
     _, stats = compute_loss(cfg, inputs, chunk_size=8)
-    weights = {LH: 0.6, LL: 0.3, HT: 1.0, HS: 0.6}
+    expected_teacher_rows = torch.tensor([r in teacher_regimes for r in regimes.tolist()])
+    assert torch.equal(reference.teacher_rows(regimes, cfg.ablation), expected_teacher_rows)
     with torch.no_grad():
         s = inputs.student_head(inputs.student_hidden)
         t = inputs.teacher_head(inputs.teacher_hidden)
         p = inputs.student_head(inputs.privileged_hidden)
-        for i, r in enumerate(regimes.tolist()):
-            target = t if r in teacher_regimes else p
-            value = losses.topk_reverse_kl(s[i : i + 1], target[i : i + 1], 8, TOPK_VARIANT)[0]
-            if r == HT and options.get("ablation") == "no_student":
-                value = losses.generalized_jsd(s[i : i + 1], t[i : i + 1], 0.5)[0]
-            torch.testing.assert_close(stats.loss[i], weights[r] * value, rtol=1e-5, atol=1e-6)
+        expected = reference.token_losses(s, p, t, regimes, cfg)
+    torch.testing.assert_close(stats.loss, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("loss_path", ["fused", "chunked"])
@@ -140,20 +139,14 @@ def test_dopd_regime_weights_and_divergences_match_brute_force(regime_weights, d
     _, stats = compute_loss(cfg, inputs, chunk_size=4, loss_path=loss_path)
     weights = {"paper": {LH: 0.6, LL: 0.3, HT: 1.0, HS: 0.6}, "equal": dict.fromkeys((LH, LL, HT, HS), 1.0),
                "ht_only": {LH: 0.0, LL: 0.0, HT: 1.0, HS: 0.0}}[regime_weights]
+    expected_weights = torch.tensor([weights[r] for r in regimes.tolist()], dtype=torch.float64)
+    assert torch.equal(reference.regime_weights(regimes, cfg), expected_weights)
     with torch.no_grad():
         s = inputs.student_head(inputs.student_hidden)
         t = inputs.teacher_head(inputs.teacher_hidden)
         p = inputs.student_head(inputs.privileged_hidden)
-        for i, r in enumerate(regimes.tolist()):
-            target = t if r in (LH, HT) else p
-            row, target_row = s[i : i + 1], target[i : i + 1]
-            if divergence == "js" or (divergence == "routed" and r == HT):
-                value = losses.generalized_jsd(row, target_row, 0.5)[0]
-            elif divergence == "reverse_kl":
-                value = losses.generalized_jsd(row, target_row, 1.0)[0]
-            else:
-                value = losses.topk_reverse_kl(row, target_row, 8, TOPK_VARIANT)[0]
-            torch.testing.assert_close(stats.loss[i], weights[r] * value, rtol=1e-5, atol=1e-6)
+        expected = reference.token_losses(s, p, t, regimes, cfg)
+    torch.testing.assert_close(stats.loss, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("loss_path", ["fused", "chunked"])
@@ -230,9 +223,10 @@ def test_a_partitioned_head_that_is_not_linear_is_refused_on_several_ranks():
 
     inputs, _ = make_inputs()
     inputs.student_head = PartitionedNonLinearHead()
-    check_partitioned_heads(inputs, fused=False, world_size=1)  # one rank: no collectives to match
+    heads = inputs.student_head, inputs.teacher_head, inputs.privileged_head
+    check_heads(*heads, fused=False, world_size=1)  # one rank: no collectives to match
     with pytest.raises(InputError, match="student.s output layer .* ZeRO-3 partitioned across 2 ranks"):
-        check_partitioned_heads(inputs, fused=False, world_size=2)
+        check_heads(*heads, fused=False, world_size=2)
 
 
 def test_the_chunked_loss_path_is_refused_for_a_partitioned_linear_head_on_several_ranks():
@@ -253,3 +247,24 @@ def test_loss_path_auto_fuses_linear_heads_and_fused_needs_one():
     assert not use_fused("auto", other) and not use_fused("chunked", linear)
     with pytest.raises(InputError, match="loss_path=fused needs a linear output layer; this student's is Sequential"):
         use_fused("fused", other)
+
+
+def test_the_config_accepts_exactly_the_rows_of_the_method_table():
+    # config.MethodConfig.name is the Literal choices.MethodName: a new row needs its name there too
+    assert METHOD_NAMES == tuple(METHODS)
+
+
+def test_config_checks_that_need_the_method_table_are_one_line_config_errors():
+    # the config imports no algorithm; train.setup runs these before anything loads (exit 2, one line)
+    check_config(load_config(None, ["model.student=s", "model.teacher=t"]))
+    check_config(load_config(None, ["model.student=s", "method.name=opsd"]))  # no teacher needed
+    cases = {
+        ("method.name=gkd",): "config key 'model.teacher': is required (method gkd distils from a teacher)",
+        ("method.name=opsd", "method.token_drop=random"):
+            "config key 'method.token_drop': needs a method with a teacher (the gap is |lT - lP|); opsd has none",
+    }
+    for overrides, message in cases.items():
+        cfg = load_config(None, ["model.student=s", *overrides])
+        with pytest.raises(ConfigError) as err:
+            check_config(cfg)
+        assert str(err.value) == message

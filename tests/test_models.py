@@ -155,6 +155,21 @@ def test_generate_suppresses_vision_tokens_and_matches_teacher_forcing(tiny_pair
     torch.testing.assert_close(rescored[:, prompt_len - 1 : -1], generated, atol=1e-4, rtol=1e-4)
 
 
+def test_generate_gives_the_output_layer_contiguous_inputs(tiny_pairs):
+    # generate slices the last position of each row ([B, 1, H], not contiguous); on CPU a bf16 linear
+    # layer copies its whole weight once per row for such an input (load_model's pre-hook prevents it)
+    path = tiny_pairs["qwen3"]["student"]
+    tokenizer, model = load_processor(path), load_model(path, dtype=torch.bfloat16)
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].is_contiguous()))
+    prompts = ["How many red circles?", "What colour is the square, and where is it?"]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+             for q in prompts]
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+    model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert seen and all(seen)
+
+
 def test_text_family_chat_forward_and_generate(tiny_pairs):
     for role in ROLES:
         path = tiny_pairs["qwen3"][role]

@@ -170,8 +170,12 @@ def test_two_ranks_zero3_every_method_trains_and_exports(tmp_path, tiny_pairs):
         assert ("teacher_privileged/test" in lines[0]) == (name != "opsd")  # train.teacher_eval=skip
         assert [line["step"] for line in lines[1:]] == [1, 2]
         for key in ("loss", "entropy", "time/rollout", "time/student_pass", "time/loss", "time/backward",
-                    "time/optimizer", "tokens_per_second", "lr"):
+                    "time/optimizer", "memory/rollout", "memory/loss", "memory/backward", "tokens_per_second", "lr"):
             assert key in lines[-1], (name, key)
+        for key in ("time/setup/checks", "time/setup/models", "time/setup/engines", "time/eval/baseline",
+                    "memory/setup/models", "memory/eval/baseline"):
+            assert lines[0][key] > 0, (name, key)
+        assert {"time/export", "time/checkpoint", "time/eval"} <= set(result["phases"]), name
         assert "student/test" in lines[-1]
     dopd = metrics_lines(tmp_path / "dopd")[-1]
     assert sum(dopd[f"share/{r}"] for r in ("LH", "LL", "HT", "HS")) == pytest.approx(1.0)
@@ -341,3 +345,20 @@ def test_zero3_scoring_with_uneven_token_counts_across_ranks_does_not_hang(tiny_
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("ok ") == 2
+
+
+def test_phase_timer_records_time_and_the_peak_memory_of_each_phase():
+    from dopd_vlm.step import PhaseTimer
+
+    timer = PhaseTimer()
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    timer.lap("setup/big")  # since the timer started
+    del big
+    for _ in range(2):
+        with timer("small"):
+            torch.ones(16)
+    metrics = timer.metrics()
+    assert set(metrics) == {"time/setup/big", "time/small", "memory/setup/big", "memory/small"}
+    assert all(value > 0 for value in metrics.values())
+    # each phase has its own peak: the small phase's is not the big one's
+    assert metrics["memory/setup/big"] - metrics["memory/small"] > 48 / 1024

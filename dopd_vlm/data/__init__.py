@@ -1,7 +1,7 @@
 """Data: recipes in, validated canonical `Sample`s out.
 
 Only this package knows file formats. See data_recipes/README.md for the recipe YAML keys and the
-expected schema of local JSONL/Parquet files.
+expected schema of local JSONL/Parquet files and `datasets` datasets (hub, save_to_disk, shards).
 """
 
 from dopd_vlm.data.dataset import SampleDataset

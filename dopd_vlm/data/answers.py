@@ -9,6 +9,11 @@ answer is found in them, so a correct answer after a differently worded chain co
     answer_extractor: {kind: regex, pattern: 'answer (\\S+)'}  # the last match; its group 1 if any
 
 A response in which nothing is found is wrong, whatever its answer.
+
+Thinking models (Qwen3, Qwen3-VL-Thinking) write their reasoning in a `<think>...</think>` block
+before the answer: only the text after the last `</think>` is searched (`after_thinking`), so a
+number in the reasoning never counts as the answer, and a response whose think block never closes
+(cut by the length cap, or never ended) has no answer: wrong, and counted apart by evaluation.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from dopd_vlm.validation import Invalid
 
 ExtractorKind = Literal["whole", "boxed", "regex"]
 BOXED = "\\boxed{"
+# Qwen3's reasoning delimiters: added tokens that are not special (tokenizer_config.json of Qwen3 and
+# Qwen3-VL: ids 151667 / 151668, "special": false), so decoding with skip_special_tokens keeps them.
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,17 @@ class AnswerExtractor:
 
 
 WHOLE_RESPONSE = AnswerExtractor()
+
+
+def after_thinking(response: str, opened_by_prompt: bool = False) -> str | None:
+    """The part of `response` that holds its answer: the text after the last `</think>` when
+    there is one, else the whole response; None when a think block is left open (a `<think>` after
+    the last `</think>`, or none closed while the prompt itself opened one: `opened_by_prompt`, see
+    `DualViewCollator.generation_opens_think`)."""
+    opened, closed = response.rfind(THINK_OPEN), response.rfind(THINK_CLOSE)
+    if opened > closed or (closed < 0 and opened_by_prompt):
+        return None
+    return response[closed + len(THINK_CLOSE):].strip() if closed >= 0 else response
 
 
 def last_boxed(text: str) -> str | None:

@@ -52,7 +52,7 @@ from typing import Annotated, Literal
 import datasets
 
 from dopd_vlm.data.answers import AnswerExtractor
-from dopd_vlm.data.dataset import rows_to_hf, sample_features
+from dopd_vlm.data.dataset import sample_features
 from dopd_vlm.data.schema import RecipeError
 from dopd_vlm.validation import INTERNAL, AtLeast, Between, IntRange, NonEmpty
 
@@ -210,13 +210,8 @@ FEATURES = sample_features(
 )
 
 
-def build_split(recipe: ArithmeticChainsRecipe, split: str, *, limit: int | None = None) -> datasets.Dataset:
-    """The first `limit` (default all) samples of `split` as `FEATURES` rows."""
-    count = recipe.splits[split] if limit is None else min(limit, recipe.splits[split])
-    return rows_to_hf([make_row(recipe, split, index) for index in range(count)], FEATURES)
-
-
 def make_row(recipe: ArithmeticChainsRecipe, split: str, index: int) -> dict:
+    """Sample `index` of `split` as a `FEATURES` row (a pure function of its arguments)."""
     rng = random.Random(f"arithmetic_chains:{recipe.seed}:{split}:{index}")
     chain = chain_for_split(rng, recipe, split)  # the same expression whatever the hint
     if recipe.hint == "shared_rule":

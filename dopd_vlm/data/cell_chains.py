@@ -27,7 +27,7 @@ import datasets
 from PIL import Image, ImageDraw
 
 from dopd_vlm.data.arithmetic_chains import Chain, ChainKeys, chain_for_split
-from dopd_vlm.data.dataset import rows_to_hf, sample_features
+from dopd_vlm.data.dataset import sample_features
 from dopd_vlm.data.images import png_bytes
 from dopd_vlm.validation import AtLeast
 
@@ -81,13 +81,8 @@ FEATURES = sample_features(
 )
 
 
-def build_split(recipe: CellChainsRecipe, split: str, *, limit: int | None = None) -> datasets.Dataset:
-    """The first `limit` (default all) samples of `split` as `FEATURES` rows."""
-    count = recipe.splits[split] if limit is None else min(limit, recipe.splits[split])
-    return rows_to_hf([make_row(recipe, split, index) for index in range(count)], FEATURES)
-
-
 def make_row(recipe: CellChainsRecipe, split: str, index: int) -> dict:
+    """Sample `index` of `split` as a `FEATURES` row (a pure function of its arguments)."""
     rng = random.Random(f"cell_chains:{recipe.seed}:{split}:{index}")
     chain = chain_for_split(rng, recipe, split)
     image = render_cells(chain.operands, recipe.cell_size)

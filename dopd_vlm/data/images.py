@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dopd_vlm.errors import one_line
+
 WHITE = (255, 255, 255)
 
 
@@ -64,7 +66,7 @@ def check_image(source: Path | bytes) -> tuple[int, int]:
     except Image.UnidentifiedImageError:
         raise ImageProblem("cannot decode: not an image (unrecognised format)") from None
     except Exception as error:  # PIL raises many types for undecodable data
-        raise ImageProblem(f"cannot decode: {' '.join(str(error).split()) or type(error).__name__}") from None
+        raise ImageProblem(f"cannot decode: {one_line(error)}") from None
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise ImageProblem(
             f"{width}x{height} pixels: aspect ratio above {MAX_ASPECT_RATIO}:1, which the "

@@ -1,7 +1,8 @@
 """Recipes: one small YAML file says where samples come from.
 
-`load_recipe` reads and validates the recipe, builds one split (generating synthetic scenes or
-reading and validating local files), and returns a `SampleDataset` of canonical `Sample`s.
+`load_recipe` reads and validates the recipe, builds one split (generating synthetic data, or
+reading and validating your rows: local files, `datasets` datasets), and returns a
+`SampleDataset` of canonical `Sample`s.
 Built-in recipes live in `<repo>/data_recipes/NAME.yaml` and are loaded by NAME.
 """
 
@@ -11,15 +12,23 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+import datasets
 import yaml
 
-from dopd_vlm.data import arithmetic_chains, cell_chains, local_files, synthetic_scenes
+import dopd_vlm.data.arithmetic_chains as arithmetic_chains
+import dopd_vlm.data.cell_chains as cell_chains
+import dopd_vlm.data.hf_datasets as hf_datasets
+import dopd_vlm.data.local_files as local_files
+import dopd_vlm.data.synthetic_scenes as synthetic_scenes
 from dopd_vlm.data.arithmetic_chains import ArithmeticChainsRecipe
 from dopd_vlm.data.cell_chains import CellChainsRecipe
-from dopd_vlm.data.dataset import SampleDataset
-from dopd_vlm.data.local_files import LocalFilesRecipe, display_path
+from dopd_vlm.data.dataset import SampleDataset, rows_to_hf
+from dopd_vlm.data.hf_datasets import HFDatasetRecipe
+from dopd_vlm.data.local_files import LocalFilesRecipe
+from dopd_vlm.data.rows import display_path
 from dopd_vlm.data.schema import RecipeError
 from dopd_vlm.data.synthetic_scenes import SyntheticScenesRecipe
+from dopd_vlm.errors import one_line
 from dopd_vlm.families import FAMILIES
 from dopd_vlm.validation import Invalid, build, keys
 
@@ -29,8 +38,12 @@ KINDS = {
     "arithmetic_chains": ArithmeticChainsRecipe,
     "cell_chains": CellChainsRecipe,
     "local_files": LocalFilesRecipe,
+    "hf_dataset": HFDatasetRecipe,
 }
-Recipe = Union[SyntheticScenesRecipe, ArithmeticChainsRecipe, CellChainsRecipe, LocalFilesRecipe]
+Recipe = Union[SyntheticScenesRecipe, ArithmeticChainsRecipe, CellChainsRecipe, LocalFilesRecipe, HFDatasetRecipe]
+OWN_ROWS = (LocalFilesRecipe, HFDatasetRecipe)  # kinds that read your rows (base_dir, skip_bad_rows)
+GENERATED = {SyntheticScenesRecipe: synthetic_scenes, ArithmeticChainsRecipe: arithmetic_chains,
+             CellChainsRecipe: cell_chains}  # kinds whose rows are made: each module's `make_row` and `FEATURES`
 
 
 def load_recipe(
@@ -66,16 +79,24 @@ def load_recipe(
             f"recipe {parsed.source} has no split {split!r} (splits: {', '.join(parsed.splits)})"
         )
     skipped: tuple[str, ...] = ()
-    skip = skip_bad_rows or (isinstance(parsed, LocalFilesRecipe) and parsed.skip_bad_rows)
-    if isinstance(parsed, SyntheticScenesRecipe):
-        hf = synthetic_scenes.build_split(parsed, split, family=family, limit=limit)
-    elif isinstance(parsed, ArithmeticChainsRecipe):
-        hf = arithmetic_chains.build_split(parsed, split, limit=limit)
-    elif isinstance(parsed, CellChainsRecipe):
-        hf = cell_chains.build_split(parsed, split, limit=limit)
-    else:
+    skip = skip_bad_rows or (isinstance(parsed, OWN_ROWS) and parsed.skip_bad_rows)
+    if isinstance(parsed, LocalFilesRecipe):
         hf, skipped = local_files.build_split(parsed, split, limit=limit, skip_bad_rows=skip)
+    elif isinstance(parsed, HFDatasetRecipe):
+        hf, skipped = hf_datasets.build_split(parsed, split, limit=limit, skip_bad_rows=skip)
+    else:
+        hf = generated_split(parsed, split, family=family, limit=limit)
     return SampleDataset(hf=hf, recipe=parsed, split=split, family=family, skipped=skipped, skip_bad_rows=skip)
+
+
+def generated_split(recipe: Recipe, split: str, *, family: str, limit: int | None) -> datasets.Dataset:
+    """The first `limit` (default all) rows of a generated kind's split: row i is its module's
+    `make_row(recipe, split, i)`, a pure function (synthetic scenes also take the family: box
+    coordinates differ)."""
+    module = GENERATED[type(recipe)]
+    count = recipe.splits[split] if limit is None else min(limit, recipe.splits[split])
+    options = {"family": family} if isinstance(recipe, SyntheticScenesRecipe) else {}
+    return rows_to_hf([module.make_row(recipe, split, index, **options) for index in range(count)], module.FEATURES)
 
 
 def read_recipe(recipe: str | os.PathLike | Mapping[str, Any]) -> Recipe:
@@ -87,7 +108,7 @@ def read_recipe(recipe: str | os.PathLike | Mapping[str, Any]) -> Recipe:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
-        raise RecipeError(f"recipe {shown}: invalid YAML: {' '.join(str(error).split())}") from None
+        raise RecipeError(f"recipe {shown}: invalid YAML: {one_line(error)}") from None
     except UnicodeDecodeError as error:
         raise RecipeError(f"recipe {shown}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
                           f"{error.start})") from None
@@ -99,14 +120,14 @@ def read_recipe(recipe: str | os.PathLike | Mapping[str, Any]) -> Recipe:
 
 
 def parse_recipe(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Recipe:
-    """Validate a recipe mapping; `base_dir` anchors the relative data paths of local files."""
+    """Validate a recipe mapping; `base_dir` anchors the relative data paths of your own rows."""
     kind = data.get("kind")
     if kind is None:
         raise RecipeError(f"recipe {source}: missing key 'kind' (one of {', '.join(KINDS)})")
     if kind not in KINDS:
         raise RecipeError(f"recipe {source}: unknown kind {kind!r} (known: {', '.join(KINDS)})")
     cls = KINDS[kind]
-    internal = {"source": source, **({"base_dir": base_dir} if kind == "local_files" else {})}
+    internal = {"source": source, **({"base_dir": base_dir} if cls in OWN_ROWS else {})}
     try:
         return build(cls, {name: value for name, value in data.items() if name != "kind"}, **internal)
     except Invalid as err:

@@ -24,7 +24,7 @@ import datasets
 from PIL import Image, ImageDraw
 
 from dopd_vlm.data.answers import WHOLE_RESPONSE, AnswerExtractor
-from dopd_vlm.data.dataset import rows_to_hf, sample_features
+from dopd_vlm.data.dataset import sample_features
 from dopd_vlm.data.images import png_bytes
 from dopd_vlm.data.schema import RecipeError
 from dopd_vlm.families import family_info
@@ -354,16 +354,9 @@ FEATURES = sample_features(
 )
 
 
-def build_split(
-    recipe: SyntheticScenesRecipe, split: str, *, family: str, limit: int | None = None
-) -> datasets.Dataset:
-    """The first `limit` (default all) samples of `split` as `FEATURES` rows."""
-    count = recipe.splits[split] if limit is None else min(limit, recipe.splits[split])
-    rows = [make_row(recipe, split, index, family) for index in range(count)]
-    return rows_to_hf(rows, FEATURES)
-
-
 def make_row(recipe: SyntheticScenesRecipe, split: str, index: int, family: str) -> dict:
+    """Sample `index` of `split` as a `FEATURES` row, its boxes in `family`'s coordinates (a pure
+    function of its arguments)."""
     rng = random.Random(f"synthetic_scenes:{recipe.seed}:{split}:{index}")
     question_type = rng.choice(recipe.question_types)
     scene, (question, answer) = _scene_for(rng, recipe, split, question_type)

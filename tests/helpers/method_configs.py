@@ -2,8 +2,9 @@
 and divergence, each vanilla-OPD divergence, plus the top-K variants and temperatures that take
 other code paths."""
 
+from dopd_vlm.choices import ABLATIONS, DIVERGENCES, OPD_DIVERGENCES, REGIME_WEIGHTS
 from dopd_vlm.config import MethodConfig
-from dopd_vlm.methods import ABLATIONS, DIVERGENCES, METHODS, OPD_DIVERGENCES, REGIME_WEIGHTS
+from dopd_vlm.methods import METHODS
 
 
 def method_configs(top_k: int, *, variants: bool = False):

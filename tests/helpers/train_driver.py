@@ -3,20 +3,19 @@
 Usage: torchrun --nproc_per_node N tests/helpers/train_driver.py SPEC.json RESULT.json
 SPEC: {"config": path, "runs": [{"name", "overrides": [...], "resume": bool, "stop_after_step": int|null,
                                  "fault": {...} | absent, "loss_path": "fallback" | absent}]}
-RESULT (rank 0): {name: {"metrics": {...}, "teacher_unchanged": bool, "finished": bool, "error": str|null}}
+RESULT (rank 0): {name: {"metrics": {...}, "phases": {...}, "teacher_unchanged": bool, "finished": bool, "error": str|null}}
 Several runs share one process start-up (torch + DeepSpeed imports dominate on CPU). Code paths
 (e.g. train.loss_path) are chosen by config overrides.
 
-Faults are injected by wrapping public functions in this process only (the product code has no
-test hooks):
-  {"nan_loss_steps": [k, ...]}        the loss of step k is NaN on every rank
-  {"nan_grad_steps": [k, ...]}        the loss is finite but the gradients of step k are NaN
-  {"kill_at_step": k, "rank": r}      rank r is SIGKILLed when step k starts
-  {"kill_saving_step": k}             SIGKILL in the middle of writing checkpoint step_k
-  {"disk_full_saving_step": k}        writing checkpoint step_k fails with ENOSPC on every rank
-  {"exit_rank_at_step": k, "rank": r} rank r exits (crash) when step k starts
+Faults are injected through the run's hook points (`dopd_vlm.hooks`), for one run at a time:
+  {"nan_loss_steps": [k, ...]}        the loss of step k is NaN on every rank              (after_loss)
+  {"nan_grad_steps": [k, ...]}        the loss is finite but the gradients of step k are NaN (after_loss)
+  {"kill_at_step": k, "rank": r}      rank r is SIGKILLed when step k starts                 (before_step)
+  {"exit_rank_at_step": k, "rank": r} rank r exits (crash) when step k starts                (before_step)
+  {"kill_saving_step": k}             SIGKILL once the first file of checkpoint step_k is written (after_write)
+  {"disk_full_saving_step": k}        writing checkpoint step_k fails with ENOSPC on every rank  (after_write)
   {"vllm_dies_at_step": k, "rank": r} rank r's vLLM engine raises vLLM's EngineDeadError when it
-                                      samples in step k (rollout.engine=vllm)
+                                      samples in step k (rollout.engine=vllm)               (before_generate)
 """
 
 import contextlib
@@ -30,8 +29,7 @@ import dopd_vlm  # noqa: F401  (before transformers)
 import torch
 import torch.distributed as dist
 
-import dopd_vlm.step as step_module
-import dopd_vlm.train as train_module
+from dopd_vlm import hooks
 from dopd_vlm.config import load_config
 from dopd_vlm.distributed import exit_process
 from dopd_vlm.engine import CheckpointError, NonFiniteTraining, gathered_weights
@@ -46,60 +44,52 @@ def teacher_unchanged(teacher, path) -> bool:
         return all(torch.equal(p.detach().cpu(), reference[name]) for name, p in teacher.named_parameters())
 
 
-@contextlib.contextmanager
-def injected(fault: dict):
-    """The run's faults for the block; the real functions are back after it (runs sharing a
-    launch must not inherit each other's faults)."""
-    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-    current = {"step": 0}
-    real_step, real_loss, real_save = train_module.dopd_step, step_module.compute_loss, torch.save
+class Faults:
+    """One run's faults (see the module docstring), as hooks; the step number comes from before_step."""
 
-    def dopd_step(models, micro_batches, cfg, seeds):
-        current["step"] += 1
-        step = current["step"]
-        if fault.get("kill_at_step") == step and fault.get("rank", 0) == rank:
+    def __init__(self, fault: dict):
+        self.fault, self.step = fault, 0
+        self.rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+    def on_this_rank(self, key: str) -> bool:
+        return self.fault.get(key) == self.step and self.fault.get("rank", 0) == self.rank
+
+    def before_step(self, step: int) -> None:
+        self.step = step
+        if self.on_this_rank("kill_at_step"):
             os.kill(os.getpid(), signal.SIGKILL)
-        if fault.get("exit_rank_at_step") == step and fault.get("rank", 0) == rank:
+        if self.on_this_rank("exit_rank_at_step"):
             os._exit(17)
-        return real_step(models, micro_batches, cfg, seeds)
 
-    def compute_loss(cfg, inputs, chunk_size, loss_path):
-        loss, stats = real_loss(cfg, inputs, chunk_size, loss_path)
-        if current["step"] in fault.get("nan_loss_steps", ()):
+    def after_loss(self, loss, student_hidden):
+        if self.step in self.fault.get("nan_loss_steps", ()):
             loss = loss * float("nan")
-        if current["step"] in fault.get("nan_grad_steps", ()):
-            inputs.student_hidden.register_hook(lambda grad: torch.full_like(grad, float("nan")))
-        return loss, stats
+        if self.step in self.fault.get("nan_grad_steps", ()):
+            student_hidden.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+        return loss
 
-    def save(obj, path, *args, **kwargs):
-        tag = f"step_{fault.get('kill_saving_step', fault.get('disk_full_saving_step'))}"
-        if tag in str(path):
-            if "kill_saving_step" in fault:
-                with open(path, "wb") as partial:
-                    partial.write(b"half a checkpoint")
+    def after_write(self, kind: str, path) -> None:
+        tag = f"step_{self.fault.get('kill_saving_step', self.fault.get('disk_full_saving_step'))}"
+        if kind == "checkpoint" and tag in str(path):
+            if "kill_saving_step" in self.fault:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_save(obj, path, *args, **kwargs)
 
-    train_module.dopd_step, step_module.compute_loss, torch.save = dopd_step, compute_loss, save
-    if "vllm_dies_at_step" in fault:
-        import vllm
-        from vllm.v1.engine.exceptions import EngineDeadError
+    def before_generate(self) -> None:
+        if self.on_this_rank("vllm_dies_at_step"):
+            from vllm.v1.engine.exceptions import EngineDeadError
 
-        real_generate = vllm.LLM.generate
+            raise EngineDeadError("EngineCore encountered an issue (injected)")
 
-        def generate(self, *args, **kwargs):
-            if current["step"] == fault["vllm_dies_at_step"] and fault.get("rank", 0) == rank:
-                raise EngineDeadError("EngineCore encountered an issue (injected)")
-            return real_generate(self, *args, **kwargs)
 
-        vllm.LLM.generate = generate
-    try:
+@contextlib.contextmanager
+def injected(fault: dict):
+    """The run's faults for the block (runs sharing a launch must not inherit each other's)."""
+    faults = Faults(fault)
+    with contextlib.ExitStack() as stack:
+        for point in hooks.POINTS:
+            stack.enter_context(hooks.registered(point, getattr(faults, point)))
         yield
-    finally:
-        train_module.dopd_step, step_module.compute_loss, torch.save = real_step, real_loss, real_save
-        if "vllm_dies_at_step" in fault:
-            vllm.LLM.generate = real_generate
 
 
 def main(spec_path: str, result_path: str) -> None:
@@ -116,7 +106,7 @@ def main(spec_path: str, result_path: str) -> None:
         if result.rollout_engine is not None:  # rollout.engine=vllm: one engine at a time in this process
             result.rollout_engine.close()
         unchanged = teacher_unchanged(result.teacher, cfg.model.teacher) if result.teacher is not None else None
-        results[run["name"]] = {"metrics": result.metrics, "teacher_unchanged": unchanged,
+        results[run["name"]] = {"metrics": result.metrics, "phases": result.phases, "teacher_unchanged": unchanged,
                                 "finished": result.finished, "error": None}
     if not dist.is_initialized() or dist.get_rank() == 0:
         json.dump(results, open(result_path, "w"), indent=1)

@@ -1,4 +1,4 @@
-"""Math tests for dopd_vlm.losses: values, limits, analytic gradients, brute-force references."""
+"""Math tests for dopd_vlm.divergences: values, limits, analytic gradients, brute-force references."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from dopd_vlm.losses import (
+from dopd_vlm.divergences import (
     TOPK_VARIANTS,
     entropy,
     generalized_jsd,
+    log_probs_at,
     sampled_token_reverse_kl,
     token_cross_entropy,
-    token_logprobs,
     topk_reverse_kl,
 )
 
@@ -200,7 +200,7 @@ def test_temperature_divides_both_logits():
             atol=1e-12,
         )
     ids = torch.arange(N) % V
-    assert torch.allclose(token_logprobs(student, ids, temperature), token_logprobs(scaled[0], ids), atol=1e-12)
+    assert torch.allclose(log_probs_at(student, ids, temperature), log_probs_at(scaled[0], ids), atol=1e-12)
     assert torch.allclose(entropy(student, temperature), entropy(scaled[0]), atol=1e-12)
 
 
@@ -222,11 +222,11 @@ def test_bf16_inputs_give_float32_results(divergence):
 # --------------------------------------------------------------------------- token helpers
 
 
-def test_token_logprobs_entropy_cross_entropy():
+def test_log_probs_at_entropy_cross_entropy():
     logits = random_logits(15, scale=30.0)  # large logits: the stable forms must not overflow
     ids = torch.tensor([0, 3, 10, 5, 5, 1])
     log_p = torch.log_softmax(logits, -1)
-    assert torch.allclose(token_logprobs(logits, ids), log_p[torch.arange(N), ids], atol=1e-12)
+    assert torch.allclose(log_probs_at(logits, ids), log_p[torch.arange(N), ids], atol=1e-12)
     assert torch.allclose(entropy(logits), -(log_p.exp() * log_p).sum(-1), atol=1e-12)
     expected = torch.nn.functional.cross_entropy(logits, ids, reduction="none")
     assert torch.allclose(token_cross_entropy(logits, ids), expected, atol=1e-12)
@@ -234,7 +234,7 @@ def test_token_logprobs_entropy_cross_entropy():
     ignored[2] = -100
     ce = token_cross_entropy(logits, ignored)
     assert ce[2].item() == 0.0 and torch.allclose(ce[[0, 1, 3, 4, 5]], expected[[0, 1, 3, 4, 5]])
-    assert torch.isfinite(token_logprobs(logits.float() * 100, ids)).all()
+    assert torch.isfinite(log_probs_at(logits.float() * 100, ids)).all()
 
 
 # --------------------------------------------------------------------------- gradients
@@ -321,7 +321,7 @@ def test_sampled_token_estimator_gradient():
     logits = random_logits(30).requires_grad_(True)
     ids = torch.tensor([1, 2, 3, 4, 5, 6])
     teacher_logprobs = -torch.rand(N, dtype=torch.float64)
-    student_logprobs = token_logprobs(logits, ids)
+    student_logprobs = log_probs_at(logits, ids)
     loss = sampled_token_reverse_kl(student_logprobs, teacher_logprobs)
     advantage = (teacher_logprobs - student_logprobs).detach()
     assert torch.allclose(loss, -advantage * student_logprobs.detach())

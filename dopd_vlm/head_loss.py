@@ -1,8 +1,10 @@
-"""The token-level loss machinery: one chunk of response tokens as the objectives see it, and the
-two ways of running an objective over all chunks of a micro-batch.
+"""The memory machinery of the loss: a method's per-chunk loss run over every chunk of a
+micro-batch's response tokens through the student's output layer, with its gradient.
 
-Calls go one way: ``methods.compute_loss`` -> :func:`evaluate` -> (per chunk) the method's
-per-token objective on a :class:`Chunk` -> ``losses`` (pure divergences).
+``methods.compute_loss`` calls :func:`loss_over_chunks` once per micro-batch with the method's
+per-chunk loss (``methods.ChunkLoss``: what an objective sees, and the objective itself, live in
+``methods``); the function returns the loss and its per-token columns, which are what
+``reference.dopd_loss`` computes from full logits (tests/test_reference.py).
 
 Full-vocabulary logits exist for one chunk of ``train.loss_chunk_size`` tokens at a time, in
 forward and backward, on one of two paths (same values and gradients, tests/test_fused_loss.py):
@@ -11,105 +13,32 @@ forward and backward, on one of two paths (same values and gradients, tests/test
   forward, so nothing is recomputed. Under ZeRO-3 the loss runs as the partitioned head's own
   forward (``Head.with_weight``): DeepSpeed gathers the weight for it and for its backward and
   reduce-scatters the full-size weight gradient. Frozen partitioned target heads are gathered once
-  for the call, so top-K targets come from their weight rows;
+  for the call, so top-K targets come from their weight rows (:func:`gathered_logits`);
 - **chunked** (any head): :func:`chunked_head_loss`, each chunk under activation checkpointing.
-
-Top-K objectives read the targets' log-probs at the student's K support tokens from K head rows
-and the scoring pass's logsumexp, so a target's full-vocabulary logits are computed only where a
-full-vocabulary objective needs them (DOPD's HT rows, GKD, OPSD, full OPD).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dopd_vlm import losses
+from dopd_vlm.choices import LossPath
+from dopd_vlm.divergences import log_probs, upcast
 from dopd_vlm.errors import InputError
-from dopd_vlm.losses import log_probs, upcast
 from dopd_vlm.lora import LowRank
 from dopd_vlm.scoring import Head, ResponseTokens, WeightHead, at_least_float32, linear_float32, matmul_float32
-
-if TYPE_CHECKING:
-    from dopd_vlm.config import MethodConfig
-
-LossPath = Literal["auto", "fused", "chunked"]
 
 # Elements of the [rows, K, H] weight gather per step of the top-K target logits (16 MiB in fp32).
 GATHER_ELEMENTS = 1 << 22
 
-
-@dataclass
-class LossInputs:
-    """One micro-batch's valid response tokens as the three passes saw them (N rows).
-
-    ``privileged_lse`` / ``teacher_lse`` are optional: the logsumexp of each row's target logits,
-    which the scoring pass computes anyway for the router (``scoring.token_logprobs_and_lse``).
-    With them, and a target head whose weight can be read (``Head.linear``), the top-K objectives
-    read the target's log-probs at the student's K support tokens from K weight rows instead of
-    recomputing the target's full-vocabulary logits.
-    """
-
-    tokens: ResponseTokens
-    student_hidden: torch.Tensor  # [N, H], carries the gradient
-    student_head: Head
-    privileged_hidden: torch.Tensor | None = None  # [N, H], detached
-    teacher_hidden: torch.Tensor | None = None  # [N, H], detached
-    teacher_head: Head | None = None
-    regimes: torch.Tensor | None = None  # [N] router codes (dopd)
-    privileged_lse: torch.Tensor | None = None  # [N] logsumexp of the privileged logits (optional)
-    teacher_lse: torch.Tensor | None = None  # [N] logsumexp of the teacher logits (optional)
-    privileged_head: Head | None = None  # a frozen privileged student's head; None: the student's own
-    kept: torch.Tensor | None = None  # [N] bool: tokens the loss keeps (method.token_drop); None: all
-
-
-# -- one chunk ----------------------------------------------------------------------------------
-
-
-class Target:
-    """A detached target pass (teacher or privileged student) on one chunk of tokens.
-
-    Full-vocabulary log-probs are computed on demand (and cached for the chunk); log-probs at the
-    student's top-K tokens come from K weight rows and the scoring pass's logsumexp when the head's
-    weight is readable and the loss temperature is 1 (the logsumexp is of the untempered logits),
-    else from the full rows.
-    """
-
-    def __init__(self, hidden: torch.Tensor, head: Head, lse: torch.Tensor | None, temperature: float):
-        self.hidden, self.head, self.temperature, self.lse = hidden, head, temperature, lse
-        self.sparse = head.linear if lse is not None and temperature == 1.0 else None
-        self._full: torch.Tensor | None = None
-        self._support: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def has_full(self) -> bool:
-        return self._full is not None
-
-    @torch.no_grad()
-    def log_probs(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Full-vocabulary log-probs of all rows, or of the given row indices."""
-        if self._full is None and rows is None:
-            self._full = log_probs(self.head(self.hidden), self.temperature)
-        if self._full is not None:
-            return self._full if rows is None else self._full[rows]
-        return log_probs(self.head(self.hidden[rows]), self.temperature)
-
-    @torch.no_grad()
-    def support_log_probs(self, support: torch.Tensor) -> torch.Tensor:
-        """Log-probs at ``support`` [n, K] (token ids per row of the chunk): [n, K] float32."""
-        if self._support is not None and self._support[0] is support:
-            return self._support[1]
-        if self.sparse is None or self.has_full:
-            result = self.log_probs().gather(-1, support)
-        else:
-            result = gathered_logits(self.hidden, *self.sparse, support) - self.lse[:, None].float()
-        self._support = (support, result)
-        return result
+# `chunk_loss(student_scores, *chunks of the per-token tensors, privileged_head=, teacher_head=,
+# scores_are_log_probs=)` -> [n] losses or [n, C] columns (the loss first): a method's loss on one chunk
+ChunkLossFn = Callable[..., torch.Tensor]
 
 
 def gathered_logits(
@@ -129,163 +58,7 @@ def gathered_logits(
     return out
 
 
-class Chunk:
-    """The student's scores of one chunk plus its targets: what a per-token objective reads.
-
-    ``student_scores`` are the student's logits, or (fused path) already their log-softmax; both
-    give the same log-probs (log_softmax is shift invariant). Pieces shared by several terms
-    (student log-probs, the top-K support, target rows) are computed once per chunk.
-    """
-
-    def __init__(self, cfg: "MethodConfig", student_scores: torch.Tensor, token_ids: torch.Tensor,
-                 regimes: torch.Tensor, *, privileged: Target | None, teacher: Target | None,
-                 scores_are_log_probs: bool = False):
-        self.cfg = cfg
-        self.student_logits, self.token_ids, self.regimes = student_scores, token_ids, regimes
-        self.privileged, self.teacher = privileged, teacher
-        self._log_p_s = student_scores if scores_are_log_probs and cfg.temperature == 1.0 else None
-        self._support: torch.Tensor | None = None
-
-    @property
-    def log_p_s(self) -> torch.Tensor:
-        """Student log-probs at the loss temperature (with gradient), computed once per chunk."""
-        if self._log_p_s is None:
-            self._log_p_s = log_probs(self.student_logits, self.cfg.temperature)
-        return self._log_p_s
-
-    @property
-    def support(self) -> torch.Tensor:
-        """The student's top-K token ids per row (no gradient)."""
-        if self._support is None:
-            k = min(self.cfg.top_k, self.log_p_s.shape[-1])
-            self._support = self.log_p_s.detach().topk(k, dim=-1).indices
-        return self._support
-
-    def topk_rkl(self, use_teacher: torch.Tensor | bool) -> torch.Tensor:
-        """Top-K reverse KL per row to the teacher where ``use_teacher`` else the privileged student."""
-        if isinstance(use_teacher, bool):
-            use_teacher = torch.full(self.token_ids.shape, use_teacher, dtype=torch.bool, device=self.token_ids.device)
-        if use_teacher.numel() == 0:
-            return self.log_p_s.sum(dim=-1)  # no rows: an empty [0] result that keeps the graph
-        targets = [(self.teacher, use_teacher), (self.privileged, ~use_teacher)]
-        variant = self.cfg.topk_variant
-        if variant == "tail":  # needs every target token outside the support: full rows
-            rows = _routed_rows(targets, lambda source: source.log_probs())
-            return losses.topk_reverse_kl_from_logprobs(self.log_p_s, rows, self.cfg.top_k, variant)
-        support_t = _routed_rows(targets, lambda source: source.support_log_probs(self.support))
-        return losses.topk_reverse_kl_on_support(self.log_p_s.gather(-1, self.support), support_t, variant)
-
-    def jsd(self, target: Target, beta: float, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Full-vocabulary generalised JSD to ``target`` on all rows or the given row indices."""
-        log_p_s = self.log_p_s if rows is None else self.log_p_s[rows]
-        return losses.generalized_jsd_from_logprobs(log_p_s, target.log_probs(rows), beta)
-
-    def full_divergence(self, use_teacher: torch.Tensor, beta: float) -> torch.Tensor:
-        """Full-vocabulary generalised JSD per row (beta 0.5: JS, 1: reverse KL) to the teacher
-        where ``use_teacher``, else to the privileged student; each target's rows only."""
-        loss = self.log_p_s.sum(dim=-1) * 0.0  # [n], keeps the graph even without rows
-        for source, rows in ((self.teacher, use_teacher), (self.privileged, ~use_teacher)):
-            index = rows.nonzero(as_tuple=True)[0]
-            if index.numel():
-                loss = loss.index_put((index,), self.jsd(source, beta, index))
-        return loss
-
-    def token_logprobs(self, target: Target | None = None) -> torch.Tensor:
-        """log P(y_n) of the sampled tokens under the student (with grad) or a target."""
-        ids = self.token_ids[:, None]
-        if target is None:
-            return self.log_p_s.gather(-1, ids).squeeze(-1)
-        return target.support_log_probs(ids).squeeze(-1)
-
-    # -- detached diagnostics (temperature 1, as logged) --
-    @torch.no_grad()
-    def entropy(self) -> torch.Tensor:
-        log_p = self.log_p_s if self.cfg.temperature == 1.0 else log_probs(self.student_logits)
-        return -torch.linalg.vecdot(log_p.exp(), log_p)  # one [n, V] temporary
-
-    @torch.no_grad()
-    def kl_to_teacher(self) -> torch.Tensor:
-        """KL(P_S ‖ P_T): full where the teacher's rows exist, else over the top-K plus one bucket."""
-        teacher = self.teacher
-        if self.cfg.temperature != 1.0:
-            return losses.generalized_jsd(self.student_logits, teacher.head(teacher.hidden), beta=1.0)
-        if teacher.has_full or teacher.sparse is None:
-            return losses.generalized_jsd_from_logprobs(self.log_p_s, teacher.log_probs(), beta=1.0)
-        return losses.support_bucket_kl(self.log_p_s.gather(-1, self.support), teacher.support_log_probs(self.support))
-
-
-def _routed_rows(targets, rows_of: Callable[[Target], torch.Tensor]) -> torch.Tensor:
-    """Per row, the rows of the target that row is routed to (each target computed only if used)."""
-    result = None
-    for source, routed in targets:
-        if bool(routed.any()):
-            values = rows_of(source)
-            result = values if result is None else torch.where(routed[:, None], values, result)
-    return result
-
-
-PerToken = Callable[[Chunk], torch.Tensor]  # a method's per-token objective: Chunk -> [n] losses
-
-
-# -- the per-chunk function the drivers call ----------------------------------------------------
-
-
-@dataclass
-class ChunkObjective:
-    """``objective`` on one chunk, returning its [n, 3] columns: loss, student entropy, KL to teacher.
-
-    Called by the drivers with the student's scores of the chunk and the chunks of the per-token
-    tensors of :func:`per_token_tensors`. A target whose hidden states are absent is None.
-    """
-
-    objective: PerToken
-    cfg: "MethodConfig"
-    privileged_head: Head | None
-    teacher_head: Head | None
-    has_privileged_lse: bool
-    has_teacher_lse: bool
-    scores_are_log_probs: bool = False
-
-    def __call__(self, student_scores, token_ids, regimes, kept, privileged_hidden, teacher_hidden, privileged_lse,
-                 teacher_lse):
-        temperature = self.cfg.temperature
-        privileged = teacher = None
-        if self.privileged_head is not None:
-            privileged = Target(privileged_hidden, self.privileged_head,
-                                privileged_lse if self.has_privileged_lse else None, temperature)
-        if self.teacher_head is not None:
-            teacher = Target(teacher_hidden, self.teacher_head, teacher_lse if self.has_teacher_lse else None, temperature)
-        chunk = Chunk(self.cfg, student_scores, token_ids, regimes, privileged=privileged, teacher=teacher,
-                      scores_are_log_probs=self.scores_are_log_probs)
-        loss = self.objective(chunk)
-        loss = loss * kept.to(loss.dtype)  # method.token_drop: dropped tokens get no loss
-        if is_recomputing():  # backward recompute: only the loss's graph is needed
-            zeros = torch.zeros_like(loss)
-            return torch.stack([loss, zeros, zeros], dim=-1)
-        entropy = chunk.entropy()
-        kl = chunk.kl_to_teacher() if teacher is not None else torch.zeros_like(entropy)
-        return torch.stack([loss, entropy.to(loss.dtype), kl.to(loss.dtype)], dim=-1)
-
-
-def per_token_tensors(inputs: LossInputs) -> tuple[torch.Tensor, ...]:
-    """The [N]-row tensors sliced with the student's hidden states: token ids, regimes, the kept-token
-    mask, the targets' hidden states and logsumexps (absent ones as [N, 0] / zeros / all kept, so
-    every chunk has the same arguments)."""
-    n = inputs.tokens.token_ids.shape[0]
-    empty = inputs.student_hidden.new_zeros(n, 0)
-    no_lse = inputs.student_hidden.new_zeros(n, dtype=torch.float32)
-    regimes = inputs.regimes if inputs.regimes is not None else torch.full_like(inputs.tokens.token_ids, -1)
-
-    def present(tensor, absent):
-        return tensor if tensor is not None else absent
-
-    kept = present(inputs.kept, torch.ones_like(inputs.tokens.token_ids, dtype=torch.bool))
-    return (inputs.tokens.token_ids, regimes, kept, present(inputs.privileged_hidden, empty),
-            present(inputs.teacher_hidden, empty), present(inputs.privileged_lse, no_lse),
-            present(inputs.teacher_lse, no_lse))
-
-
-# -- running an objective over every chunk -------------------------------------------------------
+# -- which path, on which heads ------------------------------------------------------------------
 
 
 def use_fused(loss_path: LossPath, student_head: Head) -> bool:
@@ -296,11 +69,6 @@ def use_fused(loss_path: LossPath, student_head: Head) -> bool:
         raise InputError(f"train.loss_path=fused needs a linear output layer; this student's is "
                          f"{type(getattr(student_head, 'module', student_head)).__name__} (use auto or chunked)")
     return student_head.is_linear
-
-
-def check_partitioned_heads(inputs: LossInputs, fused: bool, world_size: int) -> None:
-    """`check_heads` for the heads of `inputs`."""
-    check_heads(inputs.student_head, inputs.teacher_head, inputs.privileged_head, fused, world_size)
 
 
 def check_heads(student_head: Head, teacher_head: Head | None, privileged_head: Head | None, fused: bool,
@@ -329,27 +97,40 @@ def check_heads(student_head: Head, teacher_head: Head | None, privileged_head: 
         )
 
 
-def evaluate(objective: PerToken, cfg: "MethodConfig", inputs: LossInputs, chunk_size: int,
-             fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the micro-batch loss, [N, 3] detached columns) of ``objective`` over every chunk.
+# -- a method's per-chunk loss over every chunk ---------------------------------------------------
 
-    The loss is the paper's reduction (``ResponseTokens.sequence_mean``); the columns are each
-    token's loss, student entropy and KL to the teacher (zeros without a teacher pass).
+
+def loss_over_chunks(chunk_loss: ChunkLossFn, tokens: ResponseTokens, student_hidden: torch.Tensor,
+                     student_head: Head, per_token: Sequence[torch.Tensor], *, teacher_head: Head | None,
+                     frozen_privileged_head: Head | None, privileged_pass: bool, chunk_size: int,
+                     fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the micro-batch loss, the [N, C] detached per-token columns) of ``chunk_loss`` over every
+    chunk of the N tokens (``per_token``: [N]-row tensors, sliced with ``student_hidden``).
+
+    The loss is the paper's reduction of column 0 (``tokens.sequence_mean``). ``chunk_loss`` gets
+    the targets' heads as this path calls them: ``teacher_head`` (None: no teacher pass), the
+    privileged student's (``frozen_privileged_head``, or with ``privileged_pass`` and no frozen
+    head the student's own, its weight as the fused path reads it) and whether the scores it gets
+    are already log-probs.
     """
-    teacher_head = inputs.teacher_head if inputs.teacher_hidden is not None else None
-    frozen_privileged = inputs.privileged_head if inputs.privileged_hidden is not None else None
     if not fused:  # every head is called per chunk, again in the backward's recompute: nothing gathered
-        own_head = inputs.student_head if inputs.privileged_hidden is not None else None
-        per_chunk = ChunkObjective(objective, cfg, frozen_privileged or own_head, teacher_head,
-                                   inputs.privileged_lse is not None, inputs.teacher_lse is not None)
-        columns = chunked_head_loss(inputs.student_hidden, inputs.student_head, per_chunk,
-                                    *per_token_tensors(inputs), chunk_size=chunk_size)
-        return inputs.tokens.sequence_mean(columns[:, 0]), columns
+        per_chunk = functools.partial(chunk_loss, teacher_head=teacher_head, scores_are_log_probs=False,
+                                      privileged_head=privileged_target(frozen_privileged_head, privileged_pass,
+                                                                        student_head))
+        columns = chunked_head_loss(student_hidden, student_head, per_chunk, *per_token, chunk_size=chunk_size)
+        return tokens.sequence_mean(columns[:, 0]), columns
     with contextlib.ExitStack() as stack:  # frozen ZeRO-3 target heads: gathered once, not needed in backward
-        call = FusedLossCall(objective, cfg, inputs, _gathered(stack, teacher_head), _gathered(stack, frozen_privileged),
-                             chunk_size)
-        loss = inputs.student_head.with_weight(call, inputs.student_hidden, *per_token_tensors(inputs))
+        call = FusedLossCall(chunk_loss, tokens, _gathered(stack, teacher_head),
+                             _gathered(stack, frozen_privileged_head), privileged_pass, chunk_size)
+        loss = student_head.with_weight(call, student_hidden, *per_token)
     return loss, call.columns
+
+
+def privileged_target(frozen_head: Head | None, privileged_pass: bool, student_head: Head) -> Head | None:
+    """The privileged student's head: a frozen one, else (live) the student's own; None: no such pass."""
+    if frozen_head is not None:
+        return frozen_head
+    return student_head if privileged_pass else None
 
 
 def _gathered(stack: contextlib.ExitStack, head: Head | None) -> Head | None:
@@ -366,22 +147,19 @@ class FusedLossCall:
     output would get ZeRO-3's backward hooks).
     """
 
-    def __init__(self, objective: PerToken, cfg: "MethodConfig", inputs: LossInputs, teacher_head: Head | None,
-                 frozen_privileged_head: Head | None, chunk_size: int):
-        self.objective, self.cfg, self.inputs, self.chunk_size = objective, cfg, inputs, chunk_size
-        self.teacher_head, self.frozen_privileged_head = teacher_head, frozen_privileged_head
+    def __init__(self, chunk_loss: ChunkLossFn, tokens: ResponseTokens, teacher_head: Head | None,
+                 frozen_privileged_head: Head | None, privileged_pass: bool, chunk_size: int):
+        self.chunk_loss, self.tokens, self.chunk_size = chunk_loss, tokens, chunk_size
+        self.teacher_head, self.frozen_privileged_head, self.privileged_pass = (teacher_head, frozen_privileged_head,
+                                                                                privileged_pass)
         self.columns: torch.Tensor | None = None
 
     def __call__(self, full: WeightHead, hidden: torch.Tensor, *per_token: torch.Tensor):
-        inputs = self.inputs
-        privileged_head = self.frozen_privileged_head
-        if privileged_head is None and inputs.privileged_hidden is not None:
-            privileged_head = full
-        per_chunk = ChunkObjective(self.objective, self.cfg, privileged_head, self.teacher_head,
-                                   inputs.privileged_lse is not None, inputs.teacher_lse is not None,
-                                   scores_are_log_probs=True)
+        per_chunk = functools.partial(self.chunk_loss, teacher_head=self.teacher_head, scores_are_log_probs=True,
+                                      privileged_head=privileged_target(self.frozen_privileged_head,
+                                                                        self.privileged_pass, full))
         loss, self.columns = fused_head_loss(
-            hidden, full.weight, per_chunk, *per_token, token_weights=inputs.tokens.weights().to(hidden.device),
+            hidden, full.weight, per_chunk, *per_token, token_weights=self.tokens.weights().to(hidden.device),
             chunk_size=self.chunk_size, bias=full.bias, vocab_size=full.vocab_size, give_log_probs=True,
             low_rank=full.low_rank,
         )

@@ -15,19 +15,16 @@ Conventions shared by every function here:
 - ``temperature`` divides the logits of both distributions before the softmax; no T^2 rescaling.
 
 At real vocabulary sizes ``[N, V]`` logits for all response tokens do not fit in memory:
-``dopd_vlm.chunks`` applies the LM head and these functions one chunk of tokens at a time.
+``dopd_vlm.head_loss`` applies the LM head and these functions one chunk of tokens at a time.
 """
 
 from __future__ import annotations
 
 import math
-import typing
-from typing import Literal
 
 import torch
 
-TopKVariant = Literal["unbiased", "renormalized", "tail"]
-TOPK_VARIANTS = typing.get_args(TopKVariant)
+from dopd_vlm.choices import TOPK_VARIANTS
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -60,7 +57,7 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- token helpers
 
 
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def log_probs_at(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature)[ids], computed as logit − logsumexp (stable).
 
     ``logits`` [..., V], ``ids`` [...] (int64) -> [...].
@@ -88,7 +85,7 @@ def token_cross_entropy(
 ) -> torch.Tensor:
     """SFT loss per token: −log P_S(target). Positions whose id is ``ignore_index`` give 0."""
     ignored = target_ids == ignore_index
-    nll = -token_logprobs(student_logits, target_ids.masked_fill(ignored, 0))
+    nll = -log_probs_at(student_logits, target_ids.masked_fill(ignored, 0))
     return nll.masked_fill(ignored, 0.0)
 
 
@@ -216,7 +213,7 @@ def topk_reverse_kl_on_support(
     gradient; ``support_log_p_t`` the target's at the same tokens (detached here). These two
     variants need nothing outside the support, which lets a caller compute the target's
     support log-probs without materialising its full-vocabulary logits (see
-    ``methods.compute_loss``). The ``"tail"`` variant needs the full rows: use
+    ``methods.Target.support_log_probs``). The ``"tail"`` variant needs the full rows: use
     :func:`topk_reverse_kl`.
     """
     support_log_p_t = support_log_p_t.detach()

@@ -1,4 +1,4 @@
-"""The chunk drivers of dopd_vlm.chunks: chunked evaluation and the checkpointed head loss equal
+"""The chunk drivers of dopd_vlm.head_loss: chunked evaluation and the checkpointed head loss equal
 the unchunked computation in values and gradients, and keep no logits-sized tensor for backward."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import functools
 import pytest
 import torch
 
-from dopd_vlm.chunks import chunked, chunked_head_loss
-from dopd_vlm.losses import generalized_jsd, topk_reverse_kl
+from dopd_vlm.head_loss import chunked, chunked_head_loss
+from dopd_vlm.divergences import generalized_jsd, topk_reverse_kl
 from dopd_vlm.scoring import LMHead, WeightHead
 
 
