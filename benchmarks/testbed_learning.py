@@ -286,10 +286,12 @@ def preconditions(testbed: Testbed, pair: dict[str, Path], eval_samples: int) ->
 
 
 def run_one(testbed: Testbed, method: str, seed: int, args, pair: dict[str, Path], recipe: Path, out: Path) -> dict:
-    """One `dopd-vlm train` run; its summary from metrics.jsonl."""
+    """One `dopd-vlm train` run; its summary from metrics.jsonl. The run starts afresh
+    (`--overwrite`): it runs only because the setting's results do not hold it, so its folder, if
+    any, is what an interrupted or failed try left."""
     run_dir = out / f"seed{seed}" / method
     command = [
-        sys.executable, "-m", "dopd_vlm", "train", "--config", str(testbed.config),
+        sys.executable, "-m", "dopd_vlm", "train", "--overwrite", "--config", str(testbed.config),
         f"model.teacher={pair['teacher']}", f"model.student={pair['student']}", f"data.recipe={recipe}",
         f"data.max_eval_samples={args.eval_samples}", f"train.steps={args.steps}", f"train.seed={seed}",
         f"train.output_dir={run_dir}", *METHODS[method], *args.overrides,
