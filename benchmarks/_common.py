@@ -164,6 +164,13 @@ def mean_std(values) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def repo_relative(path: Path) -> str:
+    """A model's path as results record it: relative to the repository when inside it, so a
+    stored setting extends, and reads the same, from any checkout."""
+    path = Path(path).absolute()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def gib(n_bytes: float) -> float:
     return n_bytes / 2**30
 

@@ -14,6 +14,9 @@ token is the teacher's (a target that would correct the mistake too). The questi
 student's mistakes go to the teacher (HT, LH) or to a privileged student that would not correct
 them (HS)? Rows for several students (the initial one, and runs' exported finals) go to
 benchmarks/results/regime_audit_<testbed>.json; `--update-md` writes the testbed's section of BENCHMARKS.md.
+Where some problems hide an operand that only p gives (`arithmetic_hidden`), the counts are also
+kept for the responses to those problems alone (`per_seed_hidden`): the tokens whose right
+continuation the plain student cannot know.
 """
 
 from __future__ import annotations
@@ -25,15 +28,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, ROOT, machine, mean_std, write_section  # noqa: E402
+from _common import RESULTS, ROOT, machine, mean_std, repo_relative, write_section  # noqa: E402
 
 from dopd_vlm.testbeds import TESTBEDS, Testbed  # noqa: E402
 
 CONFIDENT = 0.5  # the teacher's probability on its own choice for a differing sampled token to count as a mistake
 
 
-def audit_batch(routed) -> dict[str, dict[str, int]]:
-    """Per regime: tokens, mistakes, and mistakes whose regime target would correct them."""
+def audit_batch(routed, keep=None) -> dict[str, dict[str, int]]:
+    """Per regime: tokens, mistakes, and mistakes whose regime target would correct them;
+    `keep` ([N] bool over the tokens) restricts the counts to some tokens."""
     import torch
 
     from dopd_vlm.router import REGIME_NAMES
@@ -47,7 +51,7 @@ def audit_batch(routed) -> dict[str, dict[str, int]]:
     regimes = routed.routing.regimes.cpu()
     out = {}
     for code, name in enumerate(REGIME_NAMES):
-        here = regimes == code
+        here = regimes == code if keep is None else (regimes == code) & keep
         target_corrects = privileged_corrects if name in ("LL", "HS") else torch.ones_like(here)
         out[name] = {"tokens": int(here.sum()), "mistakes": int((here & mistake).sum()),
                      "mistakes_target_corrects": int((here & mistake & target_corrects).sum())}
@@ -58,8 +62,17 @@ def result_path(testbed: Testbed) -> Path:
     return RESULTS / f"regime_audit_{testbed.name}.json"
 
 
-def audit(testbed: Testbed, teacher: Path, student: Path, seeds: list[int], batches: int, prompts_per_batch: int) -> dict:
-    """Counts summed over `batches` batches per seed, per seed."""
+def add_counts(totals: dict, counts: dict) -> None:
+    for name, row in counts.items():
+        slot = totals.setdefault(name, dict.fromkeys(row, 0))
+        for key, value in row.items():
+            slot[key] += value
+
+
+def audit(testbed: Testbed, teacher: Path, student: Path, seeds: list[int], batches: int,
+          prompts_per_batch: int) -> dict[str, dict]:
+    """Counts summed over `batches` batches per seed, per seed (`per_seed`), and the same over
+    the responses to problems with a hidden operand (`per_seed_hidden`, where there are any)."""
     import torch
 
     from dopd_vlm.collate import DualViewCollator
@@ -74,9 +87,11 @@ def audit(testbed: Testbed, teacher: Path, student: Path, seeds: list[int], batc
     teacher_model = load_model(teacher, dtype=torch.float32).eval()
     student_model = load_model(student, dtype=torch.float32).eval()
     collator = DualViewCollator.from_config(load_processor(student), load_processor(teacher), data=cfg.data)
-    per_seed = {}
+    any_hidden = any(s.meta.get("hidden_position", -1) >= 0 for s in test)
+    out: dict[str, dict] = {"per_seed": {}, **({"per_seed_hidden": {}} if any_hidden else {})}
     for seed in seeds:
         totals: dict[str, dict[str, int]] = {}
+        hidden_totals: dict[str, dict[str, int]] = {}
         for b in range(batches):
             prompts = [test[(b * prompts_per_batch + i) % len(test)] for i in range(prompts_per_batch)]
             batch = [s for s in prompts for _ in range(cfg.rollout.num_rollouts)]
@@ -85,12 +100,14 @@ def audit(testbed: Testbed, teacher: Path, student: Path, seeds: list[int], batc
                 ids, mask = sample_responses(student_model, collator, batch, cfg.rollout)
                 routed = score_and_route(student_model, teacher_model, collator, batch, ids, mask,
                                          trim=cfg.method.trim, normalize=cfg.method.normalize)
-                for name, counts in audit_batch(routed).items():
-                    slot = totals.setdefault(name, dict.fromkeys(counts, 0))
-                    for key, value in counts.items():
-                        slot[key] += value
-        per_seed[str(seed)] = totals
-    return per_seed
+                add_counts(totals, audit_batch(routed))
+                if any_hidden:
+                    hidden = torch.tensor([s.meta.get("hidden_position", -1) >= 0 for s in batch])
+                    add_counts(hidden_totals, audit_batch(routed, keep=hidden[routed.tokens.seq_index.cpu()]))
+        out["per_seed"][str(seed)] = totals
+        if any_hidden:
+            out["per_seed_hidden"][str(seed)] = hidden_totals
+    return out
 
 
 def summarize(per_seed: dict) -> dict[str, dict[str, tuple[float, float]]]:
@@ -138,6 +155,9 @@ def update_markdown(testbed: Testbed) -> None:
     ]
     for name, row in record["students"].items():
         body += [f"**Student `{name}`** (`{row['path']}`):", "", format_table(summarize(row["per_seed"])), ""]
+        if "per_seed_hidden" in row:
+            body += [f"The same, on the responses to the problems whose question hides an operand (student `{name}`):", "",
+                     format_table(summarize(row["per_seed_hidden"])), ""]
     findings = ROOT / "benchmarks" / f"regime_audit_{testbed.name}_findings.md"
     if findings.is_file():
         body += [findings.read_text().strip(), ""]
@@ -166,9 +186,9 @@ def main(argv=None) -> int:
         if record["students"] and stored != (args.seeds, args.batches, prompts):
             sys.exit(f"{result_file} holds rows of seeds {stored[0]} x {stored[1]} batches of {stored[2]} prompts; use those")
         record.update(seeds=args.seeds, batches=args.batches, prompts_per_batch=prompts, machine=machine(),
-                      teacher=str(teacher))
-        record["students"][args.name] = {"path": str(student),
-                                         "per_seed": audit(testbed, teacher, student, args.seeds, args.batches, prompts)}
+                      teacher=repo_relative(teacher))
+        record["students"][args.name] = {"path": repo_relative(student),
+                                         **audit(testbed, teacher, student, args.seeds, args.batches, prompts)}
         RESULTS.mkdir(parents=True, exist_ok=True)
         result_file.write_text(json.dumps(record, indent=2) + "\n")
         print(format_table(summarize(record["students"][args.name]["per_seed"])))

@@ -6,8 +6,14 @@ and the warmed-up pair shipped in demo_assets/) plus how that pair was made: the
 one tiny size for both models and the two supervised warm-ups (`dopd_vlm.warmup`), which alone
 make the teacher-student gap: `benchmarks/testbed_learning.py --rebuild` warms both up from the
 same initial weights (the shipped cells pair was built so; the arithmetic pair, older, from the
-two initialisations of `make_tiny_pair`; each manifest says). `dopd-vlm demo --testbed <name>`
-and `benchmarks/testbed_learning.py --testbed <name>` run on them.
+two initialisations of `make_tiny_pair`; each manifest says), or, for a variant with a `base`,
+continues the base testbed's shipped teacher and student on the variant's recipe.
+`dopd-vlm demo --testbed <name>` and `benchmarks/testbed_learning.py --testbed <name>` run on them.
+
+The arithmetic testbed has three variants that move one knob, the kind of p (issue 24, "when does
+DOPD help?"): `arithmetic` (a capability gap: p = the first step's value, computable from the
+question), `arithmetic_hidden` (an information gap: half the problems hide one operand, which
+only p gives) and `arithmetic_rule` (a shared rule: a-b means b-a in every problem, p states it).
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ class Testbed:
     ood: str  # how the out-of-distribution split differs, for the tables
     plain_view: str  # what each view shows, for the tables: the teacher is scored in both
     privileged_view: str
+    base: str = ""  # a testbed whose shipped pair the warm-ups continue ("": fresh tiny weights)
+    student_plain_recipe: str = ""  # the recipe whose rows the student's warm-up shows plain ("": its own)
+    kind_of_p: str = ""  # what p is to the task, for the summary across testbeds
 
     @cached_property
     def settings(self):
@@ -65,6 +74,11 @@ class Testbed:
         model = self.settings.model
         return {"teacher": REPO / model.teacher, "student": REPO / model.student}
 
+    def initial_pair(self) -> dict[str, Path] | None:
+        """The checkpoints the warm-ups start from: the base testbed's shipped pair, or None
+        (fresh tiny weights, `benchmarks/testbed_learning.py prepare_pair`)."""
+        return TESTBEDS[self.base].shipped_pair() if self.base else None
+
     def warmups(self):
         from dopd_vlm.warmup import WarmupConfig
 
@@ -84,13 +98,36 @@ TESTBEDS = {
     "arithmetic": Testbed(
         name="arithmetic", title="arithmetic testbed", config=REPO / "configs" / "testbed_arithmetic.yaml",
         family="qwen3", size=TINY_64, ood="7-8 operations", plain_view="question only",
-        privileged_view="question + hint p",
+        privileged_view="question + hint p", kind_of_p="capability gap: p is computable from the question",
         teacher_warmup=dict(WARMUP, steps=3000, privileged_prob=0.5),
         student_warmup=dict(WARMUP, steps=1250, privileged_prob=0.5)),
     "cells": Testbed(
         name="cells", title="cell-chains (vision) testbed", config=REPO / "configs" / "testbed_cells.yaml",
         family="qwen2_vl", size=TINY_64, ood="6 operations", plain_view="image only",
-        privileged_view="image + cell digits p",
+        privileged_view="image + cell digits p", kind_of_p="capability gap: p names what the image shows",
         teacher_warmup=dict(WARMUP, steps=3000, privileged_prob=0.5),
         student_warmup=dict(WARMUP, steps=1500, privileged_prob=0.9)),
+    # The variants continue the arithmetic pair on their recipe: the teacher 1000 steps (test
+    # accuracy with p >= 0.99 for both), the student the shortest continuation, in steps of 100,
+    # at which its pair meets the preconditions (its accuracy with p >= 0.1 above its plain one,
+    # the teacher's with p >= 0.2 above it), so each keeps as much of the arithmetic pair's
+    # capability gap as it can (benchmarks/testbed_map_findings.md has the measured curves).
+    "arithmetic_hidden": Testbed(
+        name="arithmetic_hidden", title="arithmetic testbed, information gap (hidden operand)",
+        config=REPO / "configs" / "testbed_arithmetic_hidden.yaml", family="qwen3", size=TINY_64,
+        ood="7-8 operations", plain_view="question, first operand hidden in half the problems",
+        privileged_view="question + hidden operand p", base="arithmetic",
+        kind_of_p="information gap: p holds part of what the answer needs",
+        teacher_warmup=dict(WARMUP, steps=1000, privileged_prob=0.5),
+        student_warmup=dict(WARMUP, steps=400, privileged_prob=0.5)),
+    "arithmetic_rule": Testbed(
+        name="arithmetic_rule", title="arithmetic testbed, shared rule (a-b means b-a)",
+        config=REPO / "configs" / "testbed_arithmetic_rule.yaml", family="qwen3", size=TINY_64,
+        ood="7-8 operations", plain_view="question only", privileged_view="question + the rule p", base="arithmetic",
+        kind_of_p="shared rule: p is the same for every problem and can be internalised",
+        teacher_warmup=dict(WARMUP, steps=1000, privileged_prob=0.5),
+        # the student is shown the rule's chains only with p, the usual `-` when plain: a student
+        # that follows the rule when told and has not internalised it
+        student_warmup=dict(WARMUP, steps=600, privileged_prob=0.5), student_plain_recipe="arithmetic_chains"),
 }
+

@@ -65,7 +65,9 @@ class Between:
         below = value < self.high if self.high_open else value <= self.high
         if above and below:
             return None
-        interval = f"{'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        # `g`: Between(0, 1) and Between(0.0, 1.0) are equal, so typing's cache may hand either to a
+        # field; both print as [0, 1]
+        interval = f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
         return f"must be in {interval}, got {value}"
 
 

@@ -14,6 +14,11 @@ teacher must answer well from the image alone (its plain-view accuracy is the ga
 should close) and with the boxes (the view it is distilled from); a student trained on both can
 also read the boxes, which the privileged-student pass of DOPD and OPSD relies on.
 
+`plain_samples` (optional, row for row the same problems as `samples`) gives the plain view
+other references than the privileged view: the shared-rule testbed's student learns the usual
+meaning of `-` when it is shown plain and the rule's when p states it (`dopd_vlm.testbeds`), a
+student that can follow a stated rule but has not internalised it.
+
 Everything is a pure function of the model's initial weights and `WarmupConfig.seed`: batch
 order and view choices come from a seeded `random.Random`, dropout is off, so one machine with
 one torch build and thread count reproduces a warm-up bit for bit.
@@ -90,6 +95,7 @@ def warm_up(
     samples: Sequence[Sample],
     cfg: WarmupConfig,
     *,
+    plain_samples: Sequence[Sample] | None = None,
     desc: str = "warm-up",
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
@@ -97,9 +103,12 @@ def warm_up(
     """Train `model` in place for cfg.steps supervised steps; returns the loss of every step.
 
     `on_step(step, loss)` is called after every step (step counts from 1), e.g. to evaluate.
+    A sample shown plain is taken from `plain_samples` (same length, same order) when given.
     """
     from tqdm.auto import tqdm
 
+    if plain_samples is not None and len(plain_samples) != len(samples):
+        raise ValueError(f"plain_samples has {len(plain_samples)} rows, samples {len(samples)}: they must be the same problems")
     rng = random.Random(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -114,8 +123,9 @@ def warm_up(
             if not order:  # epoch-wise shuffles
                 order = list(range(len(samples)))
                 rng.shuffle(order)
-            batch.append(samples[order.pop()])
+            index = order.pop()
             shown_p.append(rng.random() < cfg.privileged_prob)
+            batch.append(samples[index] if shown_p[-1] or plain_samples is None else plain_samples[index])
         loss = supervised_loss(model, collator, batch, shown_p)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

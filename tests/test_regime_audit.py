@@ -51,3 +51,16 @@ def test_summary_shares_and_spread_over_seeds():
     assert summary["LL"]["target_corrects"][0] != summary["LL"]["target_corrects"][0]  # no mistakes: NaN, shown "-"
     table = regime_audit.format_table(summary)
     assert "| HS | 10.0 % ± 0.0 | 77.5 % ± 3.5 |" in table and "| LL |" in table and table.count("| - |") == 2
+
+
+def test_the_counts_can_be_kept_to_some_tokens():
+    """The hidden-operand testbed keeps a second count over the responses to its hidden problems."""
+    batch = routed(sampled=[1, 2, 3, 4], regimes=[HS, HS, HT, LH], teacher_top=[7, 8, 3, 4],
+                   teacher_p=[0.9, 0.9, 0.9, 0.9], privileged_top=[7, 2, 3, 4])
+    kept = regime_audit.audit_batch(batch, keep=torch.tensor([True, False, True, False]))
+    assert kept["HS"] == {"tokens": 1, "mistakes": 1, "mistakes_target_corrects": 1}
+    assert kept["HT"]["tokens"] == 1 and kept["LH"]["tokens"] == 0
+    totals = {}
+    regime_audit.add_counts(totals, kept)
+    regime_audit.add_counts(totals, regime_audit.audit_batch(batch))
+    assert totals["HS"] == {"tokens": 3, "mistakes": 3, "mistakes_target_corrects": 2}

@@ -92,7 +92,7 @@ def test_the_shipped_pair_is_the_one_the_recorded_settings_measured(name):
 
     testbed = testbed_learning.TESTBEDS[name]
     pair = testbed.shipped_pair()
-    files = sorted(testbed_learning.RESULTS.glob(f"testbed_{name}_*.json"))
+    files = testbed_learning.setting_files(testbed)
     assert files, f"no recorded setting of the {name} testbed"
     for file in files:
         pre = json.loads(file.read_text())["preconditions"]
@@ -126,3 +126,89 @@ def test_the_operands_a_cell_chain_response_wrote_are_read_back():
     assert cells_reading.read_operands("1*7+7=4 4*8=2 answer 2") == [1, 7, 7, 8]
     assert cells_reading.read_operands("7-1-9=7 7+5*6=2 2+5=7 answer 7") == [7, 1, 9, 5, 6, 5]
     assert cells_reading.read_operands("answer 3") == [] and cells_reading.read_operands("1*7") == []
+
+
+def test_where_p_hides_information_the_gap_is_also_measured_to_the_p_free_ceiling():
+    rows = [{"method": "dopd", "seed": seed, "rc": 0, **testbed_learning.summarize_metrics(metrics(final, [0.1]))}
+            for seed, final in enumerate([0.55, 0.45])]
+    hidden = {**PRE, "teacher/plain": 0.6, "p_free_ceiling": 0.65}
+    agg = testbed_learning.aggregate(rows, hidden)["dopd"]
+    assert agg["gap"][0] == pytest.approx(0.5) and agg["gap_ceiling"][0] == pytest.approx(0.4)  # 0.1 / 0.2, 0.1 / 0.25
+    table = testbed_learning.format_table({"dopd": agg})
+    assert "gap to the p-free ceiling" in table and "| 50 % ± 35 | 40 % ± 28 |" in table
+    assert "p-free ceiling" in testbed_learning.format_preconditions({**hidden, "student/ood": 0.1, "teacher/ood": 0.1},
+                                                                      "longer")
+    plain = testbed_learning.aggregate(rows, {**PRE, "p_free_ceiling": 1.0})["dopd"]  # nothing hidden: no column
+    assert "gap_ceiling" not in plain and "ceiling" not in testbed_learning.format_table({"dopd": plain})
+
+
+def test_a_testbeds_settings_are_its_own_files_not_its_variants(tmp_path):
+    import json
+
+    for name, testbed in (("testbed_arithmetic_s.json", None), ("testbed_arithmetic_hidden_s.json", "arithmetic_hidden")):
+        (tmp_path / name).write_text(json.dumps({"testbed": testbed} if testbed else {}))  # old records name no testbed
+    tb = testbed_learning.TESTBEDS
+    assert [f.name for f in testbed_learning.setting_files(tb["arithmetic"], tmp_path)] == ["testbed_arithmetic_s.json"]
+    assert [f.name for f in testbed_learning.setting_files(tb["arithmetic_hidden"], tmp_path)] == [
+        "testbed_arithmetic_hidden_s.json"]
+    assert testbed_learning.repo_relative(testbed_learning.ROOT / "demo_assets" / "x") == "demo_assets/x"
+    assert testbed_learning.repo_relative(tmp_path) == str(tmp_path)
+
+
+def test_one_benchmark_run_of_a_variant_end_to_end(tmp_path):
+    """The benchmark's plumbing on one step: preconditions with the p-free ceiling, one real
+    `dopd-vlm train` run of the HT-only ablation, its row, aggregate, table and plot."""
+    import json
+
+    code = testbed_learning.main([
+        "--testbed", "arithmetic_hidden", "--seeds", "0", "--steps", "1", "--eval-samples", "4", "--train-rows", "64",
+        "--methods", "dopd_ht_only", "--setting", "plumbing", "--out", str(tmp_path / "runs"),
+        "--results", str(tmp_path / "results"), "train.prompts_per_step=4", "train.prompts_per_micro_batch=4"])
+    assert code == 0
+    record = json.loads((tmp_path / "results" / "testbed_arithmetic_hidden_plumbing.json").read_text())
+    assert record["testbed"] == "arithmetic_hidden" and record["models"]["teacher"] == "demo_assets/arithmetic_hidden_teacher"
+    pre = record["preconditions"]
+    assert 0 < pre["p_free_ceiling"] < 1 and 0 <= pre["teacher/with_p/where_p_matters"] <= 1
+    (row,) = record["runs"]
+    assert row["rc"] == 0 and "method.regime_weights=ht_only" in row["command"], row
+    assert 0 <= row["final_test"] <= 1 and 0 <= row["final_ood"] <= 1 and "share/HT" in row["series"]
+    assert 0 <= row["final_where_p_matters"] <= 1 and 0 <= row["final_elsewhere"] <= 1
+    assert "gap_ceiling" in record["aggregate"]["dopd_ht_only"] and "| dopd_ht_only | 1 |" in record["table"]
+    assert (tmp_path / "results" / "testbed_arithmetic_hidden_plumbing.png").stat().st_size > 10_000
+
+
+def test_where_p_matters_is_a_hidden_operand_or_an_answer_the_rule_changes():
+    from dopd_vlm.data import load_recipe
+
+    tb = testbed_learning.TESTBEDS
+    assert testbed_learning.where_p_matters(tb["arithmetic"], load_recipe("arithmetic_chains", "test", limit=5)) is None
+    hidden = load_recipe("arithmetic_chains_hidden", "test", limit=40)
+    assert testbed_learning.where_p_matters(tb["arithmetic_hidden"], hidden) == [
+        s.meta["hidden_position"] == 0 for s in hidden]
+    rule, usual = load_recipe("arithmetic_chains_rule", "test", limit=40), load_recipe("arithmetic_chains", "test", limit=40)
+    matters = testbed_learning.where_p_matters(tb["arithmetic_rule"], rule)
+    assert matters == [r.answer != u.answer for r, u in zip(rule, usual)] and 0 < sum(matters) < 40
+    pre = {"share_where_p_matters": 0.5, "p_free_ceiling/where_p_matters": 0.3,
+           **{f"{role}/{view}/{subset}": 0.5 for role in ("teacher", "student") for view in ("plain", "with_p")
+              for subset in ("where_p_matters", "elsewhere")}}
+    table = testbed_learning.format_subset_table({"sft": {"where_p_matters": (0.25, 0.05), "elsewhere": (0.75, 0.0)}}, pre)
+    assert "p-free ceiling there 0.300" in table and "| sft (final) | 0.250 ± 0.050 | 0.750 ± 0.000 |" in table
+    assert testbed_learning.format_subset_table({}, PRE) == ""  # not a variant: no table
+
+
+def test_the_map_judges_each_variant_on_its_gap_and_compares_dopd_with_vanilla_opd_per_seed():
+    import testbed_map
+
+    pre = {**PRE, "teacher/plain": 0.6, "p_free_ceiling": 0.65}
+    finals = {"dopd_initial": [0.45, 0.5, 0.55], "vanilla_opd": [0.5, 0.5, 0.5], "sft": [0.41, 0.42, 0.43]}
+    record = {"preconditions": pre, "runs": [{"method": m, "seed": s, "rc": 0, "final_test": f}
+                                             for m, values in finals.items() for s, f in enumerate(values)]
+              + [{"method": "sft", "seed": 3, "rc": 1}]}
+    assert testbed_map.judged_gap(pre) == "gap_ceiling" and testbed_map.judged_gap(PRE) == "gap"
+    assert testbed_map.per_seed_gaps(record, "dopd_initial", "gap_ceiling") == pytest.approx({0: 0.2, 1: 0.4, 2: 0.6})
+    versus = testbed_map.compare(record, "gap_ceiling")
+    assert versus["difference"][0] == pytest.approx(0.0) and versus["seeds"] == [0, 1, 2] and not versus["ahead"]
+    gaps = {m: testbed_map.mean_std(testbed_map.per_seed_gaps(record, m, "gap").values()) for m in finals}
+    assert testbed_map.best_methods(gaps) == ["dopd_initial", "vanilla_opd"]  # sft's band is below the best's
+    assert testbed_map.ahead_beyond_spread((0.5, 0.05), (0.3, 0.1)) and not testbed_map.ahead_beyond_spread((0.5, 0.1), (0.3, 0.1))
+    assert testbed_map.points((-0.42, 0.14)) == "-42 ± 14 points"
