@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, machine  # noqa: E402
 from testbed_learning import load_checkpoint  # noqa: E402
 
-from dopd_vlm.testbeds import TESTBEDS  # noqa: E402
+from dopd_vlm.lab.testbeds import TESTBEDS  # noqa: E402
 
 SETTING_RUNS = ROOT / "runs" / "testbed_cells" / "p32_s200_lr1e-3" / "seed0"
 

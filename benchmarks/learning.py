@@ -4,7 +4,7 @@
     python benchmarks/learning.py --seeds 0 1 2 3 4 --steps 300 --update-md
     python benchmarks/learning.py --methods dopd vanilla_opd vanilla_opd_sampled -- optim.lr=5e-4
 
-Step 3 of `dopd-vlm demo` (dopd_vlm/demo.py) repeated per seed: the same warmed-up teacher and
+Step 3 of `dopd-vlm demo` (dopd_vlm/lab/demo.py) repeated per seed: the same warmed-up teacher and
 student (shipped / cached by the demo), then one real `dopd-vlm train --config configs/demo.yaml`
 run per method and seed. The seed changes the trainer's data order and rollouts; the starting
 checkpoints stay fixed. Reports, per method, mean ± sample standard deviation over seeds of the
@@ -43,7 +43,7 @@ EXTRA_METHODS = {  # variants that are not demo defaults but worth comparing her
 
 
 def main(argv=None) -> int:
-    from dopd_vlm import demo
+    from dopd_vlm.lab import demo
 
     demo.DEMO_METHODS.update({k: v for k, v in EXTRA_METHODS.items() if k not in demo.DEMO_METHODS})
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -50,7 +50,7 @@ def child(args) -> None:
     import dopd_vlm  # noqa: F401
     from dopd_vlm.config import load_config
     from dopd_vlm.models import load_model
-    from dopd_vlm.tiny import STUDENT_SIZE, TEACHER_SIZE, make_tiny_pair
+    from dopd_vlm.lab.tiny import STUDENT_SIZE, TEACHER_SIZE, make_tiny_pair
     from dopd_vlm.train import train
 
     student_size = dataclasses.replace(STUDENT_SIZE, hidden_size=512, num_layers=args.layers, num_heads=8,

@@ -120,7 +120,7 @@ def child(args) -> None:
     from dopd_vlm.distributed import rank, world_size
     from dopd_vlm.rollout import eos_token_ids
     from dopd_vlm.step import dopd_step, step_batches
-    from dopd_vlm.tiny import make_tiny_pair
+    from dopd_vlm.lab.tiny import make_tiny_pair
     from dopd_vlm.train import setup
 
     paths = make_tiny_pair("qwen2_vl", C.ROOT / ".cache" / "bench" / "padding", seed=0)

@@ -59,7 +59,7 @@ def main() -> None:
     from dopd_vlm.config import load_config
     from dopd_vlm.data import SampleDataset, load_recipe
     from dopd_vlm.models import load_processor
-    from dopd_vlm.tiny import make_tiny_pair
+    from dopd_vlm.lab.tiny import make_tiny_pair
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -6,7 +6,7 @@
 Builds a random-weight Qwen3-VL pair with Qwen3-VL-2B's widths (text hidden 2,048, 28 layers,
 16 heads / 8 KV heads, MLP 6,144; vision hidden 1,024, 24 blocks, MLP 4,096; a tied head of
 151,936 rows), teacher and student alike, stored in bfloat16 as the published checkpoint is
-(`dopd_vlm.tiny.make_tiny_pair(dtype=bfloat16)`, cached in .cache/bench/). The tokenizer is the
+(`dopd_vlm.lab.tiny.make_tiny_pair(dtype=bfloat16)`, cached in .cache/bench/). The tokenizer is the
 tiny one (500 tokens), so only the first 500 rows of the head are ever sampled, but every LM-head
 product covers all 151,936 rows, as it does for the real model. `--layers` / `--vision-depth`
 shorten both models (the widths stay).
@@ -58,7 +58,7 @@ VOCAB_ROWS = 151_936
 def build_pair(layers: int, vision_depth: int) -> dict[str, Path]:
     import torch
 
-    from dopd_vlm.tiny import TinySize, make_tiny_pair
+    from dopd_vlm.lab.tiny import TinySize, make_tiny_pair
 
     size = TinySize(**TEXT, **VISION, num_layers=layers, vision_depth=vision_depth, vocab_multiple=VOCAB_ROWS,
                     tie_word_embeddings=True)

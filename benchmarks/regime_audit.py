@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import RESULTS, ROOT, machine, mean_std, repo_relative, write_section  # noqa: E402
 
-from dopd_vlm.testbeds import TESTBEDS, Testbed  # noqa: E402
+from dopd_vlm.lab.testbeds import TESTBEDS, Testbed  # noqa: E402
 
 CONFIDENT = 0.5  # the teacher's probability on its own choice for a differing sampled token to count as a mistake
 
@@ -78,7 +78,7 @@ def audit(testbed: Testbed, teacher: Path, student: Path, seeds: list[int], batc
     from dopd_vlm.collate import DualViewCollator
     from dopd_vlm.config import load_config
     from dopd_vlm.data import load_recipe
-    from dopd_vlm.explore import score_and_route
+    from dopd_vlm.lab.explore import score_and_route
     from dopd_vlm.models import load_model, load_processor
     from dopd_vlm.rollout import sample_responses
 

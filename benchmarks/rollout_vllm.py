@@ -43,7 +43,7 @@ SCALES = {
 def student_path(scale: str) -> Path:
     import dataclasses
 
-    from dopd_vlm.tiny import STUDENT_SIZE, TEACHER_SIZE, make_tiny_pair
+    from dopd_vlm.lab.tiny import STUDENT_SIZE, TEACHER_SIZE, make_tiny_pair
 
     spec = SCALES[scale]
     size = dataclasses.replace(STUDENT_SIZE, **spec["size"])

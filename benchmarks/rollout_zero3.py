@@ -52,7 +52,7 @@ def child(args) -> None:
     from dopd_vlm.engine import gathered_for_generation, student_engine, zero3_loading
     from dopd_vlm.rollout import sample_responses
     from dopd_vlm.models import load_model, load_processor, model_family, vision_special_token_ids
-    from dopd_vlm.tiny import STUDENT_SIZE, make_tiny_pair
+    from dopd_vlm.lab.tiny import STUDENT_SIZE, make_tiny_pair
 
     import dataclasses
 

@@ -45,7 +45,7 @@ def child(args) -> None:
     warnings.filterwarnings("ignore")
     import dopd_vlm  # noqa: F401
     from dopd_vlm.config import load_config
-    from dopd_vlm.tiny import STUDENT_SIZE, TEACHER_SIZE, make_tiny_pair
+    from dopd_vlm.lab.tiny import STUDENT_SIZE, TEACHER_SIZE, make_tiny_pair
     from dopd_vlm.train import train
 
     paths = make_tiny_pair("qwen2_vl", C.ROOT / ".cache" / "bench" / "breakdown", seed=0,
@@ -61,7 +61,7 @@ def child(args) -> None:
         f"train.prompts_per_micro_batch={8 // world}", f"train.deepspeed={ds}", f"train.output_dir={out}",
         "train.eval_every=0", "train.save_every=0",
     ])
-    train(cfg)
+    train(cfg, overwrite=True)  # a scratch folder named by the port: a rerun replaces it
     if int(os.environ.get("RANK", "0")) == 0:
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # after step 0
         steps = [{"total": r["step_time"], "response_tokens": r["response_tokens"],  # all ranks

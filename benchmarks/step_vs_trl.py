@@ -54,7 +54,7 @@ LR = 1e-5
 
 
 def tiny_pair(family: str, scale: str) -> dict[str, Path]:
-    from dopd_vlm.tiny import STUDENT_SIZE, TEACHER_SIZE, TinySize, make_tiny_pair
+    from dopd_vlm.lab.tiny import STUDENT_SIZE, TEACHER_SIZE, TinySize, make_tiny_pair
 
     if scale == "tiny":
         # TRL requires equal vocab_size in both configs, so the teacher's LM head is not padded here
@@ -171,7 +171,7 @@ def run_ours(args) -> dict:
         f"train.output_dir={out}", "train.eval_every=0", "train.save_every=0", "train.log_every=1",
     ]
     cfg = load_config(None, overrides)
-    train(cfg)
+    train(cfg, overwrite=True)  # a scratch folder named by the port: a rerun replaces it
     if int(os.environ.get("RANK", "0")) != 0:
         return {}
     rows = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]

@@ -19,7 +19,7 @@ The testbeds (`TESTBEDS`), each a config naming its recipe, prompt template and 
 - `cells` (configs/testbed_cells.yaml, vision, tiny Qwen2-VL): the same chains with the operands
   as coloured cells in the image, p = the cells' digits (what the image shows, nothing computed).
 Teacher and student are of the same size and differ only by their supervised warm-up on the
-reference chains (`dopd_vlm.warmup`, `Testbed.warmups`). By default the pair shipped in
+reference chains (`dopd_vlm.lab.warmup`, `Testbed.warmups`). By default the pair shipped in
 demo_assets/ (the one every recorded setting used); `--rebuild` warms one up with today's code,
 `--teacher/--student` use given checkpoints (recorded in the results). Every method sees the
 same checkpoints, data and p; the seed changes the trainer's data order and rollouts.
@@ -55,9 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import RESULTS, ROOT, machine, mean_std, repo_relative, write_section  # noqa: E402
 
-from dopd_vlm.demo import gap_recovered  # noqa: E402
-from dopd_vlm.testbeds import TESTBEDS, Testbed  # noqa: E402
-from dopd_vlm.tiny import exclusive_lock  # noqa: E402
+from dopd_vlm.lab.demo import gap_recovered  # noqa: E402
+from dopd_vlm.lab.testbeds import TESTBEDS, Testbed  # noqa: E402
+from dopd_vlm.lab.tiny import exclusive_lock  # noqa: E402
 
 METHODS = {
     "dopd_live": ["method.name=dopd", "method.privileged_target=live"],
@@ -100,7 +100,7 @@ def prepare_pair(testbed: Testbed, cache: Path) -> dict[str, Path]:
     """The warmed-up teacher and student, from `cache` if a previous call built the same spec."""
     import torch
 
-    from dopd_vlm.tiny import make_tiny_pair
+    from dopd_vlm.lab.tiny import make_tiny_pair
 
     teacher_size, student_size = testbed.sizes()
     teacher_cfg, student_cfg = testbed.warmups()
@@ -131,7 +131,7 @@ def warm_and_save(testbed: Testbed, base: Path, target: Path, cfg, spec: dict, p
     import torch
 
     from dopd_vlm.data import load_recipe
-    from dopd_vlm.warmup import warm_up
+    from dopd_vlm.lab.warmup import warm_up
 
     model, collator = load_checkpoint(testbed, base, train=True)
     torch.set_num_threads(1)  # float reductions depend on the thread count
@@ -168,7 +168,7 @@ def ship_pair(testbed: Testbed, pair: dict[str, Path], pre: dict[str, float]) ->
             "what": f"the {testbed.name} testbed's {role} ({testbed.config.relative_to(ROOT)}): tiny {testbed.family}, "
                     f"hidden {size['hidden_size']}, {size['num_layers']} layers, {size['num_heads']} heads, intermediate "
                     f"{size['intermediate_size']}, 500-token vocabulary, float32",
-            "built_by": (f"dopd_vlm.warmup.warm_up on the {testbed.recipe} recipe's reference chains, p shown "
+            "built_by": (f"dopd_vlm.lab.warmup.warm_up on the {testbed.recipe} recipe's reference chains, p shown "
                          f"{cfg.privileged_prob:.0%} of the time" + (f", the plain view on the {plain} recipe's rows" if plain else "")
                          + (f", from the {testbed.base} testbed's shipped {role}" if base else ", from fresh tiny weights")
                          + f", one CPU thread: python benchmarks/testbed_learning.py --testbed {testbed.name} --rebuild --ship"),

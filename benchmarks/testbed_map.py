@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import RESULTS, ROOT, mean_std, write_section  # noqa: E402
 
-from dopd_vlm.demo import gap_recovered  # noqa: E402
-from dopd_vlm.testbeds import TESTBEDS  # noqa: E402
+from dopd_vlm.lab.demo import gap_recovered  # noqa: E402
+from dopd_vlm.lab.testbeds import TESTBEDS  # noqa: E402
 
 VARIANTS = ("arithmetic", "arithmetic_hidden", "arithmetic_rule")
 METHODS = ("dopd_initial", "vanilla_opd", "opsd_initial", "sft", "dopd_no_student", "dopd_ht_only")
@@ -162,7 +162,7 @@ def update_markdown(setting: str) -> None:
     body = [
         f"`python benchmarks/testbed_map.py --setting {setting}`: the three variants of the arithmetic testbed "
         "(same expressions, tokenizer, model sizes, budget, evaluation and extractor; each pair is the arithmetic pair "
-        "warmed up further on its variant, `dopd_vlm.testbeds`), setting "
+        "warmed up further on its variant, `dopd_vlm.lab.testbeds`), setting "
         f"`{setting}` of `benchmarks/testbed_learning.py` (the same for every method), mean ± sample std over seeds. "
         "Gap recovered = (final − student) / (top − student) with top = the teacher's plain accuracy, or the p-free "
         "ceiling where the question lacks what p gives (`benchmarks/testbed_map.py` says why). \"Ahead beyond the "

@@ -14,7 +14,7 @@ After every optimizer step the rollout engine must sample from the current adapt
   request, load_inplace reloads from disk at every scheduler step).
 
 One process per scale holds both engines on the same student (Qwen3 unless --family; random
-weights, dopd_vlm.tiny.make_tiny_pair) with a PEFT LoRA on its language model (rank 8, alpha 16,
+weights, dopd_vlm.lab.tiny.make_tiny_pair) with a PEFT LoRA on its language model (rank 8, alpha 16,
 the default target modules). Each "step" perturbs the adapters (A and B drawn afresh, seeded: B
 nonzero, so the adapter changes the outputs), then each path syncs and generates the same
 prompts (synthetic_text, or synthetic_scenes with their images for a VL family; greedy, exactly
@@ -64,7 +64,7 @@ NO_REQUEST_VARIANT = "native_engine_no_adapter"  # timing control: the LoRA engi
 def student_path(family: str, scale: str) -> Path:
     import dataclasses
 
-    from dopd_vlm.tiny import STUDENT_SIZE, TEACHER_SIZE, make_tiny_pair
+    from dopd_vlm.lab.tiny import STUDENT_SIZE, TEACHER_SIZE, make_tiny_pair
 
     size = dataclasses.replace(STUDENT_SIZE, **SCALES[scale]["size"])
     out = C.ROOT / ".cache" / "bench" / f"vllm_lora_sync_{family}_{scale}"

@@ -65,7 +65,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def _add_make_tiny(subparsers) -> None:
     from dopd_vlm.families import FAMILIES
-    from dopd_vlm.tiny import STUDENT_SIZE, TEACHER_SIZE
+    from dopd_vlm.lab.tiny import STUDENT_SIZE, TEACHER_SIZE
 
     parser = subparsers.add_parser(
         "make-tiny",
@@ -122,7 +122,7 @@ def run_make_tiny(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from dopd_vlm.families import FAMILIES
-    from dopd_vlm.tiny import STUDENT_SIZE, TEACHER_SIZE, make_tiny_pair
+    from dopd_vlm.lab.tiny import STUDENT_SIZE, TEACHER_SIZE, make_tiny_pair
 
     try:
         teacher = _size_from_args(args, "teacher", TEACHER_SIZE)
@@ -371,7 +371,7 @@ baselines, and report what each method achieved.
 
 
 def _add_demo(subparsers) -> None:
-    from dopd_vlm.demo import DEFAULT_METHODS, DEMO_METHODS, DEMO_TESTBEDS, DemoOptions
+    from dopd_vlm.lab.demo import DEFAULT_METHODS, DEMO_METHODS, DEMO_TESTBEDS, DemoOptions
 
     defaults = DemoOptions()
     parser = subparsers.add_parser(
@@ -410,7 +410,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from dopd_vlm.demo import DemoOptions
+    from dopd_vlm.lab.demo import DemoOptions
 
     if (args.steps is not None and args.steps < 1) or args.jobs < 0 or args.eval_every < 0 or args.eval_samples < 0:
         print("dopd-vlm demo: error: --steps must be >= 1; --jobs, --eval-every, --eval-samples >= 0", file=sys.stderr)
@@ -425,7 +425,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _demo(options) -> int:
-    from dopd_vlm.demo import run_demo
+    from dopd_vlm.lab.demo import run_demo
 
     try:
         run_demo(options)

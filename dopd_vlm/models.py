@@ -1,7 +1,7 @@
 """Loading teacher/student models and processors of the supported families.
 
 The rest of the package never names a concrete model class: real checkpoints and the tiny
-offline ones (`dopd_vlm.tiny`) go through `load_model` / `load_processor`. The families are the
+offline ones (`dopd_vlm.lab.tiny`) go through `load_model` / `load_processor`. The families are the
 table in `dopd_vlm.families`.
 """
 

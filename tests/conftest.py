@@ -1,6 +1,6 @@
 """Shared test setup: no Hub access, and tiny teacher/student pairs of every family.
 
-Everything the tests load is built locally (dopd_vlm.tiny.make_tiny_pair), so the suite runs
+Everything the tests load is built locally (dopd_vlm.lab.tiny.make_tiny_pair), so the suite runs
 on a machine without internet; HF_HUB_OFFLINE makes any accidental Hub lookup fail fast instead
 of hanging on the network.
 """
@@ -32,7 +32,7 @@ def tiny_pairs(tmp_path_factory) -> dict[str, dict[str, Path]]:
     Treat the directories as read-only: other tests share them.
     """
     from dopd_vlm.families import FAMILIES
-    from dopd_vlm.tiny import make_tiny_pair
+    from dopd_vlm.lab.tiny import make_tiny_pair
 
     root = tmp_path_factory.mktemp("tiny_pairs")
     return {family: make_tiny_pair(family, root / family, seed=0) for family in FAMILIES}
@@ -45,7 +45,7 @@ def tied_pairs(tmp_path_factory) -> dict[str, dict[str, Path]]:
     import dataclasses
 
     from dopd_vlm.families import FAMILIES
-    from dopd_vlm.tiny import STUDENT_SIZE, make_tiny_pair
+    from dopd_vlm.lab.tiny import STUDENT_SIZE, make_tiny_pair
 
     root = tmp_path_factory.mktemp("tied_pairs")
     student = dataclasses.replace(STUDENT_SIZE, tie_word_embeddings=True)
@@ -54,11 +54,11 @@ def tied_pairs(tmp_path_factory) -> dict[str, dict[str, Path]]:
 
 @pytest.fixture(scope="session")
 def template_pairs(tmp_path_factory) -> dict[str, dict[str, Path]]:
-    """Tiny pairs whose chat templates behave like the published ones (`dopd_vlm.tiny`):
+    """Tiny pairs whose chat templates behave like the published ones (`dopd_vlm.lab.tiny`):
     `qwen3_thinking` (Qwen3's: string content, `enable_thinking`, `<think>` tokens),
     `qwen2_vl_system` (Qwen2-VL's: a default system turn, `add_vision_id`) and `qwen3_vl_thinking`
     (Qwen3-VL-Thinking's: the generation prompt opens `<think>`). Each has a "family" entry too."""
-    from dopd_vlm.tiny import QWEN2_VL_CHAT, QWEN3_CHAT, QWEN3_VL_THINKING_CHAT, make_tiny_pair
+    from dopd_vlm.lab.tiny import QWEN2_VL_CHAT, QWEN3_CHAT, QWEN3_VL_THINKING_CHAT, make_tiny_pair
 
     root = tmp_path_factory.mktemp("template_pairs")
     chats = {"qwen3_thinking": ("qwen3", QWEN3_CHAT), "qwen2_vl_system": ("qwen2_vl", QWEN2_VL_CHAT),

@@ -13,7 +13,7 @@ from dopd_vlm.collate import DualViewCollator, reference_responses
 from dopd_vlm.data import RecipeError, Sample, load_recipe, read_recipe
 from dopd_vlm.data.answers import WHOLE_RESPONSE, AnswerExtractor, last_boxed
 from dopd_vlm.data.recipes import RECIPES_DIR
-from dopd_vlm.tiny import build_tiny_tokenizer
+from dopd_vlm.lab.tiny import build_tiny_tokenizer
 from dopd_vlm.validation import Invalid
 
 CHAIN = AnswerExtractor("regex", r"answer (\S+)")

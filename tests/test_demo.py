@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from dopd_vlm import demo
+from dopd_vlm.lab import demo
 from dopd_vlm.cli import build_parser
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -81,7 +81,7 @@ def test_warmup_is_deterministic(tiny_pairs):
     from dopd_vlm.config import DataConfig
     from dopd_vlm.data.recipes import load_recipe
     from dopd_vlm.models import load_model, load_processor
-    from dopd_vlm.warmup import WarmupConfig, warm_up
+    from dopd_vlm.lab.warmup import WarmupConfig, warm_up
 
     path = tiny_pairs["qwen2_vl"]["student"]
     collator = DualViewCollator.from_config(load_processor(path), data=DataConfig())

@@ -110,3 +110,29 @@ def test_architecture_table_order_is_the_import_order():
         for dep in deps:
             assert rank[table_name(dep)] >= rank[table_name(module)], (
                 f"{module} imports {dep}, which the architecture table lists above it")
+
+
+def called_names(node: ast.AST) -> set[str]:
+    """Names of what `node` calls: `f(...)` -> f, `a.b.f(...)` -> f."""
+    calls = set()
+    for call in ast.walk(node):
+        if isinstance(call, ast.Call):
+            func = call.func
+            calls.add(func.id if isinstance(func, ast.Name) else getattr(func, "attr", ""))
+    return calls
+
+
+def test_the_one_page_step_in_architecture_calls_what_dopd_step_calls():
+    # docs/architecture.md, "The step on one page", is a reader's map of step.dopd_step: every
+    # function or class of the package the step calls is on it, and it names none the step does not
+    defined = {node.name for path in (REPO / "dopd_vlm").rglob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    step = ast.parse((REPO / "dopd_vlm" / "step.py").read_text())
+    dopd_step = next(node for node in step.body if isinstance(node, ast.FunctionDef) and node.name == "dopd_step")
+    doc = (REPO / "docs" / "architecture.md").read_text().split("## The step on one page", 1)[1]
+    block = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    on_the_page = {name.rpartition(".")[2] for name in re.findall(r"([A-Za-z_][\w.]*)\(", block)}
+    assert "dopd_step" in on_the_page
+    called = called_names(dopd_step) & defined
+    assert called - on_the_page == set(), "called by step.dopd_step, missing from the page"
+    assert (on_the_page & defined) - called - {"dopd_step"} == set(), "on the page, not called by step.dopd_step"

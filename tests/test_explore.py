@@ -1,4 +1,4 @@
-"""dopd_vlm.explore: the explorer's routed batch agrees with plain forward passes and the router;
+"""dopd_vlm.lab.explore: the explorer's routed batch agrees with plain forward passes and the router;
 presentation helpers and metrics.jsonl reading."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from PIL import Image
 from dopd_vlm.collate import DualViewCollator
 from dopd_vlm.config import DataConfig, MethodConfig, RolloutConfig
 from dopd_vlm.data import load_recipe
-from dopd_vlm.explore import draw_boxes, find_runs, read_run, regime_html, score_and_route, token_texts
+from dopd_vlm.lab.explore import draw_boxes, find_runs, read_run, regime_html, score_and_route, token_texts
 from dopd_vlm.methods import compute_loss
 from dopd_vlm.models import load_model, load_processor, vision_special_token_ids
 from dopd_vlm.rollout import sample_responses

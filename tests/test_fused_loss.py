@@ -184,7 +184,7 @@ def test_a_tied_head_gets_the_gradient_of_both_its_uses(tmp_path, loss_path):
     from dopd_vlm.config import MethodConfig
     from dopd_vlm.models import load_model
     from dopd_vlm.scoring import backbone, output_head
-    from dopd_vlm.tiny import STUDENT_SIZE, make_tiny_pair
+    from dopd_vlm.lab.tiny import STUDENT_SIZE, make_tiny_pair
 
     path = make_tiny_pair("qwen3", tmp_path, student=dataclasses.replace(STUDENT_SIZE, tie_word_embeddings=True))["student"]
     model = load_model(path, dtype=torch.float64)

@@ -24,7 +24,7 @@ from transformers import (
 
 from dopd_vlm.families import FAMILIES, VISION_FAMILIES
 from dopd_vlm.models import VISION_SPECIAL_TOKENS, count_parameters, load_model, load_processor, model_family, vision_special_token_ids
-from dopd_vlm.tiny import STUDENT_SIZE, TEACHER_SIZE, TinySize, build_tiny_tokenizer, make_tiny_pair
+from dopd_vlm.lab.tiny import STUDENT_SIZE, TEACHER_SIZE, TinySize, build_tiny_tokenizer, make_tiny_pair
 
 EXPECTED_CLASSES = {
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),

@@ -109,7 +109,7 @@ def test_notebook_runs_top_to_bottom(path, kernel_specs, tmp_path):
         ht_tokens = re.search(r">HT</th>\s*<td[^>]*>(\d+)</td>", shares)
         assert ht_tokens and int(ht_tokens.group(1)) > 0, shares
     if path.stem == "run_analysis":  # it trained its own runs: check what it plotted
-        from dopd_vlm.explore import find_runs
+        from dopd_vlm.lab.explore import find_runs
 
         runs = {run.name: run for run in find_runs(tmp_path / "runs")}
         assert set(runs) == {"dopd", "vanilla_opd"}

@@ -291,7 +291,7 @@ def test_the_update_peak_memory_stays_within_the_token_budget_whatever_the_respo
     # at once here (MALLOC_MMAP_THRESHOLD_), so the resident set follows what is allocated.
     import yaml
 
-    from dopd_vlm.tiny import TinySize, make_tiny_pair
+    from dopd_vlm.lab.tiny import TinySize, make_tiny_pair
 
     size = TinySize(hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=1024)
     pair = make_tiny_pair("qwen3", tmp_path / "pair", seed=0, student=size, teacher=size)

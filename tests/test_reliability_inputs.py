@@ -324,7 +324,7 @@ def test_overlong_privileged_text_is_truncated_counted_and_logged_once(tiny_pair
 def test_training_evaluation_and_warm_up_see_the_same_truncated_privileged_prompt(tiny_pairs):
     # One builder for every prompt with p: the step-0 teacher-with-p baseline (evaluation) and the
     # warm-ups must see exactly the privileged view training scores, truncation included.
-    from dopd_vlm.warmup import supervised_loss
+    from dopd_vlm.lab.warmup import supervised_loss
 
     model = load_model(tiny_pairs["qwen3"]["student"]).eval()
     processor = load_processor(tiny_pairs["qwen3"]["student"])

@@ -1,4 +1,4 @@
-"""dopd_vlm.testbeds: every testbed's config loads, and the pair it ships is the one its warm-ups describe."""
+"""dopd_vlm.lab.testbeds: every testbed's config loads, and the pair it ships is the one its warm-ups describe."""
 
 import hashlib
 import json
@@ -7,7 +7,7 @@ from dataclasses import asdict
 import pytest
 
 from dopd_vlm.data import load_recipe
-from dopd_vlm.testbeds import TESTBEDS
+from dopd_vlm.lab.testbeds import TESTBEDS
 
 
 @pytest.mark.parametrize("name", sorted(TESTBEDS))

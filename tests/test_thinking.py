@@ -1,7 +1,7 @@
 """Chat-template arguments (`data.chat_template_kwargs`) and thinking models.
 
 The tiny pairs of `template_pairs` carry chat templates written to behave like the published
-ones (dopd_vlm/tiny.py): Qwen3's (string content, `enable_thinking`; with it false the generation
+ones (dopd_vlm/lab/tiny.py): Qwen3's (string content, `enable_thinking`; with it false the generation
 prompt holds an empty, closed think block), Qwen2-VL's (a default system turn, `add_vision_id`) and
 Qwen3-VL-Thinking's (the generation prompt opens `<think>`). The 2-rank run is in
 tests/test_eval_cli.py, with the command that evaluates its result.
@@ -30,7 +30,7 @@ from dopd_vlm.data.answers import WHOLE_RESPONSE, AnswerExtractor, after_thinkin
 from dopd_vlm.data.schema import Sample, SampleHeader
 from dopd_vlm.evaluate import decode_responses, evaluate_accuracy
 from dopd_vlm.models import load_model, load_processor
-from dopd_vlm.tiny import QWEN3_CHAT, build_tiny_tokenizer
+from dopd_vlm.lab.tiny import QWEN3_CHAT, build_tiny_tokenizer
 from dopd_vlm.vllm_rollout import engine_request
 from test_collate import image, sample_with_logits, view_logprobs
 from test_train import REPO, launch, metrics_lines, write_config

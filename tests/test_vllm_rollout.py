@@ -88,8 +88,8 @@ def test_vllm_without_the_extra_is_one_line_naming_it_before_any_model_loads(tmp
 
 @pytest.mark.slow
 def test_unsupported_head_size_is_one_line_at_start_up(tmp_path):
-    from dopd_vlm.demo import pair_sizes
-    from dopd_vlm.tiny import make_tiny_pair
+    from dopd_vlm.lab.demo import pair_sizes
+    from dopd_vlm.lab.tiny import make_tiny_pair
 
     teacher, student = pair_sizes()  # the demo's pair: text head size 16 / 24
     pairs = {"qwen2_vl": make_tiny_pair("qwen2_vl", tmp_path / "pair", teacher=teacher, student=student)}

@@ -3,7 +3,7 @@
 Steps (each cached, so a second run goes straight to step 2):
 
 1. **Testbed, models and data** (`--testbed`, `DEMO_TESTBEDS`).
-   - `arithmetic` (the default) and `cells`, the reasoning testbeds of `dopd_vlm.testbeds`: the
+   - `arithmetic` (the default) and `cells`, the reasoning testbeds of `dopd_vlm.lab.testbeds`: the
      config `configs/testbed_<name>.yaml` names the recipe (mod-10 chains written in steps; p =
      the first step's value, or the digits of the image's cells) and the warmed-up pair it
      ships in demo_assets/ (their manifests say how they were built and what they score), so
@@ -12,7 +12,7 @@ Steps (each cached, so a second run goes straight to step 2):
      ~0.5 M parameters) and student (hidden 64, 2 layers, ~0.22 M), sharing one tokenizer; the
      `synthetic_scenes` recipe gives 112x112 scenes of coloured shapes, one question each, with
      the labelled bounding boxes as p. The teacher was trained for long with p shown half of
-     the time (`dopd_vlm.warmup`; test accuracy 0.43 from the image alone, 0.51 with p); that
+     the time (`dopd_vlm.lab.warmup`; test accuracy 0.43 from the image alone, 0.51 with p); that
      takes ~30 CPU-minutes, so it ships (`demo_assets/qwen2_vl_teacher`, 2 MB) and
      `--rebuild-teacher` reruns the same deterministic warm-up. The student gets 80 steps
      (~30 s, cached): it knows the answer format but not yet the answers (0.175).
@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from dopd_vlm.errors import InputError
-from dopd_vlm.testbeds import TESTBEDS
+from dopd_vlm.lab.testbeds import TESTBEDS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 ASSETS_DIR = REPO / "demo_assets"
 SHIPPED_TEACHER = ASSETS_DIR / "qwen2_vl_teacher"
@@ -59,7 +59,7 @@ RECIPE = "synthetic_scenes"
 PAIR_SEED = 0
 
 # --testbed: the synthetic scenes, whose pair this module warms up, or a reasoning testbed of
-# dopd_vlm.testbeds, whose config names the pair it ships.
+# dopd_vlm.lab.testbeds, whose config names the pair it ships.
 SCENES = "scenes"
 DEMO_TESTBEDS = (SCENES, *TESTBEDS)
 DEFAULT_TESTBED = "arithmetic"
@@ -82,7 +82,7 @@ LABELS = {
 
 
 def warmup_configs():
-    from dopd_vlm.warmup import WarmupConfig
+    from dopd_vlm.lab.warmup import WarmupConfig
 
     teacher = WarmupConfig(steps=4000, batch_size=32, lr=1e-3, privileged_prob=0.5, warmup_steps=20, seed=0)
     student = WarmupConfig(steps=80, batch_size=32, lr=1e-3, privileged_prob=0.5, warmup_steps=20, seed=2)
@@ -167,7 +167,7 @@ def pair_sizes():
     """(teacher, student) TinySize of the demo's pair, pinned here rather than taken from the
     package defaults: the shipped teacher was warmed up from exactly these (text head_dim 24 and
     16, the defaults before they became vLLM-compatible), so it keeps matching its spec."""
-    from dopd_vlm.tiny import TinySize
+    from dopd_vlm.lab.tiny import TinySize
 
     teacher = TinySize(hidden_size=96, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=192,
                        vision_hidden_size=48, vision_depth=2, vision_num_heads=2, vision_intermediate_size=96,
@@ -180,7 +180,7 @@ def pair_sizes():
 def warmup_spec(role: str, cfg) -> dict[str, Any]:
     """Everything a warmed-up checkpoint depends on; the cache key."""
     from dopd_vlm.config import DataConfig
-    from dopd_vlm.tiny import BUILDER_VERSION, TINY_TOKENIZER_SEED
+    from dopd_vlm.lab.tiny import BUILDER_VERSION, TINY_TOKENIZER_SEED
 
     teacher_size, student_size = pair_sizes()
     size = teacher_size if role == "teacher" else student_size
@@ -236,7 +236,7 @@ def build_warmed(role: str, cfg, base: Path, target: Path, *, eval_samples: int 
     from dopd_vlm.config import DataConfig
     from dopd_vlm.data.recipes import load_recipe
     from dopd_vlm.models import load_model, load_processor
-    from dopd_vlm.warmup import warm_up
+    from dopd_vlm.lab.warmup import warm_up
 
     spec = warmup_spec(role, cfg)
     processor = load_processor(base)
@@ -290,7 +290,7 @@ def _accuracy(model, collator, samples, *, privileged: bool, max_new_tokens: int
 def prepare_models(options: DemoOptions, log=print) -> dict[str, Path]:
     """The warmed-up teacher and student: a reasoning testbed's shipped pair; for the scenes,
     shipped, cached, or built now (in that order)."""
-    from dopd_vlm.tiny import make_tiny_pair
+    from dopd_vlm.lab.tiny import make_tiny_pair
 
     if options.testbed != SCENES:
         return shipped_testbed_pair(options, log)

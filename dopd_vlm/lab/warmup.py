@@ -16,7 +16,7 @@ also read the boxes, which the privileged-student pass of DOPD and OPSD relies o
 
 `plain_samples` (optional, row for row the same problems as `samples`) gives the plain view
 other references than the privileged view: the shared-rule testbed's student learns the usual
-meaning of `-` when it is shown plain and the rule's when p states it (`dopd_vlm.testbeds`), a
+meaning of `-` when it is shown plain and the rule's when p states it (`dopd_vlm.lab.testbeds`), a
 student that can follow a stated rule but has not internalised it.
 
 Everything is a pure function of the model's initial weights and `WarmupConfig.seed`: batch

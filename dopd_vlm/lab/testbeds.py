@@ -3,7 +3,7 @@ can be checked (BENCHMARKS.md, "Learning on the ... testbed"; issue 15).
 
 A testbed is a config (`configs/testbed_<name>.yaml`: recipe, prompt template, generation length
 and the warmed-up pair shipped in demo_assets/) plus how that pair was made: the model family,
-one tiny size for both models and the two supervised warm-ups (`dopd_vlm.warmup`), which alone
+one tiny size for both models and the two supervised warm-ups (`dopd_vlm.lab.warmup`), which alone
 make the teacher-student gap: `benchmarks/testbed_learning.py --rebuild` warms both up from the
 same initial weights (the shipped cells pair was built so; the arithmetic pair, older, from the
 two initialisations of `make_tiny_pair`; each manifest says), or, for a variant with a `base`,
@@ -23,14 +23,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
 class Testbed:
     """One reasoning testbed: the config its runs use (recipe, prompt template, generation
     length and the shipped pair are read from it), the model family, the size of both tiny
-    models and their warm-ups (`dopd_vlm.warmup.WarmupConfig` fields)."""
+    models and their warm-ups (`dopd_vlm.lab.warmup.WarmupConfig` fields)."""
 
     name: str
     title: str
@@ -80,12 +80,12 @@ class Testbed:
         return TESTBEDS[self.base].shipped_pair() if self.base else None
 
     def warmups(self):
-        from dopd_vlm.warmup import WarmupConfig
+        from dopd_vlm.lab.warmup import WarmupConfig
 
         return WarmupConfig(**self.teacher_warmup), WarmupConfig(**self.student_warmup)
 
     def sizes(self):
-        from dopd_vlm.tiny import TinySize
+        from dopd_vlm.lab.tiny import TinySize
 
         return TinySize(**self.size), TinySize(**self.size)
 
