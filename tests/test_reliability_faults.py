@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def launch_expecting_failure(tmp_path, config, runs, timeout=300):
+    tmp_path.mkdir(exist_ok=True)
     spec = tmp_path / "spec_fail.json"
     spec.write_text(json.dumps({"config": str(config), "runs": runs}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
@@ -75,38 +76,60 @@ def test_nan_loss_or_gradients_skip_the_step_and_training_goes_on(setup):
         assert_same_weights(final_weights(root / name), final_weights(root / "one_step"))
 
 
-def test_consecutive_bad_steps_stop_the_run_and_the_last_checkpoint_resumes(setup, tmp_path):
+KILLS = {"kill-9-while-training": {"kill_at_step": 3, "rank": 1}, "kill-9-while-saving": {"kill_saving_step": 3}}
+
+
+def pointer(run):
+    marker = run / "checkpoints" / "latest_complete"
+    return marker.read_text() if marker.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def recovered(setup):
+    """The runs that stop: each kill -9 in a launch of its own, then one launch resuming all of
+    them and the fixture's stopped runs ("bad", "full"). Records what each left before resuming."""
     root, config, results = setup
-    run = root / "bad"
+    stopped = {"bad": root / "bad", "full": root / "full"}
+    killed = {}
+    for case, fault in KILLS.items():
+        run = stopped[case] = root / case
+        killed[case], _ = launch_expecting_failure(root / f"launch_{case}", config,
+                                                   [{"name": "k", "overrides": [f"train.output_dir={run}"], "fault": fault}])
+    before = {case: {"pointer": pointer(run), "step_3": (run / "checkpoints" / "step_3").exists()}
+              for case, run in stopped.items()}
+    resumed = launch(root, config, [{"name": case, "overrides": [f"train.output_dir={run}"], "resume": True}
+                                    for case, run in stopped.items()])
+    return stopped, before, killed, resumed
+
+
+def test_consecutive_bad_steps_stop_the_run_and_the_last_checkpoint_resumes(setup, recovered):
+    _, _, results = setup
+    stopped, before, _, resumed = recovered
     assert "2 consecutive steps had non-finite" in results["bad"]["error"]
-    assert (run / "checkpoints" / "latest_complete").read_text() == "step_2"
+    assert before["bad"]["pointer"] == "step_2"
     # resuming from the last good checkpoint works; step 2 was skipped there, so the run now
     # differs from the reference only by that skipped step: it must finish and export
-    resumed = launch(tmp_path, config, [{"name": "resume", "overrides": [f"train.output_dir={run}"], "resume": True}])
-    assert resumed["resume"]["finished"]
-    assert (run / "final" / "model.safetensors").is_file()
+    assert resumed["bad"]["finished"]
+    assert (stopped["bad"] / "final" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("fault", [{"kill_at_step": 3, "rank": 1}, {"kill_saving_step": 3}],
-                         ids=["kill-9-while-training", "kill-9-while-saving"])
-def test_kill_9_then_resume_ends_with_uninterrupted_weights(setup, tmp_path, fault):
-    root, config, _ = setup
-    run = tmp_path / "killed"
-    proc, _ = launch_expecting_failure(tmp_path, config, [{"name": "k", "overrides": [f"train.output_dir={run}"], "fault": fault}])
-    marker = run / "checkpoints" / "latest_complete"
-    assert marker.is_file() and marker.read_text() == "step_2", proc.stderr[-6000:]
-    launch(tmp_path, config, [{"name": "resume", "overrides": [f"train.output_dir={run}"], "resume": True}])
-    assert_same_weights(final_weights(run), final_weights(root / "reference"))
+@pytest.mark.parametrize("case", KILLS)
+def test_kill_9_then_resume_ends_with_uninterrupted_weights(setup, recovered, case):
+    root, _, _ = setup
+    stopped, before, killed, resumed = recovered
+    assert before[case]["pointer"] == "step_2", killed[case].stderr[-6000:]
+    assert resumed[case]["finished"]
+    assert_same_weights(final_weights(stopped[case]), final_weights(root / "reference"))
 
 
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(setup, tmp_path):
-    root, config, results = setup
-    run = root / "full"
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(setup, recovered):
+    root, _, results = setup
+    stopped, before, _, resumed = recovered
     assert "No space left on device" in results["full"]["error"] and "step_2" in results["full"]["error"]
-    assert (run / "checkpoints" / "latest_complete").read_text() == "step_2"
-    assert not (run / "checkpoints" / "step_3").exists()
-    launch(tmp_path, config, [{"name": "resume", "overrides": [f"train.output_dir={run}"], "resume": True}])
-    assert_same_weights(final_weights(run), final_weights(root / "reference"))
+    assert before["full"]["pointer"] == "step_2"
+    assert not before["full"]["step_3"]
+    assert resumed["full"]["finished"]
+    assert_same_weights(final_weights(stopped["full"]), final_weights(root / "reference"))
 
 
 def test_a_dying_rank_ends_the_whole_run_instead_of_hanging(setup, tmp_path):

@@ -16,12 +16,34 @@ import yaml
 from safetensors.torch import load_file
 
 from dopd_vlm.config import ConfigError, load_config, load_deepspeed_config
+from dopd_vlm.data.recipes import RECIPES_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "helpers" / "train_driver.py"
 
 
+SHORT_TRAIN_SPLIT = 64  # rows, for at most 5 steps x 4 prompts
+GENERATED_RECIPES = ("synthetic_scenes", "synthetic_text", "synthetic_scenes_caption", "arithmetic_chains", "cell_chains")
+
+
+def short_recipe(name: str, folder: Path) -> str:
+    """Built-in recipe `name` with a train split of SHORT_TRAIN_SPLIT rows, written into `folder`.
+
+    Its rows are the first rows of the built-in split (a generated row is a pure function of its
+    index); every set-up generates and checks the whole train split, 2000 rows, seconds per run
+    and rank that no test needs.
+    """
+    recipe = yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text())
+    recipe["splits"]["train"] = SHORT_TRAIN_SPLIT
+    path = folder / f"{name}_short.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
 def write_config(path: Path, pairs: dict, family="qwen2_vl", recipe="synthetic_scenes", **sections) -> Path:
+    """A run config for the tiny `pairs`; a built-in generated `recipe` with a short train split."""
+    if recipe in GENERATED_RECIPES:
+        recipe = short_recipe(recipe, path.parent)
     config = {
         "model": {"teacher": str(pairs[family]["teacher"]), "student": str(pairs[family]["student"]), "dtype": "float32"},
         "data": {"recipe": recipe, "eval_splits": ["test"], "max_eval_samples": 4},
@@ -280,7 +302,8 @@ def test_text_only_and_other_vision_families_train_under_zero3(tmp_path, tiny_pa
     families = {"qwen3": "synthetic_text", "qwen2_5_vl": "synthetic_scenes", "qwen3_vl": "synthetic_scenes"}
     results = launch(tmp_path, config, [{"name": family, "overrides": [  # one launch for the three
         f"model.student={tiny_pairs[family]['student']}", f"model.teacher={tiny_pairs[family]['teacher']}",
-        f"data.recipe={recipe}", f"train.output_dir={tmp_path / family}"]} for family, recipe in families.items()])
+        f"data.recipe={short_recipe(recipe, tmp_path)}", f"train.output_dir={tmp_path / family}"]}
+        for family, recipe in families.items()])
     for family in families:
         assert results[family]["finished"] and results[family]["teacher_unchanged"], family
 
@@ -298,7 +321,8 @@ def test_tied_bf16_checkpointed_students_on_two_zero3_ranks_match_one_rank(tmp_p
     def runs(where):
         return [{"name": family, "overrides": [
             f"model.student={tied_pairs[family]['student']}", f"model.teacher={tied_pairs[family]['teacher']}",
-            f"data.recipe={recipe}", f"train.output_dir={tmp_path / where / family}"]} for family, recipe in recipes.items()]
+            f"data.recipe={short_recipe(recipe, tmp_path)}", f"train.output_dir={tmp_path / where / family}"]}
+            for family, recipe in recipes.items()]
 
     one, two = launch(tmp_path, config, runs("one"), nproc=1), launch(tmp_path, config, runs("two"))
     for family in recipes:

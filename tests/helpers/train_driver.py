@@ -3,7 +3,8 @@
 Usage: torchrun --nproc_per_node N tests/helpers/train_driver.py SPEC.json RESULT.json
 SPEC: {"config": path, "runs": [{"name", "overrides": [...], "resume": bool, "stop_after_step": int|null,
                                  "fault": {...} | absent, "loss_path": "fallback" | absent}]}
-RESULT (rank 0): {name: {"metrics": {...}, "phases": {...}, "teacher_unchanged": bool, "finished": bool, "error": str|null}}
+RESULT (rank 0): {name: {"metrics": {...}, "phases": {...}, "teacher_unchanged": bool, "finished": bool, "error": str|null,
+                         "compiled_frames": int (frames torch.compile compiled in this process so far)}}
 Several runs share one process start-up (torch + DeepSpeed imports dominate on CPU). Code paths
 (e.g. train.loss_path) are chosen by config overrides.
 
@@ -28,6 +29,7 @@ import sys
 import dopd_vlm  # noqa: F401  (before transformers)
 import torch
 import torch.distributed as dist
+from torch._dynamo.utils import counters
 
 from dopd_vlm import hooks
 from dopd_vlm.config import load_config
@@ -107,7 +109,7 @@ def main(spec_path: str, result_path: str) -> None:
             result.rollout_engine.close()
         unchanged = teacher_unchanged(result.teacher, cfg.model.teacher) if result.teacher is not None else None
         results[run["name"]] = {"metrics": result.metrics, "phases": result.phases, "teacher_unchanged": unchanged,
-                                "finished": result.finished, "error": None}
+                                "finished": result.finished, "error": None, "compiled_frames": counters["frames"]["total"]}
     if not dist.is_initialized() or dist.get_rank() == 0:
         json.dump(results, open(result_path, "w"), indent=1)
 
