@@ -3,6 +3,10 @@
 # on a GPU machine install your CUDA torch into .venv first (README, "Installing") and it is kept.
 PYTHON ?= python3
 VENV ?= .venv
+# `make test` runs the suite in this many pytest-xdist workers, a test module's tests in one worker
+# (they share its launches): on 2 cores, 2 workers keep both busy while a test waits on a single
+# process or a signal.
+TEST_WORKERS ?= 2
 TORCH_VERSION ?= 2.13.0
 TORCHVISION_VERSION ?= 0.28.0
 BIN := $(VENV)/bin
@@ -46,7 +50,7 @@ demo: setup
 	$(BIN)/dopd-vlm demo
 
 test: setup-vllm setup-lora
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV) runs .cache

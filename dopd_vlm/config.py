@@ -237,6 +237,12 @@ class VllmConfig:
             divide the world size; every rank of a group samples the group's prompts).
         sleep: GPU only: put the engine to sleep after each rollout (weights to host memory, KV
             cache freed) so training gets the device memory back; woken before the next rollout.
+        compile: Let vLLM use torch.compile as it does by default: on GPU its model (with CUDA
+            graphs); on CPU, where the model runs eagerly, its sampler's compiled helpers, which
+            inductor compiles at the first rollout of every process (tens of seconds on a CPU).
+            false: nothing in the engine is compiled (vLLM's compilation mode NONE, every engine
+            call under torch's `force_eager` compiler stance): a faster start and, on GPU, slower
+            decoding; on CPU the same rollouts (the model runs eagerly either way).
     """
 
     kv_cache_bytes: NonNegative = 0
@@ -244,6 +250,7 @@ class VllmConfig:
     max_model_len: Positive = 4096
     tensor_parallel_size: Positive = 1
     sleep: bool = False
+    compile: bool = True
 
 
 @dataclass

@@ -212,8 +212,12 @@ def start_engine(cfg: RunConfig, collator: DualViewCollator, dtype: torch.dtype,
     )
     if on_gpu:
         options.update(gpu_memory_utilization=v.memory_fraction, enable_sleep_mode=v.sleep)
+    if not v.compile:
+        from vllm.config import CompilationConfig, CompilationMode
+
+        options.update(compilation_config=CompilationConfig(mode=CompilationMode.NONE))
     try:
-        with _global_rng_kept():
+        with _global_rng_kept(), compiler_stance(v.compile):
             llm = LLM(**options)
     except Exception as err:  # vLLM's start-up errors are long and many-typed: report one line
         raise ConfigError(f"config key 'rollout.engine': vLLM could not start an engine for model.student "
@@ -245,6 +249,7 @@ class VllmRollout:
         else:
             self.tp_group = None
         self.sleep_between_rollouts = cfg.rollout.vllm.sleep
+        self.compile = cfg.rollout.vllm.compile
         self._sleep()
 
     # -- sampling ------------------------------------------------------------------------
@@ -260,7 +265,8 @@ class VllmRollout:
             self._wake(["weights", "kv_cache"])
             self.llm.reset_prefix_cache()  # each call depends on its inputs and weights only
             hooks.run("before_generate")
-            outputs = self.llm.generate(requests, params, use_tqdm=False)[mine]
+            with compiler_stance(self.compile):
+                outputs = self.llm.generate(requests, params, use_tqdm=False)[mine]
             self._sleep()
         except Exception as err:  # noqa: BLE001  any engine failure ends the run the same way
             failure = err
@@ -358,8 +364,9 @@ class VllmRollout:
             self._wake(["weights"])  # the KV cache stays released until the next rollout
             with gathered_weights(module):
                 weights = student_weights(module)
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
-                                                                  "is_checkpoint_format": True})
+                with compiler_stance(self.compile):
+                    self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
+                                                                      "is_checkpoint_format": True})
                 del weights
             self.llm.reset_prefix_cache()
             self.llm.llm_engine.reset_encoder_cache()  # image features computed with the old weights
@@ -393,6 +400,13 @@ class VllmRollout:
             return
         where = f"on rank {rank()}: {type(failure).__name__}: {one_line(failure)}" if failure else "on another rank"
         raise RolloutEngineError(f"the vLLM rollout engine failed while {what} {where}")
+
+
+def compiler_stance(compile_engine: bool) -> contextlib.AbstractContextManager:
+    """torch.compile as vLLM uses it (`rollout.vllm.compile: true`), or every function it compiles
+    run eagerly instead: vLLM compiles some helpers (the sampler's on CPU) whatever its
+    compilation mode, at their first call."""
+    return contextlib.nullcontext() if compile_engine else torch.compiler.set_stance("force_eager")
 
 
 def engine_request(collator: DualViewCollator, sample: Sample) -> dict[str, Any]:

@@ -65,3 +65,11 @@ def template_pairs(tmp_path_factory) -> dict[str, dict[str, Path]]:
              "qwen3_vl_thinking": ("qwen3_vl", QWEN3_VL_THINKING_CHAT)}
     return {name: {**make_tiny_pair(family, root / name, seed=0, chat=chat), "family": family}
             for name, (family, chat) in chats.items()}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow (multi-process) tests first, each module's tests kept together and in order:
+    `make test` hands whole modules to its pytest-xdist workers in this order, and a long module
+    started last would run alone at the end."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)  # stable

@@ -33,7 +33,7 @@ from dopd_vlm.models import load_model, load_processor
 from dopd_vlm.lab.tiny import QWEN3_CHAT, build_tiny_tokenizer
 from dopd_vlm.vllm_rollout import engine_request
 from test_collate import image, sample_with_logits, view_logprobs
-from test_train import REPO, launch, metrics_lines, write_config
+from test_train import REPO, launch, metrics_lines, short_recipe, write_config
 
 TEMPLATE = "Boxes:\n{privileged}\n{question}"
 THINKING_OFF = {"enable_thinking": False}
@@ -294,7 +294,8 @@ def test_two_zero3_ranks_train_and_evaluate_thinking_models_with_the_arguments(t
     config = write_config(tmp_path / "c.yaml", template_pairs, family="qwen3_thinking", recipe="synthetic_text",
                           train={"steps": 1}, data={"chat_template_kwargs": THINKING_OFF})
     vl = template_pairs["qwen3_vl_thinking"]
-    vl_overrides = [f"model.student={vl['student']}", f"model.teacher={vl['teacher']}", "data.recipe=synthetic_scenes"]
+    vl_overrides = [f"model.student={vl['student']}", f"model.teacher={vl['teacher']}",
+                    f"data.recipe={short_recipe('synthetic_scenes', tmp_path)}"]
     results = launch(tmp_path, config, [
         {"name": "qwen3_thinking", "overrides": [f"train.output_dir={tmp_path / 'qwen3'}"]},
         {"name": "qwen3_vl_thinking", "overrides": [*vl_overrides, f"train.output_dir={tmp_path / 'qwen3_vl'}"]},

@@ -16,12 +16,34 @@ import yaml
 from safetensors.torch import load_file
 
 from dopd_vlm.config import ConfigError, load_config, load_deepspeed_config
+from dopd_vlm.data.recipes import RECIPES_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "helpers" / "train_driver.py"
 
 
+SHORT_TRAIN_SPLIT = 64  # rows, for at most 5 steps x 4 prompts
+GENERATED_RECIPES = ("synthetic_scenes", "synthetic_text", "synthetic_scenes_caption", "arithmetic_chains", "cell_chains")
+
+
+def short_recipe(name: str, folder: Path) -> str:
+    """Built-in recipe `name` with a train split of SHORT_TRAIN_SPLIT rows, written into `folder`.
+
+    Its rows are the first rows of the built-in split (a generated row is a pure function of its
+    index); every set-up generates and checks the whole train split, 2000 rows, seconds per run
+    and rank that no test needs.
+    """
+    recipe = yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text())
+    recipe["splits"]["train"] = SHORT_TRAIN_SPLIT
+    path = folder / f"{name}_short.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
 def write_config(path: Path, pairs: dict, family="qwen2_vl", recipe="synthetic_scenes", **sections) -> Path:
+    """A run config for the tiny `pairs`; a built-in generated `recipe` with a short train split."""
+    if recipe in GENERATED_RECIPES:
+        recipe = short_recipe(recipe, path.parent)
     config = {
         "model": {"teacher": str(pairs[family]["teacher"]), "student": str(pairs[family]["student"]), "dtype": "float32"},
         "data": {"recipe": recipe, "eval_splits": ["test"], "max_eval_samples": 4},
@@ -37,9 +59,11 @@ def write_config(path: Path, pairs: dict, family="qwen2_vl", recipe="synthetic_s
     return path
 
 
-def launch(tmp_path: Path, config: Path, runs: list[dict], nproc: int = 2) -> dict:
+def launch(tmp_path: Path, config: Path | None, runs: list[dict], nproc: int = 2) -> dict:
+    """`runs` in one torchrun launch of tests/helpers/train_driver.py; a run without a "config" of
+    its own trains `config`. Rank 0's results by run name."""
     spec, result = tmp_path / f"spec_{nproc}.json", tmp_path / f"result_{nproc}.json"
-    spec.write_text(json.dumps({"config": str(config), "runs": runs}))
+    spec.write_text(json.dumps({"config": config and str(config), "runs": runs}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(DRIVER), str(spec), str(result)]
@@ -146,26 +170,110 @@ def test_single_process_runs_started_together_need_no_port(tmp_path):
 
 
 # -- slow: real DeepSpeed ZeRO-3 over gloo -----------------------------------------------------
+# The training runs of the tests below share two launches, one per world size (process start-up
+# and a process's first set-up dominate on CPU): each test's `*_runs` function writes its config
+# under its own folder and names its runs; `deepspeed_runs` launches them all.
+
+METHODS = {
+    "dopd": ["method.name=dopd"],  # privileged_target=initial, the default
+    "dopd_live_target": ["method.name=dopd", "method.privileged_target=live"],
+    "vanilla_opd": ["method.name=vanilla_opd", "method.opd_divergence=sampled"],
+    "opsd": ["method.name=opsd", "train.teacher_eval=skip"],
+    "gkd": ["method.name=gkd", "train.teacher_eval=sharded", "train.eval_max_new_tokens=2"],
+    "sft": ["method.name=sft"],
+}
+OTHER_FAMILIES = {"qwen3": "synthetic_text", "qwen2_5_vl": "synthetic_scenes", "qwen3_vl": "synthetic_scenes"}
+TIED_FAMILIES = {"qwen2_vl": "synthetic_scenes", "qwen3_vl": "synthetic_scenes", "qwen3": "synthetic_text"}
+
+
+def run_of(config: Path, name: str, out: Path, *overrides: str, **options) -> dict:
+    """A train_driver run of `config` writing to `out`."""
+    return {"name": name, "config": str(config), "overrides": [*overrides, f"train.output_dir={out}"], **options}
+
+
+def every_method_runs(folder: Path, pairs: dict, tied: dict) -> dict[int, list[dict]]:
+    config = write_config(folder / "c.yaml", pairs)
+    return {2: [run_of(config, name, folder / name, *overrides) for name, overrides in METHODS.items()]}
+
+
+def uneven_chunks_runs(folder: Path, pairs: dict, tied: dict) -> dict[int, list[dict]]:
+    # The same global batch on 1 rank (checkpointed chunked loss: the reference) and on 2 ranks
+    # (ZeRO-3 partitioned heads: fused loss run as the head's forward, teacher gathered once).
+    config = write_config(folder / "c.yaml", pairs, train={"steps": 1, "loss_chunk_size": 3},
+                          rollout={"num_rollouts": 2, "max_new_tokens": 8, "batch_size": 2})
+    return {1: [run_of(config, "r", folder / "one", "train.loss_path=chunked")],
+            2: [run_of(config, "r", folder / "two", "train.loss_path=fused")]}
+
+
+def accumulation_runs(folder: Path, pairs: dict, tied: dict) -> dict[int, list[dict]]:
+    config = write_config(folder / "c.yaml", pairs, method={"name": "sft"}, train={"steps": 1})
+    return {1: [run_of(config, f"{stage}_{per_micro}", folder / stage / str(per_micro),
+                       f"train.deepspeed={REPO / 'ds_configs' / (stage + '.json')}",
+                       f"train.prompts_per_micro_batch={per_micro}")
+                for stage in ("zero2", "zero3") for per_micro in (1, 4)]}
+
+
+def generate_call_runs(folder: Path, pairs: dict, tied: dict) -> dict[int, list[dict]]:
+    config = write_config(folder / "c.yaml", pairs, train={"steps": 1}, data={"eval_splits": []},
+                          rollout={"num_rollouts": 2, "max_new_tokens": 6, "temperature": 1e-4})
+    return {1: [run_of(config, str(size), folder / str(size), f"rollout.batch_size={size}") for size in (0, 2)]}
+
+
+def resume_runs(folder: Path, pairs: dict, tied: dict) -> dict[int, list[dict]]:
+    config = write_config(folder / "c.yaml", pairs, train={"steps": 4, "save_every": 1})
+    return {2: [run_of(config, "full", folder / "full"),
+                run_of(config, "first", folder / "parts", stop_after_step=2),
+                run_of(config, "rest", folder / "parts", resume=True)]}
+
+
+def family_runs(config: Path, out: Path, pairs: dict, families: dict[str, str]) -> list[dict]:
+    """A run per family (its pair and recipe) writing to out/<family>."""
+    return [run_of(config, family, out / family, f"model.student={pairs[family]['student']}",
+                   f"model.teacher={pairs[family]['teacher']}", f"data.recipe={short_recipe(recipe, config.parent)}")
+            for family, recipe in families.items()]
+
+
+def other_families_runs(folder: Path, pairs: dict, tied: dict) -> dict[int, list[dict]]:
+    config = write_config(folder / "c.yaml", pairs, train={"steps": 1})
+    return {2: family_runs(config, folder, pairs, OTHER_FAMILIES)}
+
+
+def tied_runs(folder: Path, pairs: dict, tied: dict) -> dict[int, list[dict]]:
+    config = write_config(folder / "c.yaml", tied, model={"dtype": "bfloat16", "gradient_checkpointing": True},
+                          train={"steps": 1}, data={"eval_splits": [], "max_eval_samples": 0},
+                          rollout={"batch_size": 2})  # one micro-batch per generate call on 1 and 2 ranks
+    return {nproc: family_runs(config, folder / where, tied, TIED_FAMILIES) for nproc, where in ((1, "one"), (2, "two"))}
+
+
+CASES = {"every_method": every_method_runs, "uneven_chunks": uneven_chunks_runs, "accumulation": accumulation_runs,
+         "generate_call": generate_call_runs, "resume": resume_runs, "other_families": other_families_runs,
+         "tied": tied_runs}
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(tmp_path_factory, tiny_pairs, tied_pairs):
+    """Every case's runs: one 1-rank and one 2-rank launch. case -> (its folder, {nproc: {run: result}})."""
+    root = tmp_path_factory.mktemp("deepspeed_runs")
+    runs, folders = {1: [], 2: []}, {case: root / case for case in CASES}
+    for case, plan in CASES.items():
+        folders[case].mkdir()
+        for nproc, case_runs in plan(folders[case], tiny_pairs, tied_pairs).items():
+            runs[nproc] += [{**run, "name": f"{case}/{run['name']}"} for run in case_runs]
+    results = {nproc: launch(root, None, nproc_runs, nproc=nproc) for nproc, nproc_runs in runs.items()}
+    return {case: (folder, {nproc: {name.removeprefix(f"{case}/"): result for name, result in results[nproc].items()
+                                    if name.startswith(f"{case}/")} for nproc in results})
+            for case, folder in folders.items()}
 
 
 @pytest.mark.slow
-def test_two_ranks_zero3_every_method_trains_and_exports(tmp_path, tiny_pairs):
-    config = write_config(tmp_path / "c.yaml", tiny_pairs)
-    methods = {
-        "dopd": ["method.name=dopd"],  # privileged_target=initial, the default
-        "dopd_live_target": ["method.name=dopd", "method.privileged_target=live"],
-        "vanilla_opd": ["method.name=vanilla_opd", "method.opd_divergence=sampled"],
-        "opsd": ["method.name=opsd", "train.teacher_eval=skip"],
-        "gkd": ["method.name=gkd", "train.teacher_eval=sharded", "train.eval_max_new_tokens=2"],
-        "sft": ["method.name=sft"],
-    }
-    runs = [{"name": name, "overrides": [*o, f"train.output_dir={tmp_path / name}"]} for name, o in methods.items()]
-    results = launch(tmp_path, config, runs)
-    for name in methods:
+def test_two_ranks_zero3_every_method_trains_and_exports(deepspeed_runs, tiny_pairs):
+    folder, results = deepspeed_runs["every_method"]
+    results = results[2]
+    for name in METHODS:
         result = results[name]
         assert result["finished"] and torch.isfinite(torch.tensor(result["metrics"]["loss"]))
         assert result["teacher_unchanged"] in (True, None)
-        lines = metrics_lines(tmp_path / name)
+        lines = metrics_lines(folder / name)
         assert lines[0]["step"] == 0 and "student/test" in lines[0]
         assert ("teacher_privileged/test" in lines[0]) == (name != "opsd")  # train.teacher_eval=skip
         assert [line["step"] for line in lines[1:]] == [1, 2]
@@ -177,7 +285,7 @@ def test_two_ranks_zero3_every_method_trains_and_exports(tmp_path, tiny_pairs):
             assert lines[0][key] > 0, (name, key)
         assert {"time/export", "time/checkpoint", "time/eval"} <= set(result["phases"]), name
         assert "student/test" in lines[-1]
-    dopd = metrics_lines(tmp_path / "dopd")[-1]
+    dopd = metrics_lines(folder / "dopd")[-1]
     assert sum(dopd[f"share/{r}"] for r in ("LH", "LL", "HT", "HS")) == pytest.approx(1.0)
     assert "threshold_gap" in dopd and "kl_to_teacher" in dopd
     # the student moved, and its export reloads with transformers alone and generates
@@ -193,8 +301,8 @@ def test_two_ranks_zero3_every_method_trains_and_exports(tmp_path, tiny_pairs):
         "    out = m.generate(**inputs, max_new_tokens=3, do_sample=False)\n"
         "    assert out.shape[1] > inputs['input_ids'].shape[1], path\n"
     )
-    finals = [tmp_path / name / "final" for name in methods]
-    for name, final in zip(methods, finals):
+    finals = [folder / name / "final" for name in METHODS]
+    for name, final in zip(METHODS, finals):
         exported = load_file(final / "model.safetensors")
         assert any(not torch.equal(exported[k], initial[k]) for k in initial), name
     subprocess.run([sys.executable, "-c", code, *map(str, finals)], check=True, cwd=REPO,
@@ -202,17 +310,11 @@ def test_two_ranks_zero3_every_method_trains_and_exports(tmp_path, tiny_pairs):
 
 
 @pytest.mark.slow
-def test_two_zero3_ranks_with_uneven_loss_chunks_match_one_rank_on_the_chunked_path(tmp_path, tiny_pairs):
-    # The same global batch on 1 rank (checkpointed chunked loss: the reference) and on 2 ranks
-    # (ZeRO-3 partitioned heads: fused loss run as the head's forward, teacher gathered once).
+def test_two_zero3_ranks_with_uneven_loss_chunks_match_one_rank_on_the_chunked_path(deepspeed_runs):
     # Chunks of 3 tokens: ranks hold different numbers of chunks and of HT rows, which must not
     # change the number of collectives (a hang or a crash if it did).
-    config = write_config(tmp_path / "c.yaml", tiny_pairs, train={"steps": 1, "loss_chunk_size": 3},
-                          rollout={"num_rollouts": 2, "max_new_tokens": 8, "batch_size": 2})
-    one = launch(tmp_path, config, [{"name": "r", "overrides": [f"train.output_dir={tmp_path / 'one'}",
-                                                                "train.loss_path=chunked"]}], nproc=1)["r"]
-    two = launch(tmp_path, config, [{"name": "r", "overrides": [f"train.output_dir={tmp_path / 'two'}",
-                                                                "train.loss_path=fused"]}])["r"]
+    _, results = deepspeed_runs["uneven_chunks"]
+    one, two = results[1]["r"], results[2]["r"]
     assert one["metrics"]["loss"] == pytest.approx(two["metrics"]["loss"], abs=1e-5)
     assert one["metrics"]["threshold_gap"] == pytest.approx(two["metrics"]["threshold_gap"], abs=1e-9)
     assert one["metrics"]["response_tokens"] == two["metrics"]["response_tokens"] > 2 * 3 * 4
@@ -225,47 +327,34 @@ def test_two_zero3_ranks_with_uneven_loss_chunks_match_one_rank_on_the_chunked_p
 
 
 @pytest.mark.slow
-def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(tmp_path, tiny_pairs):
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(deepspeed_runs):
     # 4 prompts in one micro-batch or in 4 accumulated ones: the same step gradient (its norm),
     # under ZeRO-2 and ZeRO-3. (ZeRO-3 advances its accumulation micro-step in the engine's
     # forward: a student pass that bypassed it kept only the last micro-batch's gradient.)
-    config = write_config(tmp_path / "c.yaml", tiny_pairs, method={"name": "sft"}, train={"steps": 1})
-    runs = [{"name": f"{stage}_{per_micro}", "overrides": [
-        f"train.deepspeed={REPO / 'ds_configs' / (stage + '.json')}", f"train.prompts_per_micro_batch={per_micro}",
-        f"train.output_dir={tmp_path / stage / str(per_micro)}"]}
-        for stage in ("zero2", "zero3") for per_micro in (1, 4)]
-    norms = {name: result["metrics"]["grad_norm"] for name, result in launch(tmp_path, config, runs, nproc=1).items()}
-    assert norms["zero2_4"] > 0
+    _, results = deepspeed_runs["accumulation"]
+    norms = {name: result["metrics"]["grad_norm"] for name, result in results[1].items()}
+    assert sorted(norms) == ["zero2_1", "zero2_4", "zero3_1", "zero3_4"] and norms["zero2_4"] > 0
     for name, norm in norms.items():
         assert norm == pytest.approx(norms["zero2_4"], rel=1e-5), norms
 
 
 @pytest.mark.slow
-def test_one_generate_call_for_the_step_splits_into_the_same_micro_batches(tmp_path, tiny_pairs):
+def test_one_generate_call_for_the_step_splits_into_the_same_micro_batches(deepspeed_runs):
     # Near-greedy sampling makes the rollouts independent of how they are grouped into generate
     # calls: a whole step in one call (rollout.batch_size=0) and one call per micro-batch must then
     # give the same micro-batches, hence the same loss and gradient.
-    config = write_config(tmp_path / "c.yaml", tiny_pairs, train={"steps": 1}, data={"eval_splits": []},
-                          rollout={"num_rollouts": 2, "max_new_tokens": 6, "temperature": 1e-4})
-    runs = [{"name": str(size), "overrides": [f"rollout.batch_size={size}", f"train.output_dir={tmp_path / str(size)}"]}
-            for size in (0, 2)]
-    results = launch(tmp_path, config, runs, nproc=1)
-    whole, per_micro = results["0"]["metrics"], results["2"]["metrics"]
+    _, results = deepspeed_runs["generate_call"]
+    whole, per_micro = results[1]["0"]["metrics"], results[1]["2"]["metrics"]
     assert whole["response_tokens"] == per_micro["response_tokens"]
     assert whole["loss"] == pytest.approx(per_micro["loss"], rel=1e-6)
     assert whole["grad_norm"] == pytest.approx(per_micro["grad_norm"], rel=1e-5)
 
 
 @pytest.mark.slow
-def test_stop_and_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, tiny_pairs):
-    config = write_config(tmp_path / "c.yaml", tiny_pairs, train={"steps": 4, "save_every": 1})
-    full, parts = tmp_path / "full", tmp_path / "parts"
-    results = launch(tmp_path, config, [
-        {"name": "full", "overrides": [f"train.output_dir={full}"]},
-        {"name": "first", "overrides": [f"train.output_dir={parts}"], "stop_after_step": 2},
-        {"name": "rest", "overrides": [f"train.output_dir={parts}"], "resume": True},
-    ])
-    assert not results["first"]["finished"] and results["rest"]["finished"]
+def test_stop_and_resume_ends_with_the_weights_of_an_uninterrupted_run(deepspeed_runs):
+    folder, results = deepspeed_runs["resume"]
+    full, parts = folder / "full", folder / "parts"
+    assert not results[2]["first"]["finished"] and results[2]["rest"]["finished"]
     assert (parts / "checkpoints" / "latest_complete").read_text() == "step_4"
     a, b = load_file(full / "final" / "model.safetensors"), load_file(parts / "final" / "model.safetensors")
     for key in a:
@@ -275,33 +364,19 @@ def test_stop_and_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path,
 
 
 @pytest.mark.slow
-def test_text_only_and_other_vision_families_train_under_zero3(tmp_path, tiny_pairs):
-    config = write_config(tmp_path / "c.yaml", tiny_pairs, train={"steps": 1})
-    families = {"qwen3": "synthetic_text", "qwen2_5_vl": "synthetic_scenes", "qwen3_vl": "synthetic_scenes"}
-    results = launch(tmp_path, config, [{"name": family, "overrides": [  # one launch for the three
-        f"model.student={tiny_pairs[family]['student']}", f"model.teacher={tiny_pairs[family]['teacher']}",
-        f"data.recipe={recipe}", f"train.output_dir={tmp_path / family}"]} for family, recipe in families.items()])
-    for family in families:
-        assert results[family]["finished"] and results[family]["teacher_unchanged"], family
-
+def test_text_only_and_other_vision_families_train_under_zero3(deepspeed_runs):
+    _, results = deepspeed_runs["other_families"]
+    for family in OTHER_FAMILIES:
+        assert results[2][family]["finished"] and results[2][family]["teacher_unchanged"], family
 
 
 @pytest.mark.slow
-def test_tied_bf16_checkpointed_students_on_two_zero3_ranks_match_one_rank(tmp_path, tied_pairs):
+def test_tied_bf16_checkpointed_students_on_two_zero3_ranks_match_one_rank(deepspeed_runs):
     # The shapes of the paper's real students: LM head tied to the embedding, bf16, gradient
     # checkpointing; ZeRO-3 over 2 ranks (fused loss on the partitioned tied head) against 1 rank.
-    recipes = {"qwen2_vl": "synthetic_scenes", "qwen3_vl": "synthetic_scenes", "qwen3": "synthetic_text"}
-    config = write_config(tmp_path / "c.yaml", tied_pairs, model={"dtype": "bfloat16", "gradient_checkpointing": True},
-                          train={"steps": 1}, data={"eval_splits": [], "max_eval_samples": 0},
-                          rollout={"batch_size": 2})  # one micro-batch per generate call on 1 and 2 ranks
-
-    def runs(where):
-        return [{"name": family, "overrides": [
-            f"model.student={tied_pairs[family]['student']}", f"model.teacher={tied_pairs[family]['teacher']}",
-            f"data.recipe={recipe}", f"train.output_dir={tmp_path / where / family}"]} for family, recipe in recipes.items()]
-
-    one, two = launch(tmp_path, config, runs("one"), nproc=1), launch(tmp_path, config, runs("two"))
-    for family in recipes:
+    folder, results = deepspeed_runs["tied"]
+    one, two = results[1], results[2]
+    for family in TIED_FAMILIES:
         a, b = one[family]["metrics"], two[family]["metrics"]
         assert one[family]["finished"] and two[family]["finished"]
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-2, abs=1e-3), family  # bf16 forwards on 1 and 2 ranks
@@ -311,7 +386,7 @@ def test_tied_bf16_checkpointed_students_on_two_zero3_ranks_match_one_rank(tmp_p
             "    m = load_model(path); head, embedding = m.get_output_embeddings().weight, m.get_input_embeddings().weight\n"
             "    assert m.config.get_text_config().tie_word_embeddings and head.data_ptr() == embedding.data_ptr(), path\n"
             "    assert str(head.dtype) == 'torch.bfloat16', path\n")
-    exports = [str(tmp_path / where / family / "final") for family in recipes for where in ("one", "two")]
+    exports = [str(folder / where / family / "final") for family in TIED_FAMILIES for where in ("one", "two")]
     subprocess.run([sys.executable, "-c", code, *exports], check=True, cwd=REPO,  # reloads with transformers, still tied
                    env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
 

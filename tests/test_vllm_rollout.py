@@ -22,6 +22,9 @@ from test_train import REPO, launch, metrics_lines, write_config
 VLLM_DRIVER = REPO / "tests" / "helpers" / "vllm_driver.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 VLLM = {"engine": "vllm", "num_rollouts": 2, "max_new_tokens": 6}
+# Compilation is not what most of these check: their engines skip it (inductor spends tens of
+# seconds per process on vLLM's sampler). `vllm_runs` runs the default, compiled engine.
+EAGER = {**VLLM, "vllm": {"compile": False}}
 NO_EVAL = {"eval_splits": []}  # evaluation runs on HF generate either way: not what these tests check
 RECIPES = {"qwen2_vl": "synthetic_scenes", "qwen2_5_vl": "synthetic_scenes", "qwen3_vl": "synthetic_scenes",
            "qwen3": "synthetic_text"}
@@ -39,7 +42,7 @@ def run_cli(*args: str, cwd: Path, prelude: str = "") -> subprocess.CompletedPro
 def test_vllm_config_keys_are_validated_with_one_line_errors(tmp_path, tiny_pairs):
     config = write_config(tmp_path / "c.yaml", tiny_pairs, rollout=VLLM)
     cfg = load_config(config)
-    assert cfg.rollout.engine == "vllm" and cfg.rollout.vllm.kv_cache_bytes == 0
+    assert cfg.rollout.engine == "vllm" and cfg.rollout.vllm.kv_cache_bytes == 0 and cfg.rollout.vllm.compile is True
     assert load_config(config, ["rollout.engine=hf"]).rollout.engine == "hf"
     cases = {
         "rollout.engine=sglang": "config key 'rollout.engine'",
@@ -47,6 +50,7 @@ def test_vllm_config_keys_are_validated_with_one_line_errors(tmp_path, tiny_pair
         "rollout.vllm.memory_fraction=0": "config key 'rollout.vllm.memory_fraction'",
         "rollout.vllm.max_model_len=6": "config key 'rollout.vllm.max_model_len'",
         "rollout.vllm.tensor_parallel_size=0": "config key 'rollout.vllm.tensor_parallel_size'",
+        "rollout.vllm.compile=sometimes": "config key 'rollout.vllm.compile'",
         "rollout.vllm.gpu=1": "unknown config key 'rollout.vllm.gpu'",
     }
     for override, message in cases.items():
@@ -101,46 +105,48 @@ def test_unsupported_head_size_is_one_line_at_start_up(tmp_path):
     assert "32, 64" in last and "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow
-def test_vllm_and_hf_agree_on_the_trained_student_in_every_family(tmp_path, tiny_pairs):
-    runs = []
-    for family, recipe in RECIPES.items():
-        config = write_config(tmp_path / f"{family}.yaml", tiny_pairs, family=family, recipe=recipe,
-                              rollout={**VLLM, "max_new_tokens": 8}, optim={"lr": 1e-2}, train={"steps": 3}, data=NO_EVAL)
-        runs.append({"name": family, "config": str(config), "overrides": [f"train.output_dir={tmp_path / family}"],
-                     "num_prompts": 6})
-    spec, result = tmp_path / "spec.json", tmp_path / "result.json"
-    spec.write_text(json.dumps({"runs": runs}))
-    proc = subprocess.run([sys.executable, str(VLLM_DRIVER), str(spec), str(result)], cwd=tmp_path, env=ENV,
+@pytest.fixture(scope="module")
+def engine_comparisons(tmp_path_factory, tiny_pairs):
+    """One process (tests/helpers/vllm_driver.py): 3 training steps with vLLM rollouts in every
+    family and with a LoRA student (adapted lm_head too), each engine then compared with Hugging
+    Face on the trained student."""
+    root = tmp_path_factory.mktemp("engine_comparisons")
+    rollout, optim, train = {**EAGER, "max_new_tokens": 8}, {"lr": 1e-2}, {"steps": 3}
+    configs = {family: write_config(root / f"{family}.yaml", tiny_pairs, family=family, recipe=recipe, rollout=rollout,
+                                    optim=optim, train=train, data=NO_EVAL) for family, recipe in RECIPES.items()}
+    lora = {"enabled": True, "rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "down_proj", "lm_head"]}
+    configs["lora"] = write_config(root / "lora.yaml", tiny_pairs, model={"lora": lora}, rollout=rollout, optim=optim,
+                                   train=train, data=NO_EVAL)
+    spec, result = root / "spec.json", root / "result.json"
+    spec.write_text(json.dumps({"runs": [{"name": name, "config": str(config), "num_prompts": 6,
+                                          "overrides": [f"train.output_dir={root / name}"]}
+                                         for name, config in configs.items()]}))
+    proc = subprocess.run([sys.executable, str(VLLM_DRIVER), str(spec), str(result)], cwd=root, env=ENV,
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    results = json.loads(result.read_text())
+    return json.loads(result.read_text())
+
+
+@pytest.mark.slow
+def test_vllm_and_hf_agree_on_the_trained_student_in_every_family(engine_comparisons):
     for family in RECIPES:
-        r = results[family]
+        r = engine_comparisons[family]
         assert r["weights_moved"], family  # 3 optimizer steps, each synced into the engine
         assert r["greedy_identical"], family  # token ids and prefix mask equal to HF generate's
         assert r["greedy_rows"] == 6 and r["sampled_tokens"] > 12, family
         assert r["max_logprob_diff"] <= 1e-5, (family, r["max_logprob_diff"])
         assert r["distinct_rollouts"] > 1, family  # rows of one micro-batch are sampled independently
+        assert r["compiled_frames"] == 0, family  # rollout.vllm.compile=false: nothing compiled in the process
         metrics = r["metrics"]
         assert metrics["time/weight_sync"] > 0 and metrics["rollout/logprob_gap_max"] <= 1e-5, family
         assert 0 <= metrics["rollout/logprob_gap_mean"] <= metrics["rollout/logprob_gap_max"], family
 
 
 @pytest.mark.slow
-def test_vllm_samples_from_the_current_lora_adapter(tmp_path, tiny_pairs):
+def test_vllm_samples_from_the_current_lora_adapter(engine_comparisons):
     # A LoRA student (adapted lm_head too) trained 3 steps with vLLM rollouts: the engine, synced
     # with the merged weights after each step, samples what HF generate samples from base + adapter
-    lora = {"enabled": True, "rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "down_proj", "lm_head"]}
-    config = write_config(tmp_path / "c.yaml", tiny_pairs, model={"lora": lora}, rollout={**VLLM, "max_new_tokens": 8},
-                          optim={"lr": 1e-2}, train={"steps": 3}, data=NO_EVAL)
-    spec, result = tmp_path / "spec.json", tmp_path / "result.json"
-    spec.write_text(json.dumps({"runs": [{"name": "lora", "config": str(config), "num_prompts": 6,
-                                          "overrides": [f"train.output_dir={tmp_path / 'run'}"]}]}))
-    proc = subprocess.run([sys.executable, str(VLLM_DRIVER), str(spec), str(result)], cwd=tmp_path, env=ENV,
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    r = json.loads(result.read_text())["lora"]
+    r = engine_comparisons["lora"]
     assert r["weights_moved"]  # the merged weights the sync pushes differ from the base checkpoint
     assert r["greedy_identical"] and r["greedy_rows"] == 6 and r["sampled_tokens"] > 12
     assert r["max_logprob_diff"] <= 1e-5, r["max_logprob_diff"]
@@ -150,7 +156,7 @@ def test_vllm_samples_from_the_current_lora_adapter(tmp_path, tiny_pairs):
 @pytest.fixture(scope="module")
 def vllm_runs(tmp_path_factory, tiny_pairs):
     """One 1-rank ZeRO-3 launch: a vLLM run, the same again, the same stopped and resumed, and one
-    whose engine dies in step 2."""
+    whose engine dies in step 2; the default engine (`rollout.vllm.compile: true`)."""
     root = tmp_path_factory.mktemp("vllm_runs")
     config = write_config(root / "c.yaml", tiny_pairs, rollout=VLLM, train={"steps": 3, "save_every": 1}, data=NO_EVAL)
     results = launch(root, config, [
@@ -167,6 +173,7 @@ def vllm_runs(tmp_path_factory, tiny_pairs):
 def test_vllm_run_is_reproducible_and_resume_gives_the_weights_of_an_uninterrupted_run(vllm_runs):
     root, _, results = vllm_runs
     assert results["full"]["finished"] and results["rest"]["finished"] and not results["first"]["finished"]
+    assert results["full"]["compiled_frames"] > 0  # the default engine compiled (vLLM's sampler, on CPU)
     full = load_file(root / "full" / "final" / "model.safetensors")
     for other in ("again", "parts"):
         weights = load_file(root / other / "final" / "model.safetensors")
@@ -193,11 +200,14 @@ def test_a_dying_vllm_engine_stops_the_run_naming_the_last_complete_checkpoint(v
 @pytest.mark.slow
 def test_two_zero3_ranks_with_colocated_vllm_match_one_rank(vllm_runs):
     # The same global batch on 2 ranks (each rank's engine samples its own micro-batches) and on 1
-    # rank (the fixture's "full" run): the same rollouts, so the same losses step by step.
+    # rank (the fixture's "full" run): the same rollouts, so the same losses step by step. The 2
+    # ranks' engines compile nothing (rollout.vllm.compile=false; rank 0's process counted), the
+    # 1-rank one does: the same rollouts.
     root, config, _ = vllm_runs
     two = root / "two"
-    result = launch(root, config, [{"name": "two", "overrides": [f"train.output_dir={two}"]}], nproc=2)["two"]
-    assert result["finished"]
+    result = launch(root, config, [{"name": "two", "overrides": [f"train.output_dir={two}", "rollout.vllm.compile=false"]}],
+                    nproc=2)["two"]
+    assert result["finished"] and result["compiled_frames"] == 0
     one_lines, two_lines = metrics_lines(root / "full")[1:], metrics_lines(two)[1:]
     assert [line["step"] for line in two_lines] == [1, 2, 3]
     for a, b in zip(one_lines, two_lines):

@@ -2,10 +2,13 @@
 
 Usage: torchrun --nproc_per_node N tests/helpers/train_driver.py SPEC.json RESULT.json
 SPEC: {"config": path, "runs": [{"name", "overrides": [...], "resume": bool, "stop_after_step": int|null,
-                                 "fault": {...} | absent, "loss_path": "fallback" | absent}]}
-RESULT (rank 0): {name: {"metrics": {...}, "phases": {...}, "teacher_unchanged": bool, "finished": bool, "error": str|null}}
-Several runs share one process start-up (torch + DeepSpeed imports dominate on CPU). Code paths
-(e.g. train.loss_path) are chosen by config overrides.
+                                 "fault": {...} | absent, "config": path | absent (the spec's)}]}
+RESULT (rank 0): {name: {"metrics": {...}, "phases": {...}, "teacher_unchanged": bool, "finished": bool, "error": str|null,
+                         "compiled_frames": int (frames torch.compile compiled in this process so far)}}
+Several runs share one process start-up (torch + DeepSpeed imports dominate on CPU), also runs of
+different configs. Code paths (e.g. train.loss_path) are chosen by config overrides. Rank 0 rewrites
+RESULT after every run, so a launch that a fault ends (kill -9, a rank exiting) still reports the
+runs before it.
 
 Faults are injected through the run's hook points (`dopd_vlm.hooks`), for one run at a time:
   {"nan_loss_steps": [k, ...]}        the loss of step k is NaN on every rank              (after_loss)
@@ -28,6 +31,7 @@ import sys
 import dopd_vlm  # noqa: F401  (before transformers)
 import torch
 import torch.distributed as dist
+from torch._dynamo.utils import counters
 
 from dopd_vlm import hooks
 from dopd_vlm.config import load_config
@@ -96,20 +100,28 @@ def main(spec_path: str, result_path: str) -> None:
     spec = json.load(open(spec_path))
     results = {}
     for run in spec["runs"]:
-        cfg = load_config(spec["config"], run["overrides"])
+        cfg = load_config(run.get("config", spec["config"]), run["overrides"])
         try:
             with injected(run.get("fault", {})):
                 result = train(cfg, resume=run.get("resume", False), stop_after_step=run.get("stop_after_step"))
         except (NonFiniteTraining, CheckpointError, RolloutEngineError) as err:
             results[run["name"]] = {"error": f"{type(err).__name__}: {err}", "finished": False}
+            write_results(results, result_path)
             continue
         if result.rollout_engine is not None:  # rollout.engine=vllm: one engine at a time in this process
             result.rollout_engine.close()
         unchanged = teacher_unchanged(result.teacher, cfg.model.teacher) if result.teacher is not None else None
         results[run["name"]] = {"metrics": result.metrics, "phases": result.phases, "teacher_unchanged": unchanged,
-                                "finished": result.finished, "error": None}
+                                "finished": result.finished, "error": None, "compiled_frames": counters["frames"]["total"]}
+        write_results(results, result_path)
+
+
+def write_results(results: dict, path: str) -> None:
+    """Rank 0's results so far, replaced whole (a killed launch leaves the last complete version)."""
     if not dist.is_initialized() or dist.get_rank() == 0:
-        json.dump(results, open(result_path, "w"), indent=1)
+        with open(f"{path}.tmp", "w") as file:
+            json.dump(results, file, indent=1)
+        os.replace(f"{path}.tmp", path)
 
 
 if __name__ == "__main__":

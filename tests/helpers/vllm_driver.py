@@ -3,7 +3,8 @@
 Usage: python tests/helpers/vllm_driver.py SPEC.json RESULT.json
 SPEC: {"runs": [{"name", "config", "overrides": [...], "eval_split": "test", "num_prompts": n}]}
 RESULT: {name: {"metrics": {...}, "greedy_identical": bool, "greedy_rows": int, "max_logprob_diff": float,
-                "sampled_tokens": int, "distinct_rollouts": int, "weights_moved": bool}}
+                "sampled_tokens": int, "distinct_rollouts": int, "weights_moved": bool,
+                "compiled_frames": int (frames torch.compile compiled in this process so far)}}
 
 Each run trains through `dopd_vlm.train.train` (the engine syncs after every optimizer step),
 then on the trained student: greedy responses of the engine and of `rollout.sample_responses`
@@ -18,6 +19,7 @@ import sys
 import dopd_vlm  # noqa: F401  (before transformers)
 import torch
 from safetensors.torch import load_file
+from torch._dynamo.utils import counters
 
 from dopd_vlm.config import load_config
 from dopd_vlm.data.recipes import load_recipe
@@ -56,7 +58,8 @@ def compare(result, cfg, run) -> dict:
     distinct = len({tuple(row[mask].tolist()) for row, mask in zip(sampled.ids, sampled.mask)})
     return {"metrics": result.metrics, "greedy_identical": bool(identical), "greedy_rows": len(samples),
             "greedy_lengths": greedy.mask.sum(1).tolist(), "max_logprob_diff": float(diff.max()),
-            "sampled_tokens": int(sampled.mask.sum()), "distinct_rollouts": distinct, "weights_moved": moved}
+            "sampled_tokens": int(sampled.mask.sum()), "distinct_rollouts": distinct, "weights_moved": moved,
+            "compiled_frames": counters["frames"]["total"]}
 
 
 def collator_family(cfg) -> str:
