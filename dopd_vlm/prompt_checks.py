@@ -33,7 +33,7 @@ from dopd_vlm.config import ConfigError, RunConfig
 from dopd_vlm.data.dataset import SampleDataset
 from dopd_vlm.data.schema import SampleHeader
 from dopd_vlm.errors import InputError
-from dopd_vlm.methods import METHODS
+from dopd_vlm.methods import METHODS, scoring_passes
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class View:
     model_key: str  # the config key of the model reading it
     context: int | None  # that model's max_position_embeddings (None: unknown, not checked)
     counts_key: str  # views with equal keys have equal token counts (`counting_key`)
+    in_step: bool = True  # a training step's pass reads it (train.micro_batch_tokens bounds it); else evaluation only
 
 
 @dataclass(frozen=True)
@@ -66,17 +67,21 @@ class Limits:
 def run_views(cfg: RunConfig, collator: DualViewCollator, student_context: int | None,
               teacher_context: int | None) -> tuple[View, ...]:
     """The views a run shows its prompts in: the student's x (rollouts, the gradient pass,
-    evaluation), its x + p when the method scores the privileged student, and the teacher's x and
-    x + p (scoring and the baseline evaluations) when there is a teacher."""
-    method = METHODS[cfg.method.name]
+    evaluation), its x + p when the step scores the privileged student, and the teacher's x and
+    x + p (the one its scoring pass reads, and both for the baseline evaluations) when there is a
+    teacher."""
+    teacher_pass, privileged_pass = scoring_passes(cfg.method)
     student, teacher = counting_key(collator.processor), counting_key(collator.teacher_processor)
     views = [View("student view (x)", False, collator.processor, "model.student", student_context, student)]
-    if method.needs_privileged_student:
+    if privileged_pass:
         views.append(View("privileged-student view (x + p)", True, collator.processor, "model.student",
                           student_context, student))
     if cfg.model.teacher:
-        views += [View("teacher view (x + p)", True, collator.teacher_processor, "model.teacher", teacher_context, teacher),
-                  View("teacher view (x)", False, collator.teacher_processor, "model.teacher", teacher_context, teacher)]
+        with_p = cfg.method.teacher_privileged
+        views += [View("teacher view (x + p)", True, collator.teacher_processor, "model.teacher", teacher_context, teacher,
+                       in_step=teacher_pass and with_p),
+                  View("teacher view (x)", False, collator.teacher_processor, "model.teacher", teacher_context, teacher,
+                       in_step=teacher_pass and not with_p)]
     return tuple(views)
 
 
@@ -201,7 +206,7 @@ def length_problem(dataset: SampleDataset, lengths: Sequence[int], response: int
         if limits.max_prompt_tokens and length > limits.max_prompt_tokens:
             return (f"field {field}: prompt too long: the {view.name} has {length} tokens (images included) "
                     f"> data.max_prompt_tokens = {limits.max_prompt_tokens}")
-        if limits.micro_batch_tokens and length + response > limits.micro_batch_tokens:
+        if view.in_step and limits.micro_batch_tokens and length + response > limits.micro_batch_tokens:
             return (f"field {field}: prompt too long: the {view.name} has {length} tokens (images included), "
                     f"plus {response} response tokens = {length + response} > train.micro_batch_tokens = "
                     f"{limits.micro_batch_tokens} (a micro-batch must hold one whole sequence)")

@@ -220,7 +220,7 @@ CAP = 16
 # Budgets in positions per pass (rows x the longest row; packed: their sum), per method (vanilla
 # OPD's views are the shorter plain prompts): with seed 0 the two ranks' own budget groupings differ
 # in count, so a rank splits a micro-batch to match the other.
-BUDGETS = {"dopd": 240, "vanilla_opd": 150}
+BUDGETS = {"dopd": 220, "vanilla_opd": 100}
 GROUPINGS = {
     "fixed": [],
     "budget": ["train.micro_batch_tokens={budget}"],
@@ -274,10 +274,10 @@ def test_token_budget_micro_batches_match_the_fixed_grouping_on_one_and_two_zero
                 assert moved > 0.5 * sum(v.numel() for v in initial.values()), (nproc, name)
                 assert differ <= 1e-4 * moved, (nproc, name, differ)
                 assert all(((trained[k] - weights[k]).abs() <= 2.5 * lr).all() for k in weights), (nproc, name)
-            if grouping != "fixed" and nproc == 2:
-                assert got["perf/micro_batch_splits"] >= 1, name  # the ranks' counts were evened
-            if grouping == "budget_packed":
-                assert got["perf/padding_share/student"] == got["perf/padding_share/teacher"] == 0.0, name
+                if grouping != "fixed" and nproc == 2:
+                    assert got["perf/micro_batch_splits"] >= 1, name  # the ranks' counts were evened
+                if grouping == "budget_packed":
+                    assert got["perf/padding_share/student"] == got["perf/padding_share/teacher"] == 0.0, name
         budget, fixed = (results[1][f"{method}_{grouping}"]["metrics"] for grouping in ("budget", "fixed"))
         assert budget["perf/micro_batches"] != fixed["perf/micro_batches"]  # regrouped, not the prompts' order
 

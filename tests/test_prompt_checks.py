@@ -140,3 +140,27 @@ def test_sample_headers_give_texts_and_image_sizes(tmp_path):
     scenes = load_recipe("synthetic_scenes", "test", limit=2)
     assert scenes.headers(0, 1)[0].image_sizes == ((112, 112),)
     assert scenes.headers(0, 1)[0].location == "sample 'test-00000' of split 'test' (recipe data_recipes/synthetic_scenes.yaml)"
+
+
+@pytest.mark.parametrize("teacher_privileged", [True, False])
+def test_the_token_budget_bounds_the_views_the_step_reads_not_the_evaluation_views(tmp_path, tiny_pairs, teacher_privileged):
+    # vanilla OPD: the step reads the student's x and the teacher's x + p, or its x when
+    # method.teacher_privileged is false; the teacher's other view is read by the baseline
+    # evaluations only, which train.micro_batch_tokens does not cut into micro-batches
+    collator = collator_for(tiny_pairs, "qwen2_vl", max_privileged_tokens=64)
+    rows = [{"id": "long_p", "question": "Hi?", "answer": "a", "privileged": "red circle [1,2,3,4] " * 30}]
+    data = load_recipe({"kind": "local_files", "files": {"train": write_rows(tmp_path, rows)}}, "train")
+    cfg = load_config(None, ["model.student=s", "model.teacher=t", "method.name=vanilla_opd",
+                             f"method.teacher_privileged={str(teacher_privileged).lower()}"])
+    views = prompt_checks.run_limits(cfg, collator, None, None).views
+    assert [(v.name, v.in_step) for v in views] == [
+        ("student view (x)", True), ("teacher view (x + p)", teacher_privileged), ("teacher view (x)", not teacher_privileged)]
+    plain, with_p = (prompt_checks.prompt_lengths(collator, data.headers(0, 1), view)[0] for view in views[:2])
+    budget = (plain + with_p) // 2 + 5  # holds the plain views with 5 new tokens, not the one with p
+    limits = prompt_checks.Limits(views, 5, False, max_prompt_tokens=0, micro_batch_tokens=budget)
+    if teacher_privileged:
+        with pytest.raises(InputError, match=r"field 'privileged': prompt too long: the teacher view \(x \+ p\) has .* > "
+                                             rf"train.micro_batch_tokens = {budget}"):
+            prompt_checks.check_split(data, collator, limits, skip_bad_rows=False)
+    else:
+        assert [s.id for s in prompt_checks.check_split(data, collator, limits, skip_bad_rows=False)] == ["long_p"]
