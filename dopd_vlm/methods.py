@@ -160,6 +160,15 @@ def scoring_passes(cfg: MethodConfig) -> tuple[bool, bool]:
     return method.needs_teacher, method.needs_privileged_student or cfg.token_drop != "none"
 
 
+def step_views(cfg: MethodConfig) -> list[tuple[str, bool]]:
+    """The prompt views a training step's passes read, as (model, with p): the student's x always
+    (rollout, gradient pass), its x + p when the step scores the privileged student, the teacher's
+    x + p or x (`method.teacher_privileged`) when it scores the teacher."""
+    teacher, privileged = scoring_passes(cfg)
+    return ([("student", False)] + ([("student", True)] if privileged else [])
+            + ([("teacher", cfg.teacher_privileged)] if teacher else []))
+
+
 def check_config(cfg: RunConfig) -> None:
     """The config's checks that need the method table (`train.setup` runs them before anything
     loads; the config itself imports no algorithm). Raises ConfigError."""

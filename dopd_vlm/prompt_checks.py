@@ -33,7 +33,7 @@ from dopd_vlm.config import ConfigError, RunConfig
 from dopd_vlm.data.dataset import SampleDataset
 from dopd_vlm.data.schema import SampleHeader
 from dopd_vlm.errors import InputError
-from dopd_vlm.methods import METHODS, scoring_passes
+from dopd_vlm.methods import METHODS, step_views
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +70,17 @@ def run_views(cfg: RunConfig, collator: DualViewCollator, student_context: int |
     evaluation), its x + p when the step scores the privileged student, and the teacher's x and
     x + p (the one its scoring pass reads, and both for the baseline evaluations) when there is a
     teacher."""
-    teacher_pass, privileged_pass = scoring_passes(cfg.method)
+    in_step = step_views(cfg.method)
     student, teacher = counting_key(collator.processor), counting_key(collator.teacher_processor)
     views = [View("student view (x)", False, collator.processor, "model.student", student_context, student)]
-    if privileged_pass:
+    if ("student", True) in in_step:
         views.append(View("privileged-student view (x + p)", True, collator.processor, "model.student",
                           student_context, student))
     if cfg.model.teacher:
-        with_p = cfg.method.teacher_privileged
         views += [View("teacher view (x + p)", True, collator.teacher_processor, "model.teacher", teacher_context, teacher,
-                       in_step=teacher_pass and with_p),
+                       in_step=("teacher", True) in in_step),
                   View("teacher view (x)", False, collator.teacher_processor, "model.teacher", teacher_context, teacher,
-                       in_step=teacher_pass and not with_p)]
+                       in_step=("teacher", False) in in_step)]
     return tuple(views)
 
 

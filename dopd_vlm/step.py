@@ -42,7 +42,7 @@ from dopd_vlm.data.schema import Sample
 from dopd_vlm.distributed import all_ranks_max, all_ranks_sum, all_ranks_true, world_size
 from dopd_vlm import hooks, lora
 from dopd_vlm.engine import gathered_for_generation, gradients_finite
-from dopd_vlm.methods import METHODS, LossInputs, TokenStats, compute_loss, scoring_passes, summarize
+from dopd_vlm.methods import METHODS, LossInputs, TokenStats, compute_loss, scoring_passes, step_views, summarize
 from dopd_vlm.models import device_of
 from dopd_vlm.packing import PassPositions, budget_groups, fixed_groups, loss_scales, split_to
 from dopd_vlm.rollout import sample_responses
@@ -318,17 +318,12 @@ def longest_prompts(models: Models, rollouts: Rollouts, cfg: RunConfig) -> list[
     student view, and the privileged and teacher views the method scores), counted without building
     the views (`DualViewCollator.prompt_lengths`); each distinct prompt is counted once."""
     collator = models.collator
-    teacher, privileged = scoring_passes(cfg.method)
-    views = [(False, collator.processor)]
-    if privileged:
-        views.append((True, collator.processor))
-    if teacher:
-        views.append((cfg.method.teacher_privileged, collator.teacher_processor))
+    processors = {"student": collator.processor, "teacher": collator.teacher_processor}
     distinct = list({id(s): s for s in rollouts.samples}.values())
     longest = dict.fromkeys(map(id, distinct), 0)
-    for with_p, processor in views:
+    for model, with_p in step_views(cfg.method):
         prompts = [(s.id, s.question, s.privileged if with_p else None, [image.size for image in s.images]) for s in distinct]
-        for sample, length in zip(distinct, collator.prompt_lengths(prompts, processor)):
+        for sample, length in zip(distinct, collator.prompt_lengths(prompts, processors[model])):
             longest[id(sample)] = max(longest[id(sample)], length)
     return [longest[id(s)] for s in rollouts.samples]
 
