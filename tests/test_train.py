@@ -425,10 +425,16 @@ def test_zero3_scoring_with_uneven_token_counts_across_ranks_does_not_hang(tiny_
 def test_phase_timer_records_time_and_the_peak_memory_of_each_phase():
     from dopd_vlm.step import PhaseTimer
 
+    import mmap
+
     timer = PhaseTimer()
-    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    # 64 MiB mapped and touched, then unmapped: the resident set falls back whatever the process's
+    # allocator does with freed memory (after some other tests in the same process, a freed
+    # tensor's pages stay resident)
+    big = mmap.mmap(-1, 64 * 2**20)
+    big.write(b"\1" * len(big))
     timer.lap("setup/big")  # since the timer started
-    del big
+    big.close()
     for _ in range(2):
         with timer("small"):
             torch.ones(16)
